@@ -1,0 +1,1 @@
+"""Data sources: procedural shapes (offline default), COCO, LayoutSAM, random layouts."""

@@ -1,0 +1,1 @@
+"""Rollout engines: image-token generation with classifier-free guidance behind one `generate` call."""
