@@ -1,0 +1,57 @@
+"""`echogen-rl <command>`: the command-line entry point."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _init_tiny(args: argparse.Namespace) -> int:
+    from .tiny import TinyJanusConfig, build_tiny_checkpoint
+
+    config = TinyJanusConfig(
+        hidden_size=args.hidden_size, num_layers=args.num_layers, grid_size=args.grid_size, seed=args.seed
+    )
+    out = build_tiny_checkpoint(args.output_dir, config, overwrite=args.overwrite)
+    print(f"tiny Janus checkpoint written to {out}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.output_dir, overwrite=args.overwrite)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="echogen-rl", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("init-tiny", help="write the offline tiny Janus checkpoint to OUTPUT_DIR")
+    p.add_argument("output_dir")
+    p.add_argument("--hidden-size", type=int, default=128)
+    p.add_argument("--num-layers", type=int, default=4)
+    p.add_argument("--grid-size", type=int, default=8, help="image codes per side")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT_DIR")
+    p.set_defaults(func=_init_tiny)
+
+    p = sub.add_parser("demo", help="the offline CPU demo on the shapes world")
+    p.add_argument("--output-dir", default="outputs/demo")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileExistsError, FileNotFoundError, ValueError) as err:
+        print(f"echogen-rl {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
