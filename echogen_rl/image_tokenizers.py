@@ -137,7 +137,9 @@ class JanusVQTokenizer(ImageTokenizer):
         image = _to_rgb(image, index)
         w, h = image.size
         scale = self.image_size / min(w, h)
-        image = image.resize((max(self.image_size, round(w * scale)), max(self.image_size, round(h * scale))), Image.BICUBIC)
+        image = image.resize(
+            (max(self.image_size, round(w * scale)), max(self.image_size, round(h * scale))), Image.BICUBIC
+        )
         w, h = image.size
         left, top = (w - self.image_size) // 2, (h - self.image_size) // 2
         image = image.crop((left, top, left + self.image_size, top + self.image_size))
@@ -151,7 +153,9 @@ class JanusVQTokenizer(ImageTokenizer):
         starts = range(0, len(images), self.batch_size)
         bar = tqdm(starts, desc="VQ encode", disable=not self.show_progress or len(starts) < 4)
         for start in bar:
-            batch = torch.stack([self._preprocess(im, start + j) for j, im in enumerate(images[start : start + self.batch_size])])
+            batch = torch.stack(
+                [self._preprocess(im, start + j) for j, im in enumerate(images[start : start + self.batch_size])]
+            )
             tokens = self.vqmodel.encode(batch.to(param.device, param.dtype)).image_tokens
             out.append(tokens.view(batch.shape[0], -1).cpu())
         return torch.cat(out) if out else torch.zeros(0, self.num_codes, dtype=torch.long)

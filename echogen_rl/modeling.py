@@ -1,9 +1,19 @@
-"""The mixed text / VQ-token forward of `JanusForConditionalGeneration`, without forking it."""
+"""The mixed text / VQ-token forward of `JanusForConditionalGeneration`, without forking it.
+
+A mixed sequence is `input_ids` [B, T] holding text ids or image codes, with `image_mask` [B, T] saying
+which. Text ids enter through `embed_tokens`, codes through `generation_embeddings -> generation_aligner`
+(Janus's generation path), and `image_embeds` may replace the image positions (DJO's soft tokens).
+Text is read out by `lm_head`, codes by `generation_head`, and only at the positions asked for: a
+[B, T, 102400] or [B, T, 16384] logits tensor is never built.
+"""
 
 from __future__ import annotations
 
 import torch
-from transformers import JanusForConditionalGeneration
+import torch.nn.functional as F
+from transformers import DynamicCache, JanusForConditionalGeneration
+
+from .prompts import IGNORE_INDEX
 
 
 def unwrap_janus(model: torch.nn.Module) -> JanusForConditionalGeneration:
@@ -12,7 +22,8 @@ def unwrap_janus(model: torch.nn.Module) -> JanusForConditionalGeneration:
     for _ in range(8):
         if isinstance(seen, JanusForConditionalGeneration):
             return seen
-        for attr in ("module", "_orig_mod", "base_model", "model"):
+        # PEFT's `.model` is the wrapped model; `.base_model` on a transformers model is its inner backbone.
+        for attr in ("module", "_orig_mod", "model"):
             inner = getattr(seen, attr, None)
             if isinstance(inner, torch.nn.Module):
                 seen = inner
@@ -20,3 +31,259 @@ def unwrap_janus(model: torch.nn.Module) -> JanusForConditionalGeneration:
         else:
             break
     raise TypeError(f"expected a JanusForConditionalGeneration (possibly wrapped), got {type(model).__name__}")
+
+
+def embed_codes(model: torch.nn.Module, codes: torch.Tensor) -> torch.Tensor:
+    """Embeddings of image codes through `generation_embeddings -> generation_aligner`."""
+    janus = unwrap_janus(model)
+    return janus.model.generation_aligner(janus.model.generation_embeddings(codes))
+
+
+def soft_code_embeddings(model: torch.nn.Module, probs: torch.Tensor) -> torch.Tensor:
+    """Embeddings of soft codes: `generation_aligner(probs @ generation_embeddings.weight)`.
+
+    With one-hot `probs` this equals `embed_codes` of the argmax codes; gradients reach `probs`.
+    """
+    janus = unwrap_janus(model)
+    table = janus.model.generation_embeddings.weight
+    return janus.model.generation_aligner(probs.to(table.dtype) @ table)
+
+
+def embed_mixed(
+    model: torch.nn.Module,
+    input_ids: torch.LongTensor,
+    image_mask: torch.BoolTensor,
+    image_embeds: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Input embeddings [B, T, H] of a mixed sequence.
+
+    Args:
+        input_ids (`torch.LongTensor` of shape `[B, T]`): text ids, or codes where `image_mask`.
+        image_mask (`torch.BoolTensor` of shape `[B, T]`): image positions.
+        image_embeds (`torch.Tensor` of shape `[n_image, H]`, *optional*): replaces the embeddings of the
+            image positions, in row-major order of `image_mask` (e.g. DJO's soft tokens).
+    """
+    janus = unwrap_janus(model)
+    text_ids = input_ids.masked_fill(image_mask, 0)
+    embeds = janus.get_input_embeddings()(text_ids)
+    n_image = int(image_mask.sum())
+    if n_image == 0:
+        return embeds
+    if image_embeds is None:
+        image_embeds = embed_codes(janus, input_ids[image_mask])
+    elif image_embeds.shape != (n_image, embeds.shape[-1]):
+        raise ValueError(
+            f"image_embeds must have shape [{n_image}, {embeds.shape[-1]}] (one row per image position), "
+            f"got {tuple(image_embeds.shape)}"
+        )
+    # index_put keeps the graph to both the text embeddings and the image embeddings.
+    return embeds.index_put((image_mask,), image_embeds.to(embeds.dtype))
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.LongTensor:
+    """Positions that skip padding (left or right): padded rows give the same results as unpadded ones."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def block_causal_mask(segment_ids: torch.LongTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A 4D additive mask [B, 1, T, T]: causal within each segment, nothing across segments.
+
+    Args:
+        segment_ids (`torch.LongTensor` of shape `[B, T]`): segment of each token; -1 marks padding.
+
+    An additive float mask, not a bool one: eager attention in transformers misreads a bool 4D mask.
+    Padding rows attend to themselves only, so that no softmax row is empty (no NaN).
+    """
+    T = segment_ids.shape[-1]
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
+    allowed = same & causal & (segment_ids[:, :, None] >= 0)
+    allowed |= torch.eye(T, dtype=torch.bool, device=segment_ids.device)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=segment_ids.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def mixed_forward(
+    model: torch.nn.Module,
+    input_ids: torch.LongTensor,
+    image_mask: torch.BoolTensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.LongTensor | None = None,
+    image_embeds: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Final hidden states [B, T, H] of a mixed sequence.
+
+    Args:
+        attention_mask (`torch.Tensor`, *optional*): a 2D padding mask [B, T] or a 4D additive mask
+            [B, 1, T, T] (see `block_causal_mask`), which then needs `position_ids`.
+        position_ids (`torch.LongTensor` of shape `[B, T]`, *optional*): derived from a 2D mask if omitted.
+
+    The call goes through `model(...)` itself, not its inner modules, so that wrappers that act in
+    `forward` (DDP's gradient sync, DeepSpeed, PEFT) see it. Only the last position's text logits are
+    computed there; the final hidden states are read from the language model's output.
+    """
+    janus = unwrap_janus(model)
+    if attention_mask is not None and attention_mask.ndim == 2 and position_ids is None:
+        position_ids = position_ids_from_mask(attention_mask)
+    if attention_mask is not None and attention_mask.ndim == 4:
+        if position_ids is None:
+            raise ValueError("a 4D attention mask needs explicit position_ids")
+        attention_mask = attention_mask.to(janus.dtype)
+    embeds = embed_mixed(janus, input_ids, image_mask, image_embeds)
+    captured = {}
+
+    def grab(module, args, output):
+        captured["hidden"] = output.last_hidden_state
+
+    handle = janus.model.language_model.register_forward_hook(grab)
+    try:
+        model(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            logits_to_keep=1,
+            use_cache=False,
+        )
+    finally:
+        handle.remove()
+    return captured["hidden"]
+
+
+def text_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """`lm_head` logits of selected hidden states [..., H] -> [..., V_text]."""
+    return unwrap_janus(model).lm_head(hidden)
+
+
+def image_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """`generation_head` logits of selected hidden states [..., H] -> [..., V_image]."""
+    return unwrap_janus(model).model.generation_head(hidden)
+
+
+def masked_cross_entropy(
+    model: torch.nn.Module, hidden: torch.Tensor, labels: torch.LongTensor, head: str
+) -> tuple[torch.Tensor, int]:
+    """Mean CE over the positions whose label is not -100, running the head there only.
+
+    Returns:
+        `tuple[torch.Tensor, int]`: the mean loss (0 with a graph if there are no targets) and the count.
+    """
+    select = labels != IGNORE_INDEX
+    n = int(select.sum())
+    if n == 0:
+        return hidden.sum() * 0.0, 0
+    logits = (image_logits if head == "image" else text_logits)(model, hidden[select])
+    return F.cross_entropy(logits.float(), labels[select]), n
+
+
+def cfg_logits(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance `u + s * (c - u)`, as transformers' `ClassifierFreeGuidanceLogitsProcessor`."""
+    return uncond + guidance_scale * (cond - uncond)
+
+
+def filter_top_k(logits: torch.Tensor, top_k: int | None) -> torch.Tensor:
+    """Logits with all but the `top_k` largest set to -inf (no-op for None, 0 or k >= vocabulary)."""
+    if not top_k or top_k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def sampling_logprobs(
+    cond: torch.Tensor,
+    uncond: torch.Tensor | None,
+    guidance_scale: float = 1.0,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+) -> torch.Tensor:
+    """Log-probs [..., V] of the distribution image codes are sampled from: CFG, temperature, top-k.
+
+    One definition for the rollout engines and the trainer's recomputation, so both read the same
+    distribution. `uncond=None` is the conditional distribution alone; `temperature=0` (greedy) keeps
+    the unscaled logits.
+    """
+    logits = cond.float() if uncond is None else cfg_logits(cond.float(), uncond.float(), guidance_scale)
+    if temperature > 0:
+        logits = logits / temperature
+    return F.log_softmax(filter_top_k(logits, top_k), dim=-1)
+
+
+def uncond_prompt_ids(prompt_ids: torch.LongTensor, bos_id: int, boi_id: int, pad_id: int) -> torch.LongTensor:
+    """The unconditional CFG row: BOS and `<begin_of_image>` kept, everything else padding (as Janus does)."""
+    keep = (prompt_ids == bos_id) | (prompt_ids == boi_id)
+    return prompt_ids.masked_fill(~keep, pad_id)
+
+
+def image_token_logprobs(
+    model: torch.nn.Module,
+    prompt_ids: torch.LongTensor,
+    prompt_mask: torch.Tensor,
+    codes: torch.LongTensor,
+    special_ids: tuple[int, int, int],
+    guidance_scale: float = 5.0,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    mode: str = "cfg",
+) -> torch.Tensor:
+    """Teacher-forced log-probs [B, N] of image codes after left-padded L2I prompts, with gradients.
+
+    Args:
+        special_ids (`tuple[int, int, int]`): `(bos, boi, pad)` token ids, for the unconditional rows.
+        mode (`str`, *optional*, defaults to `"cfg"`): `"cfg"`, the guided distribution the rollout engine
+            samples from (as Janus-Pro-R1); `"cond"`, the conditional branch alone (as T2I-R1).
+
+    The image head runs at the N positions that predict codes only.
+    """
+    if mode not in ("cfg", "cond"):
+        raise ValueError(f"mode must be 'cfg' or 'cond', got {mode!r}")
+    B, N = codes.shape
+    use_cfg = mode == "cfg" and guidance_scale != 1.0
+    ids, mask = prompt_ids, prompt_mask.long()
+    if use_cfg:
+        ids = torch.cat([ids, uncond_prompt_ids(ids, *special_ids)])
+        mask = torch.cat([mask, mask])
+        codes_rows = torch.cat([codes, codes])
+    else:
+        codes_rows = codes
+    T = ids.shape[1]
+    full_ids = torch.cat([ids, codes_rows], dim=1)
+    full_mask = torch.cat([mask, mask.new_ones(codes_rows.shape)], dim=1)
+    image_mask = torch.zeros_like(full_ids, dtype=torch.bool)
+    image_mask[:, T:] = True
+    # The last code predicts nothing: drop it from the input.
+    hidden = mixed_forward(model, full_ids[:, :-1], image_mask[:, :-1], full_mask[:, :-1])
+    logits = image_logits(model, hidden[:, T - 1 :])
+    cond, uncond = (logits[:B], logits[B:]) if use_cfg else (logits, None)
+    logp = sampling_logprobs(cond, uncond, guidance_scale, temperature, top_k)
+    return logp.gather(-1, codes[..., None]).squeeze(-1)
+
+
+@torch.no_grad()
+def prefill(
+    model: torch.nn.Module, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.LongTensor
+) -> tuple[torch.Tensor, DynamicCache]:
+    """Runs the language model over a prompt and returns (last hidden states [B, T, H], the KV cache).
+
+    Inference only: calls the inner language model directly (no wrapper acts on a no-grad rollout).
+    """
+    janus = unwrap_janus(model)
+    cache = DynamicCache(config=janus.config.text_config)
+    out = janus.model.language_model(
+        inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True
+    )
+    return out.last_hidden_state, cache
+
+
+@torch.no_grad()
+def decode_step(
+    model: torch.nn.Module,
+    embeds: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.LongTensor,
+    cache: DynamicCache,
+) -> torch.Tensor:
+    """One cached decoding step: `embeds` [B, 1, H] -> last hidden state [B, H]."""
+    janus = unwrap_janus(model)
+    out = janus.model.language_model(
+        inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True
+    )
+    return out.last_hidden_state[:, -1]

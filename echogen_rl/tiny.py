@@ -41,7 +41,17 @@ PAD_TOKEN = "<｜▁pad▁｜>"
 UNK_TOKEN = "<unk>"
 USER_TOKEN, ASSISTANT_TOKEN = "<|User|>", "<|Assistant|>"
 BOI_TOKEN, EOI_TOKEN, IMAGE_TOKEN = "<begin_of_image>", "<end_of_image>", "<image_placeholder>"
-SPECIAL_TOKENS = (BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, UNK_TOKEN, USER_TOKEN, ASSISTANT_TOKEN, BOI_TOKEN, EOI_TOKEN, IMAGE_TOKEN)
+SPECIAL_TOKENS = (
+    BOS_TOKEN,
+    EOS_TOKEN,
+    PAD_TOKEN,
+    UNK_TOKEN,
+    USER_TOKEN,
+    ASSISTANT_TOKEN,
+    BOI_TOKEN,
+    EOI_TOKEN,
+    IMAGE_TOKEN,
+)
 PUNCTUATION = (":", ",", ";", ".", "[", "]", "(", ")", "-", "'", '"', "!", "?")
 
 

@@ -33,3 +33,26 @@ def tiny_model(tiny_checkpoint):
     from transformers import JanusForConditionalGeneration
 
     return JanusForConditionalGeneration.from_pretrained(tiny_checkpoint).eval()
+
+
+def randomize_(model, std: float = 0.2, seed: int = 0):
+    """Redraws the weights with a larger scale: a freshly initialized tiny model predicts almost uniform
+    distributions, whose argmax is one code everywhere; parity tests need outputs that vary."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim > 1:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return model
+
+
+@pytest.fixture
+def noisy_model(tiny_model):
+    return randomize_(tiny_model)
+
+
+@pytest.fixture(scope="session")
+def prompts(tiny_tokenizer):
+    from echogen_rl.prompts import PromptBuilder
+
+    return PromptBuilder(tiny_tokenizer, num_image_tokens=64)

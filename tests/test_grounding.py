@@ -1,0 +1,62 @@
+import pytest
+import torch
+
+from echogen_rl.grounding import Grounder, restrict_to_phrases
+from echogen_rl.layout import Entity, Layout, parse_layout
+from echogen_rl.modeling import embed_mixed
+from echogen_rl.prompts import pad_segments
+
+PHRASES = [["red circle", "blue square"], ["green triangle"], ["white rectangle", "red circle", "cyan square"]]
+
+
+def _codes(n, seed=0):
+    return torch.randint(0, 9, (n, 64), generator=torch.Generator().manual_seed(seed))
+
+
+def test_batched_decoding_equals_transformers_generate_per_image(noisy_model, prompts):
+    codes = _codes(3)
+    results = Grounder(noisy_model, prompts, batch_size=2)(codes, PHRASES)
+    for i, res in enumerate(results):
+        seg = prompts.i2l_prefix(codes[i].tolist())
+        seg.add_text(prompts.i2l_query_ids(PHRASES[i]))
+        b = pad_segments([seg], prompts.pad_id)
+        out = noisy_model.generate(
+            inputs_embeds=embed_mixed(noisy_model, b["input_ids"], b["image_mask"]),
+            attention_mask=b["attention_mask"],
+            max_new_tokens=Grounder(noisy_model, prompts).answer_budget(PHRASES[i]),
+            do_sample=False,
+            eos_token_id=prompts.eos_id,
+            pad_token_id=prompts.pad_id,
+        )[0].tolist()
+        if prompts.eos_id in out:
+            out = out[: out.index(prompts.eos_id)]
+        assert res.text == prompts.tokenizer.decode(out, skip_special_tokens=True)
+
+
+def test_garbage_output_gives_one_result_per_image_with_problems(noisy_model, prompts):
+    results = Grounder(noisy_model, prompts)(_codes(3), PHRASES)
+    assert len(results) == 3
+    for res, phrases in zip(results, PHRASES):
+        assert set(res.layout.phrases) <= set(phrases)
+        assert res.problems  # a random model does not answer in the format
+        assert len(res.layout) + sum("no box" in p for p in res.problems) == len(phrases)
+
+
+def test_detect_all_query_runs_and_is_bounded(noisy_model, prompts):
+    res = Grounder(noisy_model, prompts)(_codes(2), None, max_new_tokens=12)
+    assert len(res) == 2 and all(len(prompts.encode(r.text)) <= 12 for r in res)
+
+
+def test_restrict_to_phrases_keeps_query_order_and_reports_missing():
+    text = Layout([Entity("blue square", (0.5, 0, 1, 0.5)), Entity("Red  Circle", (0, 0, 0.5, 0.5))]).to_text()
+    parsed, problems = parse_layout(text)
+    assert not problems
+    layout, problems = restrict_to_phrases(parsed, ["red circle", "green triangle", "blue square"])
+    assert layout.phrases == ["red circle", "blue square"]
+    assert layout.boxes == [(0.0, 0.0, 0.5, 0.5), (0.5, 0.0, 1.0, 0.5)]
+    assert problems == ["phrase 1 ('green triangle'): no box in the answer"]
+
+
+def test_mismatched_phrase_lists_are_rejected(tiny_model, prompts):
+    with pytest.raises(ValueError, match="2 images but 1 phrase lists"):
+        Grounder(tiny_model, prompts)(_codes(2), [["red circle"]])
