@@ -11,13 +11,20 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
+import re
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
+
+import torch
+from scipy.optimize import linear_sum_assignment
 
 GROUNDING_START, GROUNDING_END = "<grounding>", "</grounding>"
 REF_START, REF_END = "<ref>", "</ref>"
 BOX_START, BOX_END = "<box>", "</box>"
 LAYOUT_TAGS: tuple[str, ...] = (GROUNDING_START, GROUNDING_END, REF_START, REF_END, BOX_START, BOX_END)
 COORD_SCALE = 1000
+Box = tuple[float, float, float, float]  # (x1, y1, x2, y2)
 
 
 class LayoutError(ValueError):
@@ -106,9 +113,322 @@ class Layout:
             raise LayoutError(f"layout is not valid JSON: {err}") from err
         return cls.from_dict(data)
 
+    def validate(self) -> None:
+        """Raises `LayoutError` on the first invalid entity, see `validate_layout`."""
+        validate_layout(self)
+
 
 def quantize(v: float) -> int:
     """A normalized coordinate as the integer written in layout text, clamped to [0, 1000]."""
     if not math.isfinite(v):
         raise LayoutError(f"coordinate is not finite: {v!r}")
     return min(COORD_SCALE, max(0, round(COORD_SCALE * v)))
+
+
+def _check_entity(phrase: object, box: object) -> None:
+    """Raises `LayoutError` (without the entity index, callers add it) if `phrase` or `box` is invalid."""
+    if not isinstance(phrase, str) or not phrase.strip():
+        raise LayoutError(f"field 'phrase' is empty: {phrase!r}")
+    # A tag inside a phrase would change the meaning of the layout text once written.
+    tag = next((t for t in LAYOUT_TAGS if t in phrase), None)
+    if tag is not None:
+        raise LayoutError(f"field 'phrase' contains the tag {tag}: {phrase!r}")
+    if not isinstance(box, (tuple, list)) or len(box) != 4:
+        raise LayoutError(f"field 'box' must be 4 numbers [x1, y1, x2, y2], got {box!r}")
+    for name, v in zip(("x1", "y1", "x2", "y2"), box):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise LayoutError(f"field 'box' {name} is not a number: {v!r}")
+        if not math.isfinite(v):
+            raise LayoutError(f"field 'box' {name} is not finite: {v!r}")
+        if not 0 <= v <= 1:
+            raise LayoutError(f"field 'box' {name} = {v!r} is outside [0, 1]")
+    x1, y1, x2, y2 = box
+    if x2 <= x1:
+        raise LayoutError(f"field 'box' has x2 <= x1: {list(box)!r}")
+    if y2 <= y1:
+        raise LayoutError(f"field 'box' has y2 <= y1: {list(box)!r}")
+
+
+def validate_layout(layout: Layout) -> None:
+    """Checks every entity of a layout.
+
+    Args:
+        layout (`Layout`): the layout to check.
+
+    Raises:
+        `LayoutError`: on the first entity whose box is not 4 finite numbers in [0, 1] with `x1 < x2` and `y1 < y2`,
+            or whose phrase is empty or holds one of `LAYOUT_TAGS`. The message names the entity index, the field
+            and the value.
+    """
+    if not isinstance(layout, Layout):
+        raise LayoutError(f"expected a Layout, got {type(layout).__name__}")
+    for i, entity in enumerate(layout.entities):
+        if not isinstance(entity, Entity):
+            raise LayoutError(f"entity {i}: expected an Entity, got {type(entity).__name__}")
+        try:
+            _check_entity(entity.phrase, entity.box)
+        except LayoutError as err:
+            raise LayoutError(f"entity {i}: {err}") from None
+
+
+# Whitespace is allowed inside tags because word-level tokenizers decode `<ref>` as `< ref >` or ` <ref> `. No two
+# whitespace runs are adjacent (the second needs the `/`): `<\s*/?\s*` would split a long run of spaces in every
+# possible way, which is quadratic.
+_TAG_RE = re.compile(r"<\s*(?:(/)\s*)?(grounding|ref|box)\s*>", re.IGNORECASE)
+_NUMBER_RE = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
+
+
+def _clip(text: str, limit: int = 40) -> str:
+    """Keeps problem messages short when the model emits pages of garbage."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _tokenize(text: str) -> list[tuple[str, str]]:
+    """Splits text into `(tag, raw)` pairs: `tag` is the canonical tag (e.g. `"</ref>"`), or `""` for plain text."""
+    tokens, pos = [], 0
+    for m in _TAG_RE.finditer(text):
+        if m.start() > pos:
+            tokens.append(("", text[pos : m.start()]))
+        tokens.append((f"<{m[1] or ''}{m[2].lower()}>", m[0]))
+        pos = m.end()
+    if pos < len(text):
+        tokens.append(("", text[pos:]))
+    return tokens
+
+
+def _read_until(tokens: list[tuple[str, str]], i: int, end_tag: str) -> tuple[str, int, bool]:
+    """The text at `tokens[i]` up to `end_tag`: `(content, next index, whether end_tag was there)`."""
+    content = ""
+    if i < len(tokens) and tokens[i][0] == "":
+        content, i = tokens[i][1], i + 1
+    if i < len(tokens) and tokens[i][0] == end_tag:
+        return content, i + 1, True
+    return content, i, False
+
+
+def _parse_box(content: str) -> Box:
+    """`"[100, 200, 500, 600]"` as normalized floats; raises `LayoutError` on anything else."""
+    body = content.strip()
+    # The brackets are required: without the `]` the text may be truncated mid-number, and a box is never guessed.
+    if not (body.startswith("[") and body.endswith("]")):
+        raise LayoutError(f"field 'box' is not wrapped in [ ]: {_clip(body)!r}")
+    parts = [p.strip() for p in body[1:-1].split(",")] if body[1:-1].strip() else []
+    bad = next((p for p in parts if not _NUMBER_RE.fullmatch(p)), None)
+    if bad is not None:
+        raise LayoutError(f"field 'box' holds a non-number: {_clip(bad)!r}")
+    if len(parts) != 4:
+        raise LayoutError(f"field 'box' has {len(parts)} numbers, expected 4")
+    x1, y1, x2, y2 = (float(p) / COORD_SCALE for p in parts)
+    return x1, y1, x2, y2
+
+
+def parse_layout(text: str, caption: str = "") -> tuple[Layout, list[str]]:
+    """Parses PlanGen layout text tolerantly: recovers every valid entity and reports what is wrong; never raises.
+
+    Whitespace anywhere between and inside tags and numbers is accepted, and phrases come back whitespace-normalized.
+    Text before the first tag (e.g. a caption PlanGen writes before `<grounding>`) is skipped without a problem. Every
+    other departure from the format is a problem: a missing `<grounding>` or closing tag (the entity is still kept
+    when it is complete), a `<ref>` without `<box>` or the reverse, a box that is not `[x1, y1, x2, y2]` with numbers
+    in [0, 1000] and `x1 < x2`, `y1 < y2` (the entity is dropped, never repaired), text after `</grounding>`, and
+    text without any tag. Entity indices in problems count every `<ref>`/`<box>` group of the text from 0, kept or
+    not, so they point at the right place.
+
+    Args:
+        text (`str`): the layout text, e.g. `"<grounding><ref>cat</ref><box>[100, 200, 500, 600]</box></grounding>"`.
+        caption (`str`, *optional*, defaults to `""`): the caption of the returned layout.
+
+    Returns:
+        `tuple[Layout, list[str]]`: the layout of the valid entities, in order, and the human-readable problems (empty
+        when the text is well formed).
+    """
+    caption = caption if isinstance(caption, str) else ""
+    if not isinstance(text, str):
+        return Layout([], caption), [f"layout text must be a str, got {type(text).__name__}"]
+    tokens = _tokenize(text)
+    if not any(tag for tag, _ in tokens):
+        return Layout([], caption), ["no layout tags found"]
+    entities: list[Entity] = []
+    problems: list[str] = []
+    phrase: str | None = None  # the phrase of the current entity, until its box arrives
+    index = 0
+    opened = closed = False
+    i = 1 if tokens[0][0] == "" else 0  # skip the leading caption
+    while i < len(tokens):
+        tag, raw = tokens[i]
+        i += 1
+        if tag in (REF_START, BOX_START, GROUNDING_END) and not opened:
+            problems.append(f"missing {GROUNDING_START}")
+            opened = True
+        if tag == "":
+            if raw.strip():
+                problems.append(f"unexpected text {_clip(raw.strip())!r}")
+        elif tag == GROUNDING_START:
+            if opened:
+                problems.append(f"unexpected {GROUNDING_START}")
+            opened = True
+        elif tag == GROUNDING_END:
+            closed = True
+            rest = "".join(raw for _, raw in tokens[i:]).strip()
+            if rest:
+                problems.append(f"unparsed trailing text {_clip(rest)!r}")
+            break
+        elif tag == REF_START:
+            if phrase is not None:
+                problems.append(f"entity {index}: {REF_START} without {BOX_START}")
+                index += 1
+            content, i, ok = _read_until(tokens, i, REF_END)
+            if not ok:
+                problems.append(f"entity {index}: missing {REF_END}")
+            phrase = " ".join(content.split())
+        elif tag == BOX_START:
+            content, i, ok = _read_until(tokens, i, BOX_END)
+            if not ok:
+                problems.append(f"entity {index}: missing {BOX_END}")
+            if phrase is None:
+                problems.append(f"entity {index}: {BOX_START} without {REF_START}")
+            else:
+                try:
+                    box = _parse_box(content)
+                    _check_entity(phrase, box)
+                    entities.append(Entity(phrase, box))
+                except LayoutError as err:
+                    problems.append(f"entity {index}: {err}")
+            phrase = None
+            index += 1
+        else:
+            problems.append(f"unexpected {tag}")
+    if phrase is not None:
+        problems.append(f"entity {index}: {REF_START} without {BOX_START}")
+    if not closed:
+        problems.append(f"missing {GROUNDING_END}")
+    return Layout(entities, caption), problems
+
+
+# Keeps degenerate (zero-area) boxes from dividing by zero; small against any box a 1000-step grid can express.
+_EPS = 1e-7
+
+
+def box_area(boxes: torch.Tensor) -> torch.Tensor:
+    """Areas of xyxy boxes of shape `[..., 4]`, as shape `[...]`; inverted boxes have area 0."""
+    return (boxes[..., 2] - boxes[..., 0]).clamp(min=0) * (boxes[..., 3] - boxes[..., 1]).clamp(min=0)
+
+
+def _intersection_union(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    wh = (torch.minimum(a[..., 2:], b[..., 2:]) - torch.maximum(a[..., :2], b[..., :2])).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    return inter, box_area(a) + box_area(b) - inter
+
+
+def iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Elementwise IoU of xyxy boxes `a` and `b` of broadcastable shapes `[..., 4]`, as shape `[...]`, in [0, 1]."""
+    inter, union = _intersection_union(a, b)
+    return inter / union.clamp(min=_EPS)
+
+
+def pairwise_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU of every box of `a` (`[N, 4]`) with every box of `b` (`[M, 4]`), as shape `[N, M]`."""
+    return iou(a[:, None, :], b[None, :, :])
+
+
+def giou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Elementwise generalized IoU of xyxy boxes of broadcastable shapes `[..., 4]`, in [-1, 1].
+
+    Unlike IoU it keeps decreasing as disjoint boxes move apart, which gives a signal where IoU is flat at 0.
+    """
+    inter, union = _intersection_union(a, b)
+    hull_wh = (torch.maximum(a[..., 2:], b[..., 2:]) - torch.minimum(a[..., :2], b[..., :2])).clamp(min=0)
+    hull = (hull_wh[..., 0] * hull_wh[..., 1]).clamp(min=_EPS)
+    return inter / union.clamp(min=_EPS) - (hull - union) / hull
+
+
+def l1_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Elementwise mean absolute difference of the 4 coordinates of boxes of shapes `[..., 4]`."""
+    return (a - b).abs().mean(dim=-1)
+
+
+def center_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Elementwise Euclidean distance between the centers of xyxy boxes of shapes `[..., 4]`."""
+    center_a = (a[..., :2] + a[..., 2:]) / 2
+    center_b = (b[..., :2] + b[..., 2:]) / 2
+    return torch.linalg.vector_norm(center_a - center_b, dim=-1)
+
+
+def _phrase_key(phrase: str) -> str:
+    return " ".join(phrase.split()).lower()
+
+
+def match_layouts(pred: Layout, target: Layout) -> list[int | None]:
+    """Matches predicted entities to target entities, one to one.
+
+    First by phrase (case-insensitive, whitespace-normalized): the k-th target entity with a phrase matches the k-th
+    predicted entity with that phrase, so repeated objects pair up in writing order. The entities left on both sides
+    (renamed or surplus phrases) are then paired by Hungarian assignment maximizing the total IoU of their boxes,
+    keeping only pairs that overlap (IoU > 0): a disjoint box is no evidence that two entities are the same.
+
+    Args:
+        pred (`Layout`): the predicted layout.
+        target (`Layout`): the reference layout.
+
+    Returns:
+        `list[int | None]`: one item per target entity, in order: the index in `pred.entities` of its match, or
+        `None` when it has none.
+    """
+    by_phrase: dict[str, deque[int]] = defaultdict(deque)
+    for j, entity in enumerate(pred.entities):
+        by_phrase[_phrase_key(entity.phrase)].append(j)
+    matches: list[int | None] = []
+    for entity in target.entities:
+        queue = by_phrase.get(_phrase_key(entity.phrase))
+        matches.append(queue.popleft() if queue else None)
+    taken = {j for j in matches if j is not None}
+    free_target = [i for i, j in enumerate(matches) if j is None]
+    free_pred = [j for j in range(len(pred.entities)) if j not in taken]
+    if free_target and free_pred:
+        target_boxes = torch.tensor([target.entities[i].box for i in free_target], dtype=torch.float64)
+        pred_boxes = torch.tensor([pred.entities[j].box for j in free_pred], dtype=torch.float64)
+        overlap = pairwise_iou(target_boxes, pred_boxes).numpy()
+        for r, c in zip(*linear_sum_assignment(overlap, maximize=True)):
+            if overlap[r, c] > 0:
+                matches[free_target[r]] = free_pred[c]
+    return matches
+
+
+def boxes_from_pixel_xyxy(box: Box, width: float, height: float) -> Box:
+    """A pixel xyxy box as normalized xyxy, clipped to [0, 1] (annotations often overshoot the image by a pixel).
+
+    Args:
+        box (`tuple[float, float, float, float]`): `(x1, y1, x2, y2)` in pixels.
+        width (`float`): image width in pixels.
+        height (`float`): image height in pixels.
+
+    Returns:
+        `tuple[float, float, float, float]`: the normalized box. A box wholly outside the image clips to a zero-area
+        box, which `validate_layout` rejects.
+
+    Raises:
+        `LayoutError`: if `width` or `height` is not positive, or `box` is not 4 numbers.
+    """
+    for name, size in (("width", width), ("height", height)):
+        if not size > 0:  # also catches NaN
+            raise LayoutError(f"image {name} must be positive, got {size!r}")
+    if len(box) != 4:
+        raise LayoutError(f"box must be 4 numbers, got {box!r}")
+    x1, y1, x2, y2 = (min(1.0, max(0.0, v / s)) for v, s in zip(box, (width, height, width, height)))
+    return x1, y1, x2, y2
+
+
+def boxes_from_coco_xywh(box: Box, width: float, height: float) -> Box:
+    """A COCO pixel box `(x, y, w, h)` as normalized xyxy, clipped to [0, 1]; see `boxes_from_pixel_xyxy`.
+
+    Args:
+        box (`tuple[float, float, float, float]`): `(x, y, w, h)` in pixels, `(x, y)` the top-left corner.
+        width (`float`): image width in pixels.
+        height (`float`): image height in pixels.
+
+    Returns:
+        `tuple[float, float, float, float]`: the normalized xyxy box.
+    """
+    if len(box) != 4:
+        raise LayoutError(f"box must be 4 numbers, got {box!r}")
+    x, y, w, h = box
+    return boxes_from_pixel_xyxy((x, y, x + w, y + h), width, height)
