@@ -30,13 +30,13 @@ demo: install
 	$(VENV)/bin/echogen-rl demo --output-dir $(DEMO_DIR)
 
 quality: install
-	$(VENV)/bin/ruff check echogen_rl rewards recipes tests benchmarks
-	$(VENV)/bin/ruff format --check echogen_rl rewards recipes tests benchmarks
+	$(VENV)/bin/ruff check $(wildcard echogen_rl rewards recipes tests benchmarks)
+	$(VENV)/bin/ruff format --check $(wildcard echogen_rl rewards recipes tests benchmarks)
 
 bench: install
 	mkdir -p outputs/bench
-	$(PY) benchmarks/rollout.py --out outputs/bench/rollout.json
-	$(PY) benchmarks/grounding.py --out outputs/bench/grounding.json
+	$(PY) benchmarks/rollout.py --threads 1 --out outputs/bench/rollout.json
+	$(PY) benchmarks/grounding.py --threads 1 --out outputs/bench/grounding.json
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

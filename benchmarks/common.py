@@ -1,0 +1,70 @@
+"""Shared by the benchmark scripts: checkpoints, weight randomization, timing, JSON output."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from echogen_rl.tiny import TinyJanusConfig, build_tiny_checkpoint
+
+CONFIGS = {
+    # Per-step overhead dominates, as it does for a 1B model on a GPU.
+    "tiny": TinyJanusConfig(),
+    # Compute dominates on a CPU.
+    "small": TinyJanusConfig(hidden_size=512, num_layers=8, num_heads=8, intermediate_size=1376, grid_size=16),
+}
+
+
+def checkpoint(name: str, root: Path) -> Path:
+    path = root / name
+    if not (path / "config.json").exists():
+        build_tiny_checkpoint(path, CONFIGS[name])
+    return path
+
+
+def randomize_(model: torch.nn.Module, gain: float = 2.0, seed: int = 0) -> torch.nn.Module:
+    """Redraws the weights so that outputs vary (a fresh init predicts nearly uniform distributions, whose
+    argmax is the same code everywhere, which would make a parity check trivial)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * gain / p.shape[1] ** 0.5)
+    return model
+
+
+def median_seconds(fn, repeats: int = 5, warmup: int = 1) -> tuple[float, list[float]]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), times
+
+
+def environment() -> dict:
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "cuda": torch.cuda.is_available(),
+    }
+
+
+def write_json(result: dict, out: str | None) -> None:
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out:
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(text + "\n")
+        tmp.replace(path)
