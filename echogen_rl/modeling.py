@@ -9,9 +9,13 @@ Text is read out by `lm_head`, codes by `generation_head`, and only at the posit
 
 from __future__ import annotations
 
+import contextlib
+from contextlib import contextmanager
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache, JanusForConditionalGeneration
+from transformers import AttentionInterface, DynamicCache, JanusForConditionalGeneration
 
 from .prompts import IGNORE_INDEX
 
@@ -103,6 +107,64 @@ def block_causal_mask(segment_ids: torch.LongTensor, dtype: torch.dtype = torch.
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 
+SEGMENT_ATTENTION = "echogen_segments"
+
+
+def segment_index(segment_ids: torch.LongTensor) -> torch.LongTensor:
+    """Flat positions of each segment's tokens, [n_segments, longest], -1 where a segment is shorter.
+
+    Args:
+        segment_ids (`torch.LongTensor` of shape `[B, T]`): segment of each token, -1 on padding.
+    """
+    B, T = segment_ids.shape
+    # A segment is a (row, id) pair; number them in order of appearance.
+    key = torch.arange(B, device=segment_ids.device)[:, None] * (int(segment_ids.max()) + 2) + segment_ids + 1
+    key = key.masked_fill(segment_ids < 0, -1).flatten()
+    valid = key >= 0
+    uniq, seg, counts = torch.unique_consecutive(key[valid], return_inverse=True, return_counts=True)
+    offsets = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(int(valid.sum()), device=key.device) - offsets[seg]
+    index = torch.full((len(uniq), int(counts.max())), -1, dtype=torch.long, device=key.device)
+    index[seg, rank] = torch.nonzero(valid).squeeze(-1)
+    return index
+
+
+def segment_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Causal attention within each packed segment only (varlen attention, emulated with a gather).
+
+    The projections and MLPs run on the packed tokens alone; attention gathers every segment into a
+    padded [n_segments, longest] batch, so no dense [T, T] mask is built or computed over. Right padding
+    inside a segment sits after its real tokens, where the causal mask already hides it.
+    """
+    index = kwargs["echogen_segment_index"]
+    B, Hq, T, D = query.shape
+
+    def gather(x):
+        flat = x.transpose(1, 2).reshape(B * T, x.shape[1], D)
+        out = flat[index.clamp(min=0)].transpose(1, 2)  # [S, H, L, D]
+        return out.repeat_interleave(Hq // x.shape[1], dim=1) if x.shape[1] != Hq else out
+
+    out = torch.nn.functional.scaled_dot_product_attention(
+        gather(query), gather(key), gather(value), is_causal=True, scale=scaling, dropout_p=dropout
+    ).transpose(1, 2)  # [S, L, H, D]
+    valid = index >= 0
+    result = query.new_zeros(B * T, Hq, D).index_put((index[valid],), out[valid])
+    return result.view(B, T, Hq, D), None
+
+
+AttentionInterface.register(SEGMENT_ATTENTION, segment_attention)
+
+
+@contextmanager
+def _attention_implementation(config, name: str):
+    previous = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+
+
 def mixed_forward(
     model: torch.nn.Module,
     input_ids: torch.LongTensor,
@@ -110,6 +172,7 @@ def mixed_forward(
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.LongTensor | None = None,
     image_embeds: torch.Tensor | None = None,
+    segment_ids: torch.LongTensor | None = None,
 ) -> torch.Tensor:
     """Final hidden states [B, T, H] of a mixed sequence.
 
@@ -117,6 +180,9 @@ def mixed_forward(
         attention_mask (`torch.Tensor`, *optional*): a 2D padding mask [B, T] or a 4D additive mask
             [B, 1, T, T] (see `block_causal_mask`), which then needs `position_ids`.
         position_ids (`torch.LongTensor` of shape `[B, T]`, *optional*): derived from a 2D mask if omitted.
+        segment_ids (`torch.LongTensor` of shape `[B, T]`, *optional*): packed segments (-1 on padding),
+            attended causally each on its own (`segment_attention`) instead of through a mask; needs
+            `position_ids` and no `attention_mask`.
 
     The call goes through `model(...)` itself, not its inner modules, so that wrappers that act in
     `forward` (DDP's gradient sync, DeepSpeed, PEFT) see it. Only the last position's text logits are
@@ -129,6 +195,12 @@ def mixed_forward(
         if position_ids is None:
             raise ValueError("a 4D attention mask needs explicit position_ids")
         attention_mask = attention_mask.to(janus.dtype)
+    extra, attention = {}, contextlib.nullcontext()
+    if segment_ids is not None:
+        if attention_mask is not None or position_ids is None:
+            raise ValueError("segment_ids need position_ids and no attention_mask")
+        extra["echogen_segment_index"] = segment_index(segment_ids)
+        attention = _attention_implementation(janus.config.text_config, SEGMENT_ATTENTION)
     embeds = embed_mixed(janus, input_ids, image_mask, image_embeds)
     captured = {}
 
@@ -137,13 +209,15 @@ def mixed_forward(
 
     handle = janus.model.language_model.register_forward_hook(grab)
     try:
-        model(
-            inputs_embeds=embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            logits_to_keep=1,
-            use_cache=False,
-        )
+        with attention:
+            model(
+                inputs_embeds=embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                logits_to_keep=1,
+                use_cache=False,
+                **extra,
+            )
     finally:
         handle.remove()
     return captured["hidden"]
@@ -159,20 +233,29 @@ def image_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return unwrap_janus(model).model.generation_head(hidden)
 
 
+class TargetLoss(NamedTuple):
+    """A cross-entropy over selected targets: the mean loss, how many targets, and argmax accuracy."""
+
+    loss: torch.Tensor
+    count: int
+    accuracy: float
+
+
 def masked_cross_entropy(
     model: torch.nn.Module, hidden: torch.Tensor, labels: torch.LongTensor, head: str
-) -> tuple[torch.Tensor, int]:
-    """Mean CE over the positions whose label is not -100, running the head there only.
+) -> TargetLoss:
+    """Mean CE over the positions whose label is not -100, running the head (`"image"` or `"text"`) there only.
 
-    Returns:
-        `tuple[torch.Tensor, int]`: the mean loss (0 with a graph if there are no targets) and the count.
+    With no targets the loss is 0 (still attached to the graph, so every rank runs the same backward).
     """
     select = labels != IGNORE_INDEX
     n = int(select.sum())
     if n == 0:
-        return hidden.sum() * 0.0, 0
+        return TargetLoss(hidden.sum() * 0.0, 0, 0.0)
     logits = (image_logits if head == "image" else text_logits)(model, hidden[select])
-    return F.cross_entropy(logits.float(), labels[select]), n
+    targets = labels[select]
+    accuracy = (logits.detach().argmax(-1) == targets).float().mean().item()
+    return TargetLoss(F.cross_entropy(logits.float(), targets), n, accuracy)
 
 
 def cfg_logits(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: float) -> torch.Tensor:

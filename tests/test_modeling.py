@@ -38,9 +38,38 @@ def test_packed_segments_with_block_mask_equal_each_segment_alone(noisy_model, p
     l2i, i2l = prompts.l2i(LAYOUT, CODES), prompts.i2l(CODES, LAYOUT)
     ids, img, seg_ids, pos = _pack([l2i, i2l])
     packed = mixed_forward(noisy_model, ids, img, block_causal_mask(seg_ids), pos)
+    varlen = mixed_forward(noisy_model, ids, img, position_ids=pos, segment_ids=seg_ids)
     for k, s in enumerate([l2i, i2l]):
         alone = mixed_forward(noisy_model, torch.tensor([s.input_ids]), torch.tensor([s.image_mask]))
         torch.testing.assert_close(packed[0, seg_ids[0] == k], alone[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(varlen[0, seg_ids[0] == k], alone[0], atol=1e-5, rtol=1e-5)
+    assert unwrap_janus(noisy_model).config.text_config._attn_implementation == "sdpa"  # restored
+
+
+def test_segment_attention_with_padding_rows_and_gradients(noisy_model, prompts):
+    """Two rows of different fill, right-padded: segment attention equals the block mask, and gradients agree."""
+    a = [prompts.l2i(LAYOUT, CODES), prompts.i2l(CODES, LAYOUT)]
+    b = [prompts.i2l(CODES, LAYOUT)]
+    rows = [_pack(a), _pack(b)]
+    width = max(r[0].shape[1] for r in rows)
+
+    def pad(t, fill):
+        return torch.cat([t, t.new_full((1, width - t.shape[1]), fill)], dim=1)
+
+    ids = torch.cat([pad(r[0], prompts.pad_id) for r in rows])
+    img = torch.cat([pad(r[1], False) for r in rows])
+    seg = torch.cat([pad(r[2], -1) for r in rows])
+    pos = torch.cat([pad(r[3], 0) for r in rows])
+    valid = seg >= 0
+    weight = unwrap_janus(noisy_model).model.generation_aligner.fc1.weight
+    outs, grads = [], []
+    for kwargs in ({"attention_mask": block_causal_mask(seg)}, {"segment_ids": seg}):
+        h = mixed_forward(noisy_model, ids, img, position_ids=pos, **kwargs)
+        (grad,) = torch.autograd.grad(h[valid].pow(2).mean(), weight)
+        outs.append(h[valid])
+        grads.append(grad)
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
 
 
 def test_block_mask_is_causal_within_segments_and_padding_safe():
@@ -83,8 +112,8 @@ def test_heads_run_only_at_target_positions(tiny_model, prompts):
         janus.model.generation_head.register_forward_hook(record("generation_head")),
     ]
     hidden = mixed_forward(tiny_model, batch["input_ids"], batch["image_mask"], batch["attention_mask"])
-    img_loss, n_img = masked_cross_entropy(tiny_model, hidden, batch["image_labels"], "image")
-    txt_loss, n_txt = masked_cross_entropy(tiny_model, hidden, batch["text_labels"], "text")
+    img_loss, n_img, _ = masked_cross_entropy(tiny_model, hidden, batch["image_labels"], "image")
+    txt_loss, n_txt, _ = masked_cross_entropy(tiny_model, hidden, batch["text_labels"], "text")
     for h in hooks:
         h.remove()
     B, T = batch["input_ids"].shape
@@ -105,7 +134,7 @@ def test_mixed_forward_through_peft_lora(tiny_model, prompts):
     assert unwrap_janus(peft) is tiny_model
     hidden = mixed_forward(peft, batch["input_ids"], batch["image_mask"])
     torch.testing.assert_close(hidden, base)  # LoRA B starts at zero
-    loss, _ = masked_cross_entropy(peft, hidden, batch["image_labels"], "image")
+    loss = masked_cross_entropy(peft, hidden, batch["image_labels"], "image").loss
     loss.backward()
     grads = [p.grad for n, p in peft.named_parameters() if "lora_B" in n]
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)

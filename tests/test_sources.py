@@ -266,7 +266,7 @@ def test_build_raises_on_empty_train_before_encoding(coco, tmp_path):
 
 
 def test_build_shapes_splits_are_disjoint():
-    args = LayoutDataArguments(num_train_samples=32, num_eval_samples=16, seed=3)
+    args = LayoutDataArguments(num_train_samples=32, num_eval_samples=16, dataset_seed=3)
     train, eval_dataset, stats = build_layout_datasets(args)
     assert (len(train), len(eval_dataset)) == (32, 16) and stats.rows_kept == 48
     assert {"caption", "layout", "image_codes"} <= set(train.column_names)
@@ -283,7 +283,7 @@ def test_build_shapes_splits_are_disjoint():
         ("num_train_samples", 0),
         ("num_train_samples", None),  # shapes needs a count
         ("num_eval_samples", -1),
-        ("seed", -1),
+        ("dataset_seed", -1),
         ("shapes_grid_size", 0),
         ("shapes_max_shapes", 99),
         ("min_box_area", 1.0),

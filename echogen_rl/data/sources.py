@@ -65,7 +65,7 @@ class LayoutDataArguments:
             COCO and LayoutSAM: a cap on the train rows (`None`: all).
         num_eval_samples (`int`, *optional*, defaults to `64`): eval rows: generated (shapes), split off the end of
             train (no eval files), or a cap on the eval files; `0` disables evaluation.
-        seed (`int`, *optional*, defaults to `0`): shapes seed; eval uses `seed + EVAL_SEED_OFFSET`.
+        dataset_seed (`int`, *optional*, defaults to `0`): shapes seed; eval uses `dataset_seed + EVAL_SEED_OFFSET`.
         shapes_grid_size (`int`, *optional*, defaults to `8`): shapes cells per image side.
         shapes_max_shapes (`int`, *optional*, defaults to `3`): most shapes per shapes image.
         coco_instances_file, coco_captions_file, coco_image_dir (`str`, *optional*): COCO instances JSON, captions
@@ -90,7 +90,7 @@ class LayoutDataArguments:
         default=2048, metadata={"help": "Shapes: images generated. COCO/LayoutSAM: cap on train rows (None: all)."}
     )
     num_eval_samples: int = field(default=64, metadata={"help": "Eval rows (generated, split off or a cap); 0: none."})
-    seed: int = field(default=0, metadata={"help": "Shapes seed; eval uses seed + 1_000_003."})
+    dataset_seed: int = field(default=0, metadata={"help": "Shapes seed; eval uses dataset_seed + 1_000_003."})
     shapes_grid_size: int = field(default=8, metadata={"help": "Shapes cells per image side."})
     shapes_max_shapes: int = field(default=3, metadata={"help": "Most shapes per shapes image."})
     coco_instances_file: str | None = field(default=None, metadata={"help": "COCO instances JSON."})
@@ -114,7 +114,7 @@ class LayoutDataArguments:
         _check_choice("dataset", self.dataset, DATASETS)
         _check_choice("on_bad_sample", self.on_bad_sample, BAD_SAMPLE_ACTIONS)
         _check_int("num_train_samples", self.num_train_samples, 1, optional=self.dataset != "shapes")
-        for name, minimum in (("num_eval_samples", 0), ("seed", 0), ("shapes_grid_size", 1)):
+        for name, minimum in (("num_eval_samples", 0), ("dataset_seed", 0), ("shapes_grid_size", 1)):
             _check_int(name, getattr(self, name), minimum)
         for name in ("shapes_max_shapes", "max_entities", "vq_batch_size"):
             _check_int(name, getattr(self, name), 1)
@@ -643,9 +643,9 @@ def build_layout_datasets(
     """
     if args.dataset == "shapes":
         config, eval_dataset = args.shapes_config(), None
-        train = build_shapes_dataset(args.num_train_samples, args.seed, config)
+        train = build_shapes_dataset(args.num_train_samples, args.dataset_seed, config)
         if args.num_eval_samples:
-            eval_dataset = build_shapes_dataset(args.num_eval_samples, args.seed + EVAL_SEED_OFFSET, config)
+            eval_dataset = build_shapes_dataset(args.num_eval_samples, args.dataset_seed + EVAL_SEED_OFFSET, config)
         rows = args.num_train_samples + args.num_eval_samples
         stats = FilterStats(rows_in=rows, rows_kept=rows)
         logger.info("shapes data: %s", stats.summary())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache, StaticCache
+from transformers import StaticCache
 
 from ..modeling import embed_codes, image_logits, position_ids_from_mask, sampling_logprobs, unwrap_janus
 from ..modeling import uncond_prompt_ids as make_uncond
@@ -22,7 +22,7 @@ def gumbel_noise(shape: tuple[int, ...], generator: torch.Generator | None, devi
 
 
 class TorchRolloutEngine(RolloutEngine):
-    """Generates with the training model itself (no weight copy), batched, with a KV cache.
+    """Generates with the training model itself (no weight copy), batched, with a static KV cache.
 
     Args:
         model (`torch.nn.Module`): a `JanusForConditionalGeneration`, possibly wrapped (PEFT, DDP).
@@ -113,13 +113,11 @@ class TorchRolloutEngine(RolloutEngine):
         R, T = ids.shape
         positions = position_ids_from_mask(mask)
         full_mask = torch.cat([mask, mask.new_zeros(R, N)], dim=1)
-        if self.compile:
-            cache = StaticCache(config=janus.config.text_config, max_cache_len=T + N)
-        else:
-            cache = DynamicCache(config=janus.config.text_config)
+        # A preallocated cache: a growing one copies every layer's keys and values at every step.
+        cache = StaticCache(config=janus.config.text_config, max_cache_len=T + N)
         out = janus.model.language_model(
             inputs_embeds=janus.get_input_embeddings()(ids),
-            attention_mask=full_mask if self.compile else mask,
+            attention_mask=full_mask,
             position_ids=positions,
             cache=cache,
             use_cache=True,
@@ -136,9 +134,8 @@ class TorchRolloutEngine(RolloutEngine):
                 codes[:, i], logprobs[:, i] = self._select(janus, hidden, noise, B, guidance_scale, temperature, top_k)
                 break
             full_mask[:, T + i] = 1
-            step_mask = full_mask if self.compile else full_mask[:, : T + i + 1]
             codes[:, i], logprobs[:, i], hidden = advance(
-                janus, hidden, noise, step_mask, positions, cache, B, guidance_scale, temperature, top_k
+                janus, hidden, noise, full_mask, positions, cache, B, guidance_scale, temperature, top_k
             )
             positions = positions + 1
         return RolloutOutput(codes=codes, logprobs=logprobs)

@@ -1,0 +1,107 @@
+"""Collators: PMTP's packing collator (and, with DJO, the loop-loss collator).
+
+Each example carries `caption`, `layout` (JSON text) and `image_codes`; the collators build the token
+rows themselves, so the trainers skip TRL's dataset preparation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .layout import Layout, LayoutError
+from .prompts import IGNORE_INDEX, PromptBuilder, Segment
+
+_KEYS = ("input_ids", "image_mask", "text_labels", "image_labels")
+
+
+def example_layout(example: dict, index: int) -> Layout:
+    """The example's Layout with its caption; a bad one raises a ValueError naming the example."""
+    try:
+        layout = Layout.from_json(example["layout"])
+        layout.validate()
+    except (KeyError, LayoutError) as err:
+        raise ValueError(f"example {index} ({example.get('caption', '')[:60]!r}): bad layout: {err}") from err
+    layout.caption = example.get("caption", layout.caption) or ""
+    return layout
+
+
+@dataclass
+class PMTPCollator:
+    """Packs `[L2I segment | I2L segment]` per sample, several samples per row up to `max_length`.
+
+    Every segment is its own causal block: the trainer turns `segment_ids` into a block-diagonal mask,
+    and `position_ids` restart at 0 per segment. An I2L answer must not read the L2I image positions,
+    which attend to the layout prompt: a grounder that copies the layout fails on real images.
+
+    Args:
+        prompts (`PromptBuilder`): builds the two segments.
+        max_length (`int`, *optional*): tokens per row; a sample longer than this is an error naming it.
+            `None` puts the whole batch in one row.
+        pack (`bool`, *optional*, defaults to `True`): `False` puts every segment in a row of its own
+            (the unpacked reference; same losses, more padding).
+
+    Returns a dict of [R, L] tensors: `input_ids`, `image_mask`, `text_labels`, `image_labels`,
+    `segment_ids` (-1 on padding), `position_ids`.
+    """
+
+    prompts: PromptBuilder
+    max_length: int | None = None
+    pack: bool = True
+
+    def segments(self, example: dict, index: int) -> list[Segment]:
+        layout = example_layout(example, index)
+        codes = example["image_codes"]
+        try:
+            return [self.prompts.l2i(layout, codes), self.prompts.i2l(codes, layout)]
+        except ValueError as err:
+            raise ValueError(f"example {index} ({layout.caption[:60]!r}): {err}") from err
+
+    def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
+        pairs = []
+        for index, example in enumerate(examples):
+            pair = self.segments(example, index)
+            size = sum(len(s) for s in pair)
+            if self.max_length is not None and size > self.max_length:
+                raise ValueError(
+                    f"example {index} ({example.get('caption', '')[:60]!r}) needs {size} tokens, more than "
+                    f"max_length={self.max_length}; raise max_length or cap the entities per layout"
+                )
+            pairs.append((size, pair))
+        if not self.pack:
+            return pack_rows([[s] for _, pair in pairs for s in pair], self.prompts.pad_id)
+        # First-fit decreasing: the longest samples first, each into the first row with room.
+        rows: list[list[Segment]] = []
+        room: list[int] = []
+        for size, pair in sorted(pairs, key=lambda p: -p[0]):
+            for r, free in enumerate(room):
+                if self.max_length is None or size <= free:
+                    rows[r].extend(pair)
+                    room[r] = free - size if self.max_length is not None else 0
+                    break
+            else:
+                rows.append(list(pair))
+                room.append(self.max_length - size if self.max_length is not None else 0)
+        return pack_rows(rows, self.prompts.pad_id)
+
+
+def pack_rows(rows: Sequence[Sequence[Segment]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Concatenates the segments of each row, right-pads rows to one length, numbers segments and positions."""
+    width = max(sum(len(s) for s in row) for row in rows)
+    fills = {"input_ids": pad_id, "image_mask": False, "text_labels": IGNORE_INDEX, "image_labels": IGNORE_INDEX}
+    out = {k: [] for k in (*_KEYS, "segment_ids", "position_ids")}
+    for row in rows:
+        cols = {k: [] for k in out}
+        for k, seg in enumerate(row):
+            for key in _KEYS:
+                cols[key] += getattr(seg, key)
+            cols["segment_ids"] += [k] * len(seg)
+            cols["position_ids"] += list(range(len(seg)))
+        n = width - len(cols["input_ids"])
+        for key, fill in {**fills, "segment_ids": -1, "position_ids": 0}.items():
+            out[key].append(cols[key] + [fill] * n)
+    batch = {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
+    batch["image_mask"] = batch["image_mask"].bool()
+    return batch

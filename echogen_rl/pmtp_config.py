@@ -1,0 +1,58 @@
+"""Configuration of Stage 1, PMTP (parallel multi-task pre-training)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import SFTConfig
+
+
+@dataclass
+class PMTPConfig(SFTConfig):
+    r"""
+    Configuration for [`PMTPTrainer`]. Only the new fields are listed; everything else is [`~trl.SFTConfig`].
+
+    The loss is `image_loss_weight * CE(L2I image tokens) + text_loss_weight * CE(I2L layout answer)`, each
+    averaged over its own targets. `max_length` is the number of tokens per packed row. TRL's own `packing`
+    and `padding_free` are not used: PMTP's collator packs whole samples itself (see `pack_segments`).
+
+    Parameters:
+        image_loss_weight (`float`, *optional*, defaults to `1.0`):
+            Weight `w_img` of the L2I image-token cross-entropy.
+        text_loss_weight (`float`, *optional*, defaults to `1.0`):
+            Weight `w_text` of the I2L layout-answer cross-entropy.
+        pack_segments (`bool`, *optional*, defaults to `True`):
+            Pack several samples per row up to `max_length`; `False` gives every task segment a row of its own.
+        segment_attention (`bool`, *optional*, defaults to `True`):
+            Attend within each packed segment by gathering it (varlen attention, any attention backend);
+            `False` uses a dense block-diagonal 4D mask over each row, whose cost grows with the row squared.
+    """
+
+    image_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the L2I image-token loss."})
+    text_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the I2L layout-answer loss."})
+    pack_segments: bool = field(
+        default=True, metadata={"help": "Pack several samples per row up to `max_length` (padding-free)."}
+    )
+
+    segment_attention: bool = field(
+        default=True,
+        metadata={"help": "Per-segment (varlen) attention; False uses a dense block-diagonal 4D mask per row."},
+    )
+
+    def __post_init__(self):
+        # The collator builds token rows from caption / layout / image_codes; TRL must not tokenize or drop them.
+        self.dataset_kwargs = {**(self.dataset_kwargs or {}), "skip_prepare_dataset": True}
+        self.remove_unused_columns = False
+        # Evaluation reports the losses; there are no whole-sequence logits to return.
+        self.prediction_loss_only = True
+        super().__post_init__()
+        if self.packing or self.padding_free:
+            raise ValueError(
+                "PMTPConfig: `packing` and `padding_free` are TRL's text packing; PMTP packs samples itself. "
+                "Leave them False and use `pack_segments` / `max_length`."
+            )
+        for name in ("image_loss_weight", "text_loss_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"PMTPConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.image_loss_weight == 0 and self.text_loss_weight == 0:
+            raise ValueError("PMTPConfig: image_loss_weight and text_loss_weight are both 0; nothing would train")

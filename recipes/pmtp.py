@@ -1,0 +1,47 @@
+"""Stage 1, PMTP: layout-to-image and image-to-layout packed in one sequence with a task-aware mask.
+
+    accelerate launch recipes/pmtp.py --config recipes/configs/pmtp/shapes_tiny.yaml
+
+Any field can be overridden on the command line, e.g. `--max_steps 50 --output_dir outputs/try`.
+"""
+
+from transformers import set_seed
+from trl import TrlParser
+
+from echogen_rl.data.sources import LayoutDataArguments, build_layout_datasets
+from echogen_rl.image_tokenizers import JanusVQTokenizer
+from echogen_rl.loading import JanusModelConfig, load_janus, lora_config_from
+from echogen_rl.pmtp_config import PMTPConfig
+from echogen_rl.pmtp_trainer import PMTPTrainer
+
+
+def main(script_args: LayoutDataArguments, training_args: PMTPConfig, model_args: JanusModelConfig):
+    set_seed(training_args.seed)
+    with training_args.main_process_first(desc="checkpoint and data"):
+        model, tokenizer = load_janus(
+            model_args.model_name_or_path,
+            model_args.dtype,
+            model_args.attn_implementation,
+            model_args.build_tiny_if_missing,
+        )
+        # Shapes data carries exact palette codes; real images are encoded once by the model's VQ tokenizer.
+        image_tokenizer = None if script_args.dataset == "shapes" else JanusVQTokenizer.from_model(model)
+        train_dataset, eval_dataset, _ = build_layout_datasets(
+            script_args, image_tokenizer, cache_key=model_args.model_name_or_path
+        )
+
+    trainer = PMTPTrainer(
+        model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=lora_config_from(model_args),
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+
+
+if __name__ == "__main__":
+    parser = TrlParser((LayoutDataArguments, PMTPConfig, JanusModelConfig))
+    main(*parser.parse_args_and_config())
