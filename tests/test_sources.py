@@ -4,18 +4,15 @@ import datasets
 import pytest
 from PIL import Image
 
+from echogen_rl.data import coco as coco_module
+from echogen_rl.data import codes, common, layoutsam, sources
+from echogen_rl.data.coco import load_coco
+from echogen_rl.data.codes import encode_image_codes
+from echogen_rl.data.common import BadSampleWarning, FilterStats
+from echogen_rl.data.layoutsam import load_layoutsam
 from echogen_rl.data.palette import PALETTE
 from echogen_rl.data.shapes import build_shapes_dataset
-from echogen_rl.data.sources import (
-    EVAL_SEED_OFFSET,
-    BadSampleWarning,
-    FilterStats,
-    LayoutDataArguments,
-    build_layout_datasets,
-    encode_image_codes,
-    load_coco,
-    load_layoutsam,
-)
+from echogen_rl.data.sources import EVAL_SEED_OFFSET, LayoutDataArguments, build_layout_datasets
 from echogen_rl.image_tokenizers import PaletteTokenizer
 from echogen_rl.layout import Entity, Layout
 
@@ -343,3 +340,15 @@ def test_filter_stats_merge_and_summary():
     total = FilterStats(rows_in=3, rows_kept=2, bad_images=1) + FilterStats(rows_in=5, rows_kept=1, bad_layouts=4)
     assert total == FilterStats(rows_in=8, rows_kept=3, bad_layouts=4, bad_images=1)
     assert "kept 3 of 8 rows" in total.summary() and "4 bad layouts" in total.summary()
+
+
+def test_sources_reexports_the_loaders_and_shared_names():
+    homes = {
+        coco_module: ["load_coco"],
+        layoutsam: ["load_layoutsam", "REGION_CAPTION_COLUMNS"],
+        codes: ["encode_image_codes"],
+        common: ["FilterStats", "BadSampleWarning", "BAD_SAMPLE_ACTIONS"],
+    }
+    for module, names in homes.items():
+        for name in names:
+            assert name in sources.__all__ and getattr(sources, name) is getattr(module, name), name
