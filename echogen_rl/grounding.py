@@ -40,20 +40,41 @@ class GroundingResult:
 
 
 def restrict_to_phrases(layout: Layout, phrases: Sequence[str]) -> tuple[Layout, list[str]]:
-    """The entities of `layout` for the queried phrases, in query order (k-th occurrence to k-th)."""
-    pool: dict[str, list[Entity]] = {}
-    for e in layout.entities:
-        pool.setdefault(" ".join(e.phrase.lower().split()), []).append(e)
-    kept, problems = [], []
-    for i, phrase in enumerate(phrases):
-        found = pool.get(" ".join(phrase.lower().split()))
-        if found:
-            kept.append(Entity(phrase, found.pop(0).box))
+    """The answer's entities for the queried phrases, in query order.
+
+    The answer lists entities in query order. With as many entities as phrases, the k-th box answers the
+    k-th phrase (a grounder still learning names can misname a box it placed right). Otherwise a box is
+    matched by phrase (k-th occurrence to k-th), then by position among the leftovers. A misnamed or missing
+    entity is reported; a missing one is not guessed.
+    """
+    norm = [" ".join(p.lower().split()) for p in phrases]
+    answer = [" ".join(e.phrase.lower().split()) for e in layout.entities]
+    taken, assigned = set(), [None] * len(phrases)
+    for i, phrase in enumerate(norm):
+        if len(answer) == len(norm):
+            j = i
         else:
-            problems.append(f"phrase {i} ({phrase!r}): no box in the answer")
-    extra = sum(len(v) for v in pool.values())
-    if extra:
-        problems.append(f"{extra} entities in the answer were not asked for")
+            j = next((j for j, a in enumerate(answer) if a == phrase and j not in taken), None)
+        if j is not None:
+            taken.add(j)
+            assigned[i] = j
+    leftovers = [j for j in range(len(answer)) if j not in taken]
+    problems = []
+    for i in range(len(phrases)):
+        if assigned[i] is not None and answer[assigned[i]] != norm[i]:
+            problems.append(
+                f"phrase {i} ({phrases[i]!r}): the answer named it {layout.entities[assigned[i]].phrase!r}"
+            )
+        elif assigned[i] is None and leftovers:
+            assigned[i] = leftovers.pop(0)
+            problems.append(
+                f"phrase {i} ({phrases[i]!r}): the answer named it {layout.entities[assigned[i]].phrase!r}"
+            )
+        elif assigned[i] is None:
+            problems.append(f"phrase {i} ({phrases[i]!r}): no box in the answer")
+    if leftovers:
+        problems.append(f"{len(leftovers)} entities in the answer were not asked for")
+    kept = [Entity(phrases[i], layout.entities[j].box) for i, j in enumerate(assigned) if j is not None]
     return Layout(kept, layout.caption), problems
 
 

@@ -17,6 +17,12 @@ from .tiny import ensure_tiny_checkpoint
 DEFAULT_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
+def require_checkpoint(path: str, how_to_make: str) -> None:
+    """Fails early, saying how to make it, when a recipe's starting checkpoint is a missing local path."""
+    if "/" in path and not Path(path).exists() and (path.startswith((".", "/")) or path.startswith("outputs")):
+        raise FileNotFoundError(f"no checkpoint at {path}; make it first with:\n    {how_to_make}")
+
+
 def load_janus(
     model_name_or_path: str,
     dtype: str | torch.dtype | None = None,

@@ -306,7 +306,8 @@ def image_token_logprobs(
     temperature: float = 1.0,
     top_k: int | None = None,
     mode: str = "cfg",
-) -> torch.Tensor:
+    return_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Teacher-forced log-probs [B, N] of image codes after left-padded L2I prompts, with gradients.
 
     Args:
@@ -314,7 +315,8 @@ def image_token_logprobs(
         mode (`str`, *optional*, defaults to `"cfg"`): `"cfg"`, the guided distribution the rollout engine
             samples from (as Janus-Pro-R1); `"cond"`, the conditional branch alone (as T2I-R1).
 
-    The image head runs at the N positions that predict codes only.
+    The image head runs at the N positions that predict codes only. With `return_entropy`, also returns the
+    entropy [B, N] of the same distribution at each position.
     """
     if mode not in ("cfg", "cond"):
         raise ValueError(f"mode must be 'cfg' or 'cond', got {mode!r}")
@@ -337,7 +339,12 @@ def image_token_logprobs(
     logits = image_logits(model, hidden[:, T - 1 :])
     cond, uncond = (logits[:B], logits[B:]) if use_cfg else (logits, None)
     logp = sampling_logprobs(cond, uncond, guidance_scale, temperature, top_k)
-    return logp.gather(-1, codes[..., None]).squeeze(-1)
+    token_logp = logp.gather(-1, codes[..., None]).squeeze(-1)
+    if not return_entropy:
+        return token_logp
+    # Codes that top-k removed have probability 0 and log-prob -inf: they add nothing (not NaN).
+    entropy = -(logp.exp() * logp.masked_fill(torch.isinf(logp), 0.0)).sum(-1)
+    return token_logp, entropy
 
 
 @torch.no_grad()

@@ -40,11 +40,31 @@ def test_garbage_output_gives_one_result_per_image_with_problems(noisy_model, pr
         assert set(res.layout.phrases) <= set(phrases)
         assert res.problems  # a random model does not answer in the format
         assert len(res.layout) + sum("no box" in p for p in res.problems) == len(phrases)
+        assert res.layout.phrases == [p for p in phrases if p in res.layout.phrases]  # query order
 
 
 def test_detect_all_query_runs_and_is_bounded(noisy_model, prompts):
     res = Grounder(noisy_model, prompts)(_codes(2), None, max_new_tokens=12)
     assert len(res) == 2 and all(len(prompts.encode(r.text)) <= 12 for r in res)
+
+
+def test_restrict_to_phrases_matches_misnamed_entities_by_position():
+    text = Layout([Entity("cyan circle", (0.25, 0.1, 0.6, 0.5)), Entity("blue square", (0.5, 0, 1, 0.5))]).to_text()
+    layout, problems = restrict_to_phrases(parse_layout(text)[0], ["cyan triangle", "blue square", "red circle"])
+    assert layout.phrases == ["cyan triangle", "blue square"]
+    assert layout.boxes[0] == (0.25, 0.1, 0.6, 0.5)
+    assert problems == [
+        "phrase 0 ('cyan triangle'): the answer named it 'cyan circle'",
+        "phrase 2 ('red circle'): no box in the answer",
+    ]
+
+
+def test_restrict_to_phrases_answers_by_position_when_counts_agree():
+    text = Layout([Entity("white circle", (0, 0, 0.5, 0.4)), Entity("orange triangle", (0.5, 0, 1, 0.5))]).to_text()
+    layout, problems = restrict_to_phrases(parse_layout(text)[0], ["orange triangle", "purple square"])
+    assert layout.phrases == ["orange triangle", "purple square"]
+    assert layout.boxes == [(0.0, 0.0, 0.5, 0.4), (0.5, 0.0, 1.0, 0.5)]
+    assert len(problems) == 2 and "named it 'white circle'" in problems[0]
 
 
 def test_restrict_to_phrases_keeps_query_order_and_reports_missing():

@@ -1,0 +1,180 @@
+"""Stage 3, CycleRL: GRPO on images, rewarded by how well the in-model grounder recovers the input layout."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from trl import GRPOTrainer
+
+from rewards import layout_agreement, load_rewards
+
+from .cyclerl_config import CycleRLConfig
+from .data.random_layouts import parse_prompt_text
+from .grounding import Grounder
+from .modeling import image_token_logprobs, unwrap_janus
+from .prompts import PromptBuilder, pad_segments
+from .rollout.base import RolloutEngine
+from .rollout.torch_engine import TorchRolloutEngine
+
+
+class CycleRLTrainer(GRPOTrainer):
+    """Trainer for Stage 3, CycleRL: layout -> image -> layout, with no image supervision.
+
+    The changes w.r.t. [`~trl.GRPOTrainer`] are two hooks:
+
+    - `_generate`: a rollout is an image (codes from the rollout engine, with CFG), grounded by the model's
+      own grounder for the prompt's phrases. The grounder's answer is the completion text; `target_layouts`,
+      `recovered_layouts`, `grounding_problems` and `image_codes` reach the reward functions as kwargs.
+    - `_get_per_token_logps_and_entropies`: log-probs of the image tokens under `generation_head`, of the
+      guided (`logprob_mode="cfg"`) or conditional (`"cond"`) distribution.
+
+    Rewards, group-normalized advantages, `_compute_loss` (loss types, clipping, KL with the disabled adapter
+    as reference under PEFT), logging and checkpointing are GRPOTrainer's.
+
+    Args:
+        model (`JanusForConditionalGeneration` or `PeftModel`): the policy.
+        reward_funcs (`list[str | Callable]`, *optional*, defaults to `["cycle_iou"]`): built-in names,
+            `module:function`, `file.py:function` or callables (see `rewards.registry`).
+        args (`CycleRLConfig`): the configuration.
+        train_dataset (`datasets.Dataset`): a `prompt` column of L2I user texts (caption + layout text).
+        processing_class (`PreTrainedTokenizerBase`): the model's tokenizer.
+        rollout_engine (`RolloutEngine`, *optional*): defaults to the torch engine on the training model.
+    """
+
+    _tag_names = ["trl", "grpo", "echogen-rl", "cyclerl"]
+
+    def __init__(
+        self,
+        model,
+        reward_funcs=("cycle_iou",),
+        args: CycleRLConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        rollout_engine: RolloutEngine | None = None,
+        **kwargs,
+    ):
+        if processing_class is None:
+            raise ValueError("CycleRLTrainer needs the model's tokenizer as `processing_class`")
+        if args.rollout_engine == "vllm" and rollout_engine is None:
+            raise ValueError("rollout_engine='vllm' needs a vLLM engine instance; none ships yet, use 'torch'")
+        if args.mask_truncated_completions:
+            raise ValueError("CycleRLConfig: mask_truncated_completions does not apply to images (no EOS)")
+        for name, dataset in (("train", train_dataset), ("eval", eval_dataset)):
+            if dataset is not None:
+                if "prompt" not in dataset.column_names:
+                    raise ValueError(f"the {name} dataset needs a `prompt` column (see data.random_layouts)")
+                parse_prompt_text(dataset[0]["prompt"])  # fail now, not mid-run, on a wrong format
+        funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+        super().__init__(
+            model,
+            reward_funcs=load_rewards(funcs),
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            **kwargs,
+        )
+        janus = unwrap_janus(self.model)
+        self.layout_prompts = PromptBuilder(processing_class, janus.config.vision_config.num_image_tokens)
+        self._special_ids = (self.layout_prompts.bos_id, self.layout_prompts.boi_id, self.layout_prompts.pad_id)
+        self.rollout_engine = rollout_engine
+        self.grounder = None
+
+    def _ensure_engines(self) -> None:
+        # Built on first use: the accelerator has wrapped the model by then, and we generate with its inner module.
+        if self.rollout_engine is None:
+            policy = self.accelerator.unwrap_model(self.model)
+            self.rollout_engine = TorchRolloutEngine(
+                policy, self.layout_prompts.num_image_tokens, *self._special_ids, compile=self.args.rollout_compile
+            )
+        if self.grounder is None:
+            policy = self.accelerator.unwrap_model(self.model)
+            self.grounder = Grounder(policy, self.layout_prompts, self.args.grounding_batch_size)
+
+    def _generate(self, prompts: list):
+        mode = "train" if self.model.training else "eval"
+        device = self.accelerator.device
+        self._ensure_engines()
+        self.rollout_engine.sync_weights(self.accelerator.unwrap_model(self.model))
+        targets = [parse_prompt_text(p) for p in prompts]
+        segments = [self.layout_prompts.l2i_prompt(t) for t in targets]
+        batch = pad_segments(segments, self.layout_prompts.pad_id, "left")
+
+        start = time.perf_counter()
+        rollout = self.rollout_engine.generate(
+            batch["input_ids"].to(device),
+            batch["attention_mask"].to(device),
+            guidance_scale=self.args.guidance_scale,
+            temperature=self.args.temperature,
+            top_k=self.args.top_k or None,
+        )
+        rollout_s = time.perf_counter() - start
+        start = time.perf_counter()
+        grounded = self.grounder(rollout.codes, [t.phrases for t in targets], self.args.grounding_max_new_tokens)
+        grounding_s = time.perf_counter() - start
+
+        recovered = [g.layout for g in grounded]
+        cycle = [layout_agreement(t, r) for t, r in zip(targets, recovered)]
+        metrics = self._metrics[mode]
+        gathered = (
+            self.accelerator.gather(
+                torch.tensor(
+                    [sum(cycle), len(cycle), sum(bool(g.problems) for g in grounded)],
+                    device=device,
+                    dtype=torch.float32,
+                )
+            )
+            .view(-1, 3)
+            .sum(0)
+        )
+        metrics["cycle_miou"].append((gathered[0] / gathered[1]).item())
+        metrics["grounding/parse_failure_rate"].append((gathered[2] / gathered[1]).item())
+        metrics["rollout/images_per_second"].append(len(prompts) / max(rollout_s, 1e-9))
+        metrics["grounding/seconds"].append(grounding_s)
+
+        extra_fields = {
+            "target_layouts": targets,
+            "recovered_layouts": recovered,
+            "grounding_problems": [g.problems for g in grounded],
+            "image_codes": rollout.codes.tolist(),
+        }
+        prompt_ids = [s.input_ids for s in segments]
+        completions = [g.text for g in grounded]
+        return prompt_ids, rollout.codes.tolist(), None, completions, rollout.logprobs.tolist(), extra_fields, None, []
+
+    def _get_per_token_logps_and_entropies(
+        self,
+        model,
+        input_ids,
+        attention_mask,
+        logits_to_keep,
+        batch_size=None,
+        compute_entropy=False,
+        compute_aux_loss=False,
+        **kwargs,
+    ):
+        """Log-probs [B, N] of the image codes (the last `logits_to_keep` tokens) under `generation_head`."""
+        batch_size = batch_size or input_ids.size(0)
+        logps, entropies = [], []
+        for start in range(0, input_ids.size(0), batch_size):
+            ids, mask = input_ids[start : start + batch_size], attention_mask[start : start + batch_size]
+            with self.accelerator.autocast():
+                out = image_token_logprobs(
+                    model,
+                    ids[:, :-logits_to_keep],
+                    mask[:, :-logits_to_keep],
+                    ids[:, -logits_to_keep:],
+                    self._special_ids,
+                    self.args.guidance_scale,
+                    self.args.temperature,
+                    self.args.top_k or None,
+                    self.args.logprob_mode,
+                    return_entropy=compute_entropy,
+                )
+            logp, entropy = out if compute_entropy else (out, None)
+            logps.append(logp)
+            if compute_entropy:
+                entropies.append(entropy)
+        return torch.cat(logps), torch.cat(entropies) if compute_entropy else None, None
