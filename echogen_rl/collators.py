@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .layout import Layout, LayoutError
-from .prompts import IGNORE_INDEX, PromptBuilder, Segment
+from .prompts import IGNORE_INDEX, PromptBuilder, Segment, pad_segments
 
 _KEYS = ("input_ids", "image_mask", "text_labels", "image_labels")
 
@@ -105,3 +105,48 @@ def pack_rows(rows: Sequence[Sequence[Segment]], pad_id: int) -> dict[str, torch
     batch = {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
     batch["image_mask"] = batch["image_mask"].bool()
     return batch
+
+
+@dataclass
+class LoopLossCollator:
+    """DJO's batch: each sample's L2I sequence and its I2L sequence, as two right-padded batches.
+
+    The L2I rows are teacher-forced (image labels on all N codes). The I2L rows ask for the sample's layout
+    and carry its answer as text labels; their image positions hold the true codes, which the DJO loss replaces
+    with the soft tokens read from the L2I logits. Both batches list samples in the same order, so the image
+    positions of one match the image labels of the other in row-major order.
+
+    Args:
+        prompts (`PromptBuilder`): builds the two sequences.
+        max_length (`int`, *optional*): most tokens per sequence; a longer one is an error naming its sample
+            (truncating would cut image codes). `None`: no limit.
+
+    Returns a dict of right-padded tensors: `input_ids`, `image_mask`, `attention_mask`, `text_labels` and
+    `image_labels` of each batch, prefixed `l2i_` and `i2l_`.
+    """
+
+    prompts: PromptBuilder
+    max_length: int | None = None
+
+    def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
+        l2i, i2l = [], []
+        for index, example in enumerate(examples):
+            layout = example_layout(example, index)
+            codes = example.get("image_codes")
+            if codes is None:
+                raise ValueError(f"example {index} ({layout.caption[:60]!r}): no image_codes")
+            try:
+                pair = self.prompts.l2i(layout, codes), self.prompts.i2l(codes, layout)
+            except ValueError as err:
+                raise ValueError(f"example {index} ({layout.caption[:60]!r}): {err}") from err
+            size = max(len(s) for s in pair)
+            if self.max_length is not None and size > self.max_length:
+                raise ValueError(
+                    f"example {index} ({layout.caption[:60]!r}) needs {size} tokens in one sequence, more than "
+                    f"max_length={self.max_length}; raise max_length or cap the entities per layout"
+                )
+            l2i.append(pair[0])
+            i2l.append(pair[1])
+        batch = {f"l2i_{k}": v for k, v in pad_segments(l2i, self.prompts.pad_id, "right").items()}
+        batch.update({f"i2l_{k}": v for k, v in pad_segments(i2l, self.prompts.pad_id, "right").items()})
+        return batch

@@ -12,11 +12,15 @@ from transformers import JanusForConditionalGeneration
 from trl import TrlParser
 
 from echogen_rl.data.sources import LayoutDataArguments
+from echogen_rl.djo_config import DJOConfig
 from echogen_rl.loading import JanusModelConfig
 from echogen_rl.pmtp_config import PMTPConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPE_DATACLASSES = {"pmtp": (LayoutDataArguments, PMTPConfig, JanusModelConfig)}
+RECIPE_DATACLASSES = {
+    "pmtp": (LayoutDataArguments, PMTPConfig, JanusModelConfig),
+    "djo": (LayoutDataArguments, DJOConfig, JanusModelConfig),
+}
 
 
 def _configs():
@@ -82,3 +86,38 @@ def test_pmtp_recipe_runs_offline_and_both_losses_fall(tmp_path):
     model = JanusForConditionalGeneration.from_pretrained(out)  # plain transformers loads the result
     assert model.config.vision_config.num_image_tokens == 64
     assert (out / "tokenizer.json").exists()
+
+
+def test_djo_recipe_continues_a_pmtp_checkpoint_and_the_loop_loss_falls(tmp_path):
+    start = tmp_path / "pmtp"
+    _launch(
+        "pmtp.py",
+        "pmtp/shapes_tiny.yaml",
+        tmp_path,
+        "--model_name_or_path", str(tmp_path / "tiny-janus"),
+        "--output_dir", str(start),
+        "--max_steps", "5",
+        "--num_train_samples", "80",
+        "--eval_strategy", "no",
+        "--save_strategy", "no",
+        "--dataloader_num_workers", "0",
+    )  # fmt: skip
+    out = tmp_path / "djo"
+    _launch(
+        "djo.py",
+        "djo/shapes_tiny.yaml",
+        tmp_path,
+        "--model_name_or_path", str(start),
+        "--output_dir", str(out),
+        "--max_steps", "30",
+        "--num_train_samples", "320",
+        "--logging_steps", "5",
+        "--eval_strategy", "no",
+        "--save_steps", "30",
+        "--dataloader_num_workers", "0",
+    )  # fmt: skip
+    logs = [h for h in _log_history(out) if "loss_loop" in h]
+    assert logs[-1]["loss_loop"] < 0.8 * logs[0]["loss_loop"]
+    assert logs[-1]["tau"] < logs[0]["tau"] <= 1.0
+    model = JanusForConditionalGeneration.from_pretrained(out)  # plain transformers loads the result
+    assert model.config.vision_config.num_image_tokens == 64

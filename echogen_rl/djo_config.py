@@ -1,0 +1,84 @@
+"""Configuration of Stage 2, DJO (dual-task joint optimization)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import SFTConfig
+
+TAU_SCHEDULES = ("exponential", "constant")
+
+
+@dataclass
+class DJOConfig(SFTConfig):
+    r"""
+    Configuration for [`DJOTrainer`]. Only the new fields are listed; everything else is [`~trl.SFTConfig`].
+
+    The loss is `J = L_L2I + lambda * L_loop`: the L2I image-token cross-entropy, plus the I2L layout-answer
+    cross-entropy read from the Gumbel-Softmax image tokens of the L2I logits (the loop). `max_length` caps each
+    of the two sequences of a sample; a longer one is an error naming the sample, never truncated. TRL's `packing`
+    and `padding_free` are not used: the collator builds its own rows.
+
+    Parameters:
+        loop_weight (`float`, *optional*, defaults to `1.0`):
+            Weight `lambda` of the loop loss `L_loop`.
+        loop_weight_warmup_steps (`int`, *optional*, defaults to `0`):
+            Steps over which `lambda` rises linearly from 0 to `loop_weight`; `0` uses `loop_weight` from the start.
+        gumbel_tau_start (`float`, *optional*, defaults to `1.0`):
+            Gumbel-Softmax temperature at step 0.
+        gumbel_tau_end (`float`, *optional*, defaults to `0.3`):
+            Gumbel-Softmax temperature after `tau_anneal_steps` (exponential schedule only).
+        tau_schedule (`str`, *optional*, defaults to `"exponential"`):
+            `"exponential"`: `tau = tau_start * (tau_end / tau_start) ** min(step / tau_anneal_steps, 1)`;
+            `"constant"`: `tau = tau_start` throughout.
+        tau_anneal_steps (`int` or `None`, *optional*, defaults to `None`):
+            Steps over which `tau` anneals; `None` is the run's total number of optimizer steps.
+        straight_through (`bool`, *optional*, defaults to `True`):
+            Feed hard one-hot image tokens forward and pass the soft (Gumbel-Softmax) gradients back; `False`
+            feeds the soft mixtures themselves.
+    """
+
+    loop_weight: float = field(default=1.0, metadata={"help": "Weight lambda of the loop loss L_loop."})
+    loop_weight_warmup_steps: int = field(
+        default=0, metadata={"help": "Steps of linear warm-up of lambda from 0; 0: no warm-up."}
+    )
+    gumbel_tau_start: float = field(default=1.0, metadata={"help": "Gumbel-Softmax temperature at step 0."})
+    gumbel_tau_end: float = field(default=0.3, metadata={"help": "Gumbel-Softmax temperature once annealed."})
+    tau_schedule: str = field(
+        default="exponential",
+        metadata={"help": "Temperature schedule: exponential or constant.", "choices": list(TAU_SCHEDULES)},
+    )
+    tau_anneal_steps: int | None = field(
+        default=None, metadata={"help": "Steps over which tau anneals; None: the run's total steps."}
+    )
+    straight_through: bool = field(
+        default=True, metadata={"help": "Hard one-hot tokens forward, soft gradients back (straight-through)."}
+    )
+
+    def __post_init__(self):
+        # The collator builds token rows from caption / layout / image_codes; TRL must not tokenize or drop them.
+        self.dataset_kwargs = {**(self.dataset_kwargs or {}), "skip_prepare_dataset": True}
+        self.remove_unused_columns = False
+        # Evaluation reports the losses; there are no whole-sequence logits to return.
+        self.prediction_loss_only = True
+        super().__post_init__()
+        if self.packing or self.padding_free:
+            raise ValueError(
+                "DJOConfig: `packing` and `padding_free` are TRL's text packing, which DJO's collator does not use. "
+                "Leave them False."
+            )
+        if self.loop_weight < 0:
+            raise ValueError(f"DJOConfig.loop_weight must be >= 0, got {self.loop_weight}")
+        _check_int("loop_weight_warmup_steps", self.loop_weight_warmup_steps, 0)
+        for name in ("gumbel_tau_start", "gumbel_tau_end"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"DJOConfig.{name} must be > 0, got {getattr(self, name)}")
+        if self.tau_schedule not in TAU_SCHEDULES:
+            raise ValueError(f"DJOConfig.tau_schedule must be one of {TAU_SCHEDULES}, got {self.tau_schedule!r}")
+        if self.tau_anneal_steps is not None:
+            _check_int("tau_anneal_steps", self.tau_anneal_steps, 1)
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"DJOConfig.{name} must be an int >= {minimum}, got {value!r}")

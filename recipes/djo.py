@@ -1,0 +1,66 @@
+"""Stage 2, DJO: layout -> image -> layout, the loop loss read through Gumbel-Softmax image tokens.
+
+    accelerate launch recipes/djo.py --config recipes/configs/djo/shapes_tiny.yaml
+
+DJO starts from a PMTP checkpoint (`model_name_or_path`); a missing one that a shipped PMTP config makes is
+named with its command. Any field can be overridden on the command line, e.g. `--max_steps 50`.
+"""
+
+from pathlib import Path
+
+import yaml
+from transformers import set_seed
+from trl import TrlParser
+
+from echogen_rl.data.sources import LayoutDataArguments, build_layout_datasets
+from echogen_rl.djo_config import DJOConfig
+from echogen_rl.djo_trainer import DJOTrainer
+from echogen_rl.image_tokenizers import JanusVQTokenizer
+from echogen_rl.loading import JanusModelConfig, load_janus, lora_config_from
+
+PMTP_CONFIGS = Path(__file__).resolve().parent / "configs" / "pmtp"
+
+
+def check_start_checkpoint(model_name_or_path: str) -> None:
+    """Fails early when the PMTP output a shipped PMTP config writes is not there yet, naming the command."""
+    if (Path(model_name_or_path) / "config.json").exists():
+        return
+    for config in sorted(PMTP_CONFIGS.glob("*.yaml")):
+        if Path(yaml.safe_load(config.read_text()).get("output_dir", "")) == Path(model_name_or_path):
+            raise SystemExit(
+                f"DJO starts from the PMTP checkpoint {model_name_or_path}, which does not exist yet. Make it with:\n"
+                f"  accelerate launch recipes/pmtp.py --config recipes/configs/pmtp/{config.name}"
+            )
+
+
+def main(script_args: LayoutDataArguments, training_args: DJOConfig, model_args: JanusModelConfig):
+    check_start_checkpoint(model_args.model_name_or_path)
+    set_seed(training_args.seed)
+    with training_args.main_process_first(desc="checkpoint and data"):
+        model, tokenizer = load_janus(
+            model_args.model_name_or_path,
+            model_args.dtype,
+            model_args.attn_implementation,
+            model_args.build_tiny_if_missing,
+        )
+        # Shapes data carries exact palette codes; real images are encoded once by the model's VQ tokenizer.
+        image_tokenizer = None if script_args.dataset == "shapes" else JanusVQTokenizer.from_model(model)
+        train_dataset, eval_dataset, _ = build_layout_datasets(
+            script_args, image_tokenizer, cache_key=model_args.model_name_or_path
+        )
+
+    trainer = DJOTrainer(
+        model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=lora_config_from(model_args),
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+
+
+if __name__ == "__main__":
+    parser = TrlParser((LayoutDataArguments, DJOConfig, JanusModelConfig))
+    main(*parser.parse_args_and_config())
