@@ -24,6 +24,25 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from .evaluation import run_eval
+
+    run_eval(
+        args.model,
+        args.output_dir,
+        adapter=args.adapter,
+        dataset=args.dataset,
+        num_layouts=args.num_layouts,
+        detector=args.detector,
+        overwrite=args.overwrite,
+        seed=args.seed,
+        guidance_scale=args.guidance_scale,
+        batch_size=args.batch_size,
+        device=args.device,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="echogen-rl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -41,6 +60,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="outputs/demo")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("eval", help="evaluate L2I and I2L on held-out layouts; writes eval.json and eval.png")
+    p.add_argument("--model", required=True, help="Janus checkpoint directory or hub id")
+    p.add_argument("--adapter", help="PEFT adapter directory, merged into the model")
+    p.add_argument("--dataset", default="shapes", choices=["shapes"])
+    p.add_argument("--num-layouts", type=int, default=64)
+    p.add_argument(
+        "--detector",
+        default="oracle",
+        help="oracle, grounder, or a COCO results JSON of your detector run on OUTPUT_DIR/images from an earlier "
+        "run with the same seed (image ids 1..N, category ids number the shapes phrases from 1)",
+    )
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace the report and pictures in OUTPUT_DIR")
+    p.add_argument("--seed", type=int, default=0, help="held-out layouts and generation seed")
+    p.add_argument("--guidance-scale", type=float, default=5.0)
+    p.add_argument("--batch-size", type=int, default=16, help="layouts per rollout (changes the sampled images)")
+    p.add_argument("--device", help="defaults to cuda when available, else cpu")
+    p.set_defaults(func=_eval)
     return parser
 
 
