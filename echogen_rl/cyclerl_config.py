@@ -9,6 +9,7 @@ from trl import GRPOConfig
 LOGPROB_MODES = ("cfg", "cond")
 ROLLOUT_ENGINES = ("torch", "vllm")
 PROMPT_SOURCES = ("random", "dataset")
+GROUNDING_MODELS = ("reference", "policy")
 
 
 @dataclass
@@ -34,23 +35,28 @@ class CycleRLConfig(GRPOConfig):
             `"torch"` generates with the training model; `"vllm"` is reserved for the GPU engine.
         rollout_compile (`bool`, *optional*, defaults to `False`):
             `torch.compile` the rollout decoding step (CUDA graphs on GPUs); the first rollout compiles.
+        grounding_model (`str`, *optional*, defaults to `"reference"`):
+            Which model grounds the rollouts for the reward: `"reference"`, the model as it was before CycleRL
+            (the adapter disabled under PEFT, the reference model otherwise, which needs `beta > 0`): a
+            stationary reward; or `"policy"`, the model being trained, whose grounder then co-adapts with its
+            own images (the reward drifts, and the policy can make its images easy for its own grounder).
         grounding_max_new_tokens (`int`, *optional*):
             Bound on the grounder's answer; by default what a full answer for the prompt's phrases takes.
         grounding_batch_size (`int`, *optional*, defaults to `64`):
             Images grounded together.
         prompt_source (`str`, *optional*, defaults to `"random"`):
             `"random"`: layouts drawn from `phrase_pool`; `"dataset"`: the layouts of the training dataset.
-        num_prompts (`int`, *optional*, defaults to `1024`):
+        num_random_prompts (`int`, *optional*, defaults to `1024`):
             How many random layouts make the prompt dataset.
         phrase_pool (`list[str]`, *optional*):
             Phrases of the random layouts; by default the shapes world's ("red circle", ...).
-        min_entities (`int`, *optional*, defaults to `1`), max_entities (`int`, *optional*, defaults to `3`):
+        random_min_entities (`int`, *optional*, defaults to `1`), random_max_entities (`int`, *optional*, defaults to `3`):
             Entities per random layout.
-        min_box_size (`float`, *optional*, defaults to `0.25`), max_box_size (`float`, *optional*, defaults to `0.5`):
+        random_min_box_size (`float`, *optional*, defaults to `0.25`), random_max_box_size (`float`, *optional*, defaults to `0.5`):
             Side of the random boxes, as a fraction of the image.
-        max_overlap (`float`, *optional*, defaults to `0.0`):
+        random_max_overlap (`float`, *optional*, defaults to `0.0`):
             Largest IoU between two boxes of a random layout.
-        box_grid (`int`, *optional*):
+        random_box_grid (`int`, *optional*):
             Snap random boxes to a grid of this many cells per side (8 for the shapes world).
     """
 
@@ -71,6 +77,13 @@ class CycleRLConfig(GRPOConfig):
         metadata={"help": "Rollout engine: 'torch' (or 'vllm' on GPUs).", "choices": list(ROLLOUT_ENGINES)},
     )
     rollout_compile: bool = field(default=False, metadata={"help": "torch.compile the rollout decoding step."})
+    grounding_model: str = field(
+        default="reference",
+        metadata={
+            "help": "Ground with the 'reference' model (stationary reward) or the 'policy'.",
+            "choices": list(GROUNDING_MODELS),
+        },
+    )
     grounding_max_new_tokens: int | None = field(
         default=None, metadata={"help": "Bound on the grounder's answer (default: what a full answer takes)."}
     )
@@ -82,16 +95,22 @@ class CycleRLConfig(GRPOConfig):
             "choices": list(PROMPT_SOURCES),
         },
     )
-    num_prompts: int = field(default=1024, metadata={"help": "Number of random layouts."})
+    num_random_prompts: int = field(default=1024, metadata={"help": "Number of random layouts."})
     phrase_pool: list[str] | None = field(
         default=None, metadata={"help": "Phrases of random layouts (default: shapes)."}
     )
-    min_entities: int = field(default=1, metadata={"help": "Fewest entities per random layout."})
-    max_entities: int = field(default=3, metadata={"help": "Most entities per random layout."})
-    min_box_size: float = field(default=0.25, metadata={"help": "Smallest random box side (fraction of the image)."})
-    max_box_size: float = field(default=0.5, metadata={"help": "Largest random box side (fraction of the image)."})
-    max_overlap: float = field(default=0.0, metadata={"help": "Largest IoU between boxes of a random layout."})
-    box_grid: int | None = field(default=None, metadata={"help": "Snap random boxes to this grid (8 for shapes)."})
+    random_min_entities: int = field(default=1, metadata={"help": "Fewest entities per random layout."})
+    random_max_entities: int = field(default=3, metadata={"help": "Most entities per random layout."})
+    random_min_box_size: float = field(
+        default=0.25, metadata={"help": "Smallest random box side (fraction of the image)."}
+    )
+    random_max_box_size: float = field(
+        default=0.5, metadata={"help": "Largest random box side (fraction of the image)."}
+    )
+    random_max_overlap: float = field(default=0.0, metadata={"help": "Largest IoU between boxes of a random layout."})
+    random_box_grid: int | None = field(
+        default=None, metadata={"help": "Snap random boxes to this grid (8 for shapes)."}
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -99,6 +118,7 @@ class CycleRLConfig(GRPOConfig):
             ("logprob_mode", LOGPROB_MODES),
             ("rollout_engine", ROLLOUT_ENGINES),
             ("prompt_source", PROMPT_SOURCES),
+            ("grounding_model", GROUNDING_MODELS),
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"CycleRLConfig.{name} must be one of {choices}, got {getattr(self, name)!r}")
@@ -106,13 +126,13 @@ class CycleRLConfig(GRPOConfig):
             raise ValueError("CycleRLConfig: `use_vllm` is TRL's text generation; set `rollout_engine` instead")
         if self.guidance_scale < 0:
             raise ValueError(f"CycleRLConfig.guidance_scale must be >= 0, got {self.guidance_scale}")
-        if not 1 <= self.min_entities <= self.max_entities:
+        if not 1 <= self.random_min_entities <= self.random_max_entities:
             raise ValueError(
-                f"CycleRLConfig.min_entities / max_entities: need 1 <= min <= max, got {self.min_entities}, {self.max_entities}"
+                f"CycleRLConfig.random_min_entities / random_max_entities: need 1 <= min <= max, got {self.random_min_entities}, {self.random_max_entities}"
             )
-        if not 0 < self.min_box_size <= self.max_box_size < 1:
+        if not 0 < self.random_min_box_size <= self.random_max_box_size < 1:
             raise ValueError(
-                f"CycleRLConfig.min_box_size / max_box_size: need 0 < min <= max < 1, got {self.min_box_size}, {self.max_box_size}"
+                f"CycleRLConfig.random_min_box_size / random_max_box_size: need 0 < min <= max < 1, got {self.random_min_box_size}, {self.random_max_box_size}"
             )
-        if self.num_prompts < 1 or self.grounding_batch_size < 1:
-            raise ValueError("CycleRLConfig.num_prompts and grounding_batch_size must be >= 1")
+        if self.num_random_prompts < 1 or self.grounding_batch_size < 1:
+            raise ValueError("CycleRLConfig.num_random_prompts and grounding_batch_size must be >= 1")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
+from peft import PeftModel
 from trl import GRPOTrainer
 
 from rewards import layout_agreement, load_rewards
@@ -16,6 +18,10 @@ from .modeling import image_token_logprobs, unwrap_janus
 from .prompts import PromptBuilder, pad_segments
 from .rollout.base import RolloutEngine
 from .rollout.torch_engine import TorchRolloutEngine
+
+
+def is_peft_model(model) -> bool:
+    return isinstance(model, PeftModel)
 
 
 class CycleRLTrainer(GRPOTrainer):
@@ -76,6 +82,11 @@ class CycleRLTrainer(GRPOTrainer):
             processing_class=processing_class,
             **kwargs,
         )
+        if args.grounding_model == "reference" and self.ref_model is None and not is_peft_model(self.model):
+            raise ValueError(
+                "grounding_model='reference' needs a reference: train with PEFT (the disabled adapter) or beta > 0; "
+                "or set grounding_model='policy'"
+            )
         janus = unwrap_janus(self.model)
         self.layout_prompts = PromptBuilder(processing_class, janus.config.vision_config.num_image_tokens)
         self._special_ids = (self.layout_prompts.bos_id, self.layout_prompts.boi_id, self.layout_prompts.pad_id)
@@ -90,8 +101,18 @@ class CycleRLTrainer(GRPOTrainer):
                 policy, self.layout_prompts.num_image_tokens, *self._special_ids, compile=self.args.rollout_compile
             )
         if self.grounder is None:
-            policy = self.accelerator.unwrap_model(self.model)
-            self.grounder = Grounder(policy, self.layout_prompts, self.args.grounding_batch_size)
+            if self.args.grounding_model == "reference" and self.ref_model is not None:
+                grounding = self.accelerator.unwrap_model(self.ref_model)
+            else:  # the policy, or under PEFT the policy with its adapter disabled (see `_ground`)
+                grounding = self.accelerator.unwrap_model(self.model)
+            self.grounder = Grounder(grounding, self.layout_prompts, self.args.grounding_batch_size)
+
+    def _ground(self, codes: torch.Tensor, phrases: list[list[str]]):
+        model = self.accelerator.unwrap_model(self.model)
+        use_reference_adapter = self.args.grounding_model == "reference" and self.ref_model is None
+        context = model.disable_adapter() if use_reference_adapter else contextlib.nullcontext()
+        with context:
+            return self.grounder(codes, phrases, self.args.grounding_max_new_tokens)
 
     def _generate(self, prompts: list):
         mode = "train" if self.model.training else "eval"
@@ -112,7 +133,7 @@ class CycleRLTrainer(GRPOTrainer):
         )
         rollout_s = time.perf_counter() - start
         start = time.perf_counter()
-        grounded = self.grounder(rollout.codes, [t.phrases for t in targets], self.args.grounding_max_new_tokens)
+        grounded = self._ground(rollout.codes, [t.phrases for t in targets])
         grounding_s = time.perf_counter() - start
 
         recovered = [g.layout for g in grounded]

@@ -12,9 +12,9 @@ from trl import ModelConfig, get_peft_config
 from .prompts import add_layout_tokens
 from .tiny import ensure_tiny_checkpoint
 
-# LoRA on the language model only: the SigLIP understanding path is unused by training, and its
+# LoRA on the language model and the image head: the SigLIP understanding path is unused by training, and its
 # projections share names (q_proj, v_proj, ...) with the Llama's.
-DEFAULT_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+DEFAULT_LORA_TARGETS = r".*(language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)|generation_head\.(proj_out|vision_head))"
 
 
 def require_checkpoint(path: str, how_to_make: str) -> None:

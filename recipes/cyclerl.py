@@ -35,15 +35,15 @@ def main(script_args: LayoutDataArguments, training_args: CycleRLConfig, model_a
         if training_args.prompt_source == "random":
             phrases = training_args.phrase_pool or phrase_pool()
             layout_kwargs = dict(
-                min_entities=training_args.min_entities,
-                max_entities=training_args.max_entities,
-                min_box_size=training_args.min_box_size,
-                max_box_size=training_args.max_box_size,
-                max_overlap=training_args.max_overlap,
-                grid_size=training_args.box_grid,
+                min_entities=training_args.random_min_entities,
+                max_entities=training_args.random_max_entities,
+                min_box_size=training_args.random_min_box_size,
+                max_box_size=training_args.random_max_box_size,
+                max_overlap=training_args.random_max_overlap,
+                grid_size=training_args.random_box_grid,
             )
             train_dataset = build_random_layout_dataset(
-                training_args.num_prompts, training_args.seed, phrases, **layout_kwargs
+                training_args.num_random_prompts, training_args.seed, phrases, **layout_kwargs
             )
             eval_dataset = None
         else:

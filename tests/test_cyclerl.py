@@ -10,7 +10,7 @@ from echogen_rl.cyclerl_trainer import CycleRLTrainer
 from echogen_rl.data.random_layouts import build_random_layout_dataset, parse_prompt_text
 from echogen_rl.data.shapes import phrase_pool
 from echogen_rl.loading import DEFAULT_LORA_TARGETS
-from echogen_rl.prompts import pad_segments
+from echogen_rl.prompts import PromptBuilder, pad_segments
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +32,7 @@ def _config(tmp_path, **kw):
         bf16=False,
         gradient_checkpointing=False,
         beta=0.0,
+        grounding_model="policy",  # no reference without PEFT or beta; tests that need one say so
         seed=0,
     )
     return CycleRLConfig(**{**base, **kw})
@@ -41,7 +42,10 @@ def test_grpo_hooks_we_override_still_exist():
     """TRL's trainer internals are private: pin what CycleRLTrainer relies on."""
     assert list(inspect.signature(GRPOTrainer._generate).parameters) == ["self", "prompts"]
     source = inspect.getsource(GRPOTrainer._generate)
-    assert "return prompt_ids, completion_ids, tool_mask, completions, logprobs, extra_fields, images, tool_images" in source
+    assert (
+        "return prompt_ids, completion_ids, tool_mask, completions, logprobs, extra_fields, images, tool_images"
+        in source
+    )
     params = inspect.signature(GRPOTrainer._get_per_token_logps_and_entropies).parameters
     assert list(params)[:8] == [
         "self", "model", "input_ids", "attention_mask", "logits_to_keep", "batch_size", "compute_entropy", "compute_aux_loss"
@@ -61,7 +65,9 @@ def _rollout_and_recompute(trainer, prompts):
     codes = torch.tensor(codes)
     ids = torch.cat([batch["input_ids"], codes], dim=1)
     mask = torch.cat([batch["attention_mask"], torch.ones_like(codes)], dim=1)
-    recomputed, entropy, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, codes.shape[1], compute_entropy=True)
+    recomputed, entropy, _ = trainer._get_per_token_logps_and_entropies(
+        trainer.model, ids, mask, codes.shape[1], compute_entropy=True
+    )
     return torch.tensor(logprobs), recomputed.detach(), entropy
 
 
@@ -69,7 +75,9 @@ def _rollout_and_recompute(trainer, prompts):
 def test_loss_logprobs_equal_rollout_logprobs(tiny_model, tiny_tokenizer, prompts_ds, tmp_path, mode, guidance):
     """On-policy: the loss's log-probs of the sampled codes are the engine's (ratio 1 at the first iteration)."""
     args = _config(tmp_path, logprob_mode=mode, guidance_scale=guidance, top_k=5, temperature=0.9)
-    trainer = CycleRLTrainer(tiny_model, ["cycle_iou"], args, train_dataset=prompts_ds, processing_class=tiny_tokenizer)
+    trainer = CycleRLTrainer(
+        tiny_model, ["cycle_iou"], args, train_dataset=prompts_ds, processing_class=tiny_tokenizer
+    )
     engine, recomputed, entropy = _rollout_and_recompute(trainer, prompts_ds["prompt"][:3])
     torch.testing.assert_close(recomputed, engine, atol=1e-5, rtol=0)
     assert (entropy >= 0).all() and torch.isfinite(entropy).all()
@@ -77,7 +85,9 @@ def test_loss_logprobs_equal_rollout_logprobs(tiny_model, tiny_tokenizer, prompt
 
 def test_cond_mode_reads_another_distribution_than_cfg_sampling(noisy_model, tiny_tokenizer, prompts_ds, tmp_path):
     args = _config(tmp_path, logprob_mode="cond", guidance_scale=5.0)
-    trainer = CycleRLTrainer(noisy_model, ["cycle_iou"], args, train_dataset=prompts_ds, processing_class=tiny_tokenizer)
+    trainer = CycleRLTrainer(
+        noisy_model, ["cycle_iou"], args, train_dataset=prompts_ds, processing_class=tiny_tokenizer
+    )
     engine, recomputed, _ = _rollout_and_recompute(trainer, prompts_ds["prompt"][:2])
     assert not torch.allclose(recomputed, engine, atol=1e-3)
 
@@ -89,31 +99,53 @@ def test_rewards_receive_layouts_and_codes(tiny_model, tiny_tokenizer, prompts_d
         seen.update(n=len(prompts), targets=target_layouts, codes=image_codes, layout=layout)
         return [0.5] * len(prompts)
 
-    trainer = CycleRLTrainer(tiny_model, [spy], _config(tmp_path, max_steps=1), train_dataset=prompts_ds, processing_class=tiny_tokenizer)
+    trainer = CycleRLTrainer(
+        tiny_model, [spy], _config(tmp_path, max_steps=1), train_dataset=prompts_ds, processing_class=tiny_tokenizer
+    )
     trainer.train()
     assert seen["n"] == 8 and len(seen["codes"][0]) == 64
-    assert seen["targets"][0].phrases == parse_prompt_text(seen["targets"][0].caption + " " + seen["targets"][0].to_text()).phrases
+    assert (
+        seen["targets"][0].phrases
+        == parse_prompt_text(seen["targets"][0].caption + " " + seen["targets"][0].to_text()).phrases
+    )
     assert isinstance(seen["layout"][0], str)  # dataset columns come along
 
 
 def test_grpo_steps_change_lora_parameters_and_log_finite_rewards(tiny_model, tiny_tokenizer, prompts_ds, tmp_path):
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=DEFAULT_LORA_TARGETS)
-    args = _config(tmp_path, max_steps=3, beta=0.04)  # beta > 0: the disabled adapter is the reference
+    args = _config(tmp_path, max_steps=3, beta=0.04, grounding_model="reference")  # the disabled adapter
     # An untrained grounder earns cycle rewards of 0 everywhere (no advantage); box_fill varies between images.
     funcs = ["cycle_iou", "grounding_format", "recipes/examples/custom_reward.py:box_fill"]
-    trainer = CycleRLTrainer(tiny_model, funcs, args, train_dataset=prompts_ds, processing_class=tiny_tokenizer, peft_config=lora)
+    trainer = CycleRLTrainer(
+        tiny_model, funcs, args, train_dataset=prompts_ds, processing_class=tiny_tokenizer, peft_config=lora
+    )
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
     trainer.train()
     changed = [n for n, p in trainer.model.named_parameters() if "lora_B" in n and not torch.equal(p, before[n])]
     assert changed
     logs = [h for h in trainer.state.log_history if "cycle_miou" in h]
     assert any(h["reward_std"] > 0 for h in logs)
-    for key in ("rewards/cycle_iou/mean", "rewards/box_fill/mean", "cycle_miou", "grounding/parse_failure_rate", "rollout/images_per_second", "kl"):
+    for key in (
+        "rewards/cycle_iou/mean",
+        "rewards/box_fill/mean",
+        "cycle_miou",
+        "grounding/parse_failure_rate",
+        "rollout/images_per_second",
+        "kl",
+    ):
         assert all(torch.isfinite(torch.tensor(h[key])) for h in logs), key
 
 
 def test_full_finetuning_without_lora(tiny_model, tiny_tokenizer, prompts_ds, tmp_path):
-    args = _config(tmp_path, max_steps=2)
+    with pytest.raises(ValueError, match="grounding_model='reference' needs a reference"):
+        CycleRLTrainer(
+            tiny_model,
+            ["cycle_iou"],
+            _config(tmp_path, grounding_model="reference"),
+            train_dataset=prompts_ds,
+            processing_class=tiny_tokenizer,
+        )
+    args = _config(tmp_path, max_steps=2, grounding_model="policy")
     funcs = ["recipes/examples/custom_reward.py:box_fill"]
     trainer = CycleRLTrainer(tiny_model, funcs, args, train_dataset=prompts_ds, processing_class=tiny_tokenizer)
     head = tiny_model.model.generation_head.vision_head.weight.detach().clone()
@@ -121,11 +153,42 @@ def test_full_finetuning_without_lora(tiny_model, tiny_tokenizer, prompts_ds, tm
     assert not torch.equal(head, tiny_model.model.generation_head.vision_head.weight)
 
 
+def test_reference_grounding_uses_the_disabled_adapter(noisy_model, tiny_tokenizer, prompts_ds, tmp_path):
+    from echogen_rl.grounding import Grounder
+
+    codes = torch.randint(0, 9, (3, 64), generator=torch.Generator().manual_seed(0))
+    phrases = [["red circle"], ["blue square", "red square"], ["white triangle"]]
+    base = [r.text for r in Grounder(noisy_model, PromptBuilder(tiny_tokenizer, 64))(codes, phrases)]
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=DEFAULT_LORA_TARGETS)
+    texts = {}
+    for mode in ("reference", "policy"):
+        args = _config(tmp_path, grounding_model=mode)
+        trainer = CycleRLTrainer(
+            noisy_model if mode == "reference" else trainer.model,
+            ["cycle_iou"],
+            args,
+            train_dataset=prompts_ds,
+            processing_class=tiny_tokenizer,
+            peft_config=lora if mode == "reference" else None,
+        )
+        if mode == "reference":
+            with torch.no_grad():  # move the policy away from the base model
+                for n, p in trainer.model.named_parameters():
+                    if "lora_B" in n:
+                        p.normal_(0, 0.5)
+        trainer._ensure_engines()
+        texts[mode] = [r.text for r in trainer._ground(codes, phrases)]
+    assert texts["reference"] == base
+    assert texts["policy"] != base
+
+
 def test_bad_reward_length_and_bad_config_are_named(tiny_model, tiny_tokenizer, prompts_ds, tmp_path):
     def short(prompts, completions, **kw):
         return [1.0]
 
-    trainer = CycleRLTrainer(tiny_model, [short], _config(tmp_path, max_steps=1), train_dataset=prompts_ds, processing_class=tiny_tokenizer)
+    trainer = CycleRLTrainer(
+        tiny_model, [short], _config(tmp_path, max_steps=1), train_dataset=prompts_ds, processing_class=tiny_tokenizer
+    )
     with pytest.raises(ValueError, match="The reward function 'short' returned 1 rewards"):
         trainer.train()
     with pytest.raises(ValueError, match="logprob_mode"):
@@ -133,4 +196,10 @@ def test_bad_reward_length_and_bad_config_are_named(tiny_model, tiny_tokenizer, 
     with pytest.raises(ValueError, match="use_vllm"):
         _config(tmp_path, use_vllm=True)
     with pytest.raises(ValueError, match="prompt"):
-        CycleRLTrainer(tiny_model, ["cycle_iou"], _config(tmp_path), train_dataset=prompts_ds.remove_columns(["prompt"]), processing_class=tiny_tokenizer)
+        CycleRLTrainer(
+            tiny_model,
+            ["cycle_iou"],
+            _config(tmp_path),
+            train_dataset=prompts_ds.remove_columns(["prompt"]),
+            processing_class=tiny_tokenizer,
+        )
