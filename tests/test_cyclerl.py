@@ -160,26 +160,18 @@ def test_reference_grounding_uses_the_disabled_adapter(noisy_model, tiny_tokeniz
     phrases = [["red circle"], ["blue square", "red square"], ["white triangle"]]
     base = [r.text for r in Grounder(noisy_model, PromptBuilder(tiny_tokenizer, 64))(codes, phrases)]
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=DEFAULT_LORA_TARGETS)
-    texts = {}
-    for mode in ("reference", "policy"):
-        args = _config(tmp_path, grounding_model=mode)
-        trainer = CycleRLTrainer(
-            noisy_model if mode == "reference" else trainer.model,
-            ["cycle_iou"],
-            args,
-            train_dataset=prompts_ds,
-            processing_class=tiny_tokenizer,
-            peft_config=lora if mode == "reference" else None,
-        )
-        if mode == "reference":
-            with torch.no_grad():  # move the policy away from the base model
-                for n, p in trainer.model.named_parameters():
-                    if "lora_B" in n:
-                        p.normal_(0, 0.5)
-        trainer._ensure_engines()
-        texts[mode] = [r.text for r in trainer._ground(codes, phrases)]
-    assert texts["reference"] == base
-    assert texts["policy"] != base
+    args = _config(tmp_path, grounding_model="reference")
+    trainer = CycleRLTrainer(
+        noisy_model, ["cycle_iou"], args, train_dataset=prompts_ds, processing_class=tiny_tokenizer, peft_config=lora
+    )
+    with torch.no_grad():  # move the policy away from the base model
+        for name, param in trainer.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    trainer._ensure_engines()
+    assert [r.text for r in trainer._ground(codes, phrases)] == base
+    trainer.args.grounding_model = "policy"
+    assert [r.text for r in trainer._ground(codes, phrases)] != base
 
 
 def test_bad_reward_length_and_bad_config_are_named(tiny_model, tiny_tokenizer, prompts_ds, tmp_path):
