@@ -18,9 +18,9 @@ def _init_tiny(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import DemoBudget, run_demo
 
-    run_demo(args.output_dir, overwrite=args.overwrite)
+    run_demo(args.output_dir, overwrite=args.overwrite, budget=DemoBudget.quick() if args.quick else None)
     return 0
 
 
@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the offline CPU demo on the shapes world")
     p.add_argument("--output-dir", default="outputs/demo")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--quick", action="store_true", help="a few steps per stage: checks the pipeline, learns nothing")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("eval", help="evaluate L2I and I2L on held-out layouts; writes eval.json and eval.png")

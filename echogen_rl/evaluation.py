@@ -145,8 +145,9 @@ def spatial_accuracy(detections: Sequence[Layout], targets: Sequence[Layout], ma
     """Agreement of pairwise left/right and above/below relations between target and detected boxes.
 
     For every pair of target entities whose box centers differ by more than `margin` along x (or y), the detected
-    boxes matched to them (by `match_layouts`) must be ordered the same way along that axis (strictly, without the
-    margin). A pair with a missing detection fails. Each (pair, axis) is one check; the result pools the checks of
+    boxes matched to them by phrase must be ordered the same way along that axis (strictly, without the margin). A
+    pair with a missing or misnamed detection fails: an IoU fallback would let any overlapping blob stand in for a
+    missing object and flatter a model that draws the wrong thing. Each (pair, axis) is one check; the result pools the checks of
     all images.
 
     Args:
@@ -162,7 +163,8 @@ def spatial_accuracy(detections: Sequence[Layout], targets: Sequence[Layout], ma
     passed = total = 0
     for pred, target in zip(detections, targets):
         centers = [_center(box) for box in target.boxes]
-        found = [None if j is None else _center(pred.entities[j].box) for j in match_layouts(pred, target)]
+        matches = match_layouts(pred, target, by_iou=False)
+        found = [None if j is None else _center(pred.entities[j].box) for j in matches]
         for (a, b), axis in itertools.product(itertools.permutations(range(len(centers)), 2), (0, 1)):
             if centers[a][axis] < centers[b][axis] - margin:  # a is left of (axis 0) or above (axis 1) b
                 total += 1

@@ -357,7 +357,7 @@ def _phrase_key(phrase: str) -> str:
     return " ".join(phrase.split()).lower()
 
 
-def match_layouts(pred: Layout, target: Layout) -> list[int | None]:
+def match_layouts(pred: Layout, target: Layout, by_iou: bool = True) -> list[int | None]:
     """Matches predicted entities to target entities, one to one.
 
     First by phrase (case-insensitive, whitespace-normalized): the k-th target entity with a phrase matches the k-th
@@ -368,6 +368,7 @@ def match_layouts(pred: Layout, target: Layout) -> list[int | None]:
     Args:
         pred (`Layout`): the predicted layout.
         target (`Layout`): the reference layout.
+        by_iou (`bool`, *optional*, defaults to `True`): pair the leftovers by IoU; `False` matches by phrase only.
 
     Returns:
         `list[int | None]`: one item per target entity, in order: the index in `pred.entities` of its match, or
@@ -383,7 +384,7 @@ def match_layouts(pred: Layout, target: Layout) -> list[int | None]:
     taken = {j for j in matches if j is not None}
     free_target = [i for i, j in enumerate(matches) if j is None]
     free_pred = [j for j in range(len(pred.entities)) if j not in taken]
-    if free_target and free_pred:
+    if by_iou and free_target and free_pred:
         target_boxes = torch.tensor([target.entities[i].box for i in free_target], dtype=torch.float64)
         pred_boxes = torch.tensor([pred.entities[j].box for j in free_pred], dtype=torch.float64)
         overlap = pairwise_iou(target_boxes, pred_boxes).numpy()

@@ -314,3 +314,13 @@ def test_eval_cli_applies_adapter(tiny_checkpoint, tmp_path):
     assert json.loads((tmp_path / "tuned" / "eval.json").read_text())["adapter"] == str(tmp_path / "adapter")
     images = [(tmp_path / run / "images" / "000001.png").read_bytes() for run in ("base", "tuned")]
     assert images[0] != images[1]
+
+
+def test_spatial_does_not_let_a_misnamed_blob_stand_in():
+    from echogen_rl.evaluation import spatial_accuracy
+    from echogen_rl.layout import Entity, Layout
+
+    target = Layout([Entity("red square", (0.0, 0.0, 0.2, 0.2)), Entity("blue circle", (0.6, 0.6, 0.8, 0.8))])
+    misnamed = Layout([Entity("green blob", (0.0, 0.0, 0.2, 0.2)), Entity("blue circle", (0.6, 0.6, 0.8, 0.8))])
+    assert spatial_accuracy([target], [target]) == 1.0
+    assert spatial_accuracy([misnamed], [target]) == 0.0
