@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 
@@ -43,6 +44,50 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .export import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.output, merge=args.merge, overwrite=args.overwrite, base=args.base)
+    print(f"{'merged model' if args.merge else 'export'} written to {out}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .generate import read_layout, run_generate
+
+    if args.layout is None and not args.box:
+        raise ValueError('give a layout: --layout FILE.json, or --box "phrase:x1,y1,x2,y2" (repeatable)')
+    if args.layout is not None and args.box:
+        raise ValueError("--layout and --box are alternatives; give one of them")
+    layout = read_layout(args.layout, args.caption, args.box)
+    paths = run_generate(
+        args.model,
+        layout,
+        args.out,
+        adapter=args.adapter,
+        num_images=args.num,
+        seed=args.seed,
+        guidance_scale=args.guidance_scale,
+        temperature=args.temperature,
+        palette=args.palette,
+        batch_size=args.batch_size,
+        device=args.device,
+    )
+    print(f"images: {', '.join(str(p) for p in paths[:-1])}; grid with the layout: {paths[-1]}")
+    return 0
+
+
+def _ground(args: argparse.Namespace) -> int:
+    from .generate import parse_phrases, run_ground
+
+    phrases = None if args.detect else parse_phrases(args.phrases)
+    result = run_ground(
+        args.model, args.image, phrases, adapter=args.adapter, draw=args.draw, palette=args.palette, device=args.device
+    )
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="echogen-rl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -80,6 +125,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="layouts per rollout (changes the sampled images)")
     p.add_argument("--device", help="defaults to cuda when available, else cpu")
     p.set_defaults(func=_eval)
+    p = sub.add_parser("export", help="export a trained checkpoint as a LoRA adapter or, with --merge, a merged model")
+    p.add_argument("--checkpoint", required=True, help="a trainer output directory or one of its checkpoint-N")
+    p.add_argument("--output", required=True, help="the export directory")
+    p.add_argument("--merge", action="store_true", help="merge the adapter into its base: a plain Janus checkpoint")
+    p.add_argument("--base", help="the adapter's base model, instead of the base_model_name_or_path it records")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("generate", help="images for one layout, and a grid with the layout drawn")
+    p.add_argument("--model", required=True, help="Janus checkpoint directory or hub id")
+    p.add_argument("--adapter", help="PEFT adapter directory, merged into the model")
+    p.add_argument("--layout", help='a layout JSON file: {"caption": ..., "entities": [{"phrase", "box"}, ...]}')
+    p.add_argument("--caption", help="the global caption (replaces the layout file's)")
+    p.add_argument(
+        "--box", action="append", default=[], help='"phrase:x1,y1,x2,y2", normalized to [0, 1]; repeat per object'
+    )
+    p.add_argument("--out", required=True, help="the grid's path, FILE.png; the images are FILE-0.png, ...")
+    p.add_argument("--num", type=int, default=4, help="images to sample")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance-scale", type=float, default=5.0)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 decodes greedily")
+    p.add_argument("--palette", action="store_true", help="decode with the shapes palette (the tiny checkpoint)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per rollout (changes the sampled images)")
+    p.add_argument("--device", help="defaults to cuda when available, else cpu")
+    p.set_defaults(func=_generate)
+
+    p = sub.add_parser("ground", help="the model's boxes for phrases (or all objects) in an image, as JSON")
+    p.add_argument("--model", required=True, help="Janus checkpoint directory or hub id")
+    p.add_argument("--adapter", help="PEFT adapter directory, merged into the model")
+    p.add_argument("--image", required=True, help="the image file")
+    query = p.add_mutually_exclusive_group(required=True)
+    query.add_argument("--phrases", help='what to locate, in order: "red square; blue circle"')
+    query.add_argument("--detect", action="store_true", help="detect all objects instead")
+    p.add_argument("--draw", help="also write the image with the boxes drawn to this .png")
+    p.add_argument("--palette", action="store_true", help="encode with the shapes palette (the tiny checkpoint)")
+    p.add_argument("--device", help="defaults to cuda when available, else cpu")
+    p.set_defaults(func=_ground)
     return parser
 
 
