@@ -113,6 +113,10 @@ class CycleRLConfig(GRPOConfig):
     )
 
     def __post_init__(self):
+        # The heads run after `model.forward` returns (only where a label is): DDP's search for unused parameters
+        # would call them unused, then fail when their gradients arrive. The trainer freezes what gets no gradient.
+        if self.ddp_find_unused_parameters is None:
+            self.ddp_find_unused_parameters = False
         super().__post_init__()
         for name, choices in (
             ("logprob_mode", LOGPROB_MODES),

@@ -56,6 +56,10 @@ class DJOConfig(SFTConfig):
     )
 
     def __post_init__(self):
+        # The heads run after `model.forward` returns (only where a label is): DDP's search for unused parameters
+        # would call them unused, then fail when their gradients arrive. The trainer freezes what gets no gradient.
+        if self.ddp_find_unused_parameters is None:
+            self.ddp_find_unused_parameters = False
         # The collator builds token rows from caption / layout / image_codes; TRL must not tokenize or drop them.
         self.dataset_kwargs = {**(self.dataset_kwargs or {}), "skip_prepare_dataset": True}
         self.remove_unused_columns = False

@@ -21,7 +21,15 @@ from trl import SFTTrainer
 
 from .collators import LoopLossCollator
 from .djo_config import DJOConfig
-from .modeling import TargetLoss, image_logits, masked_cross_entropy, mixed_forward, soft_code_embeddings, unwrap_janus
+from .modeling import (
+    TargetLoss,
+    freeze_untrained,
+    image_logits,
+    masked_cross_entropy,
+    mixed_forward,
+    soft_code_embeddings,
+    unwrap_janus,
+)
 from .prompts import IGNORE_INDEX, PromptBuilder
 
 
@@ -148,6 +156,7 @@ class DJOTrainer(SFTTrainer):
         train_dataset = _codes_only(train_dataset)
         if eval_dataset is not None:
             eval_dataset = _codes_only(eval_dataset)
+        freeze_untrained(model)
         prompts = PromptBuilder(processing_class, unwrap_janus(model).config.vision_config.num_image_tokens)
         kwargs.setdefault("data_collator", LoopLossCollator(prompts, args.max_length))
         super().__init__(

@@ -37,6 +37,21 @@ def unwrap_janus(model: torch.nn.Module) -> JanusForConditionalGeneration:
     raise TypeError(f"expected a JanusForConditionalGeneration (possibly wrapped), got {type(model).__name__}")
 
 
+def freeze_untrained(model: torch.nn.Module, text_head: bool = True) -> None:
+    """Freezes what no training loss reads: the SigLIP understanding path (`vision_model`, `aligner`), the VQ model,
+    and with `text_head=False` the text head `lm_head` (unless it is tied to the input embeddings).
+
+    They get no gradient anyway. Under DDP every trainable parameter must get one each step: the heads run after
+    `model.forward` returns, so DDP cannot search for unused parameters (it would call the heads unused).
+    """
+    janus = unwrap_janus(model)
+    modules = [janus.model.vision_model, janus.model.aligner, janus.model.vqmodel]
+    if not text_head and janus.lm_head.weight is not janus.get_input_embeddings().weight:
+        modules.append(janus.lm_head)
+    for module in modules:
+        module.requires_grad_(False)
+
+
 def embed_codes(model: torch.nn.Module, codes: torch.Tensor) -> torch.Tensor:
     """Embeddings of image codes through `generation_embeddings -> generation_aligner`."""
     janus = unwrap_janus(model)

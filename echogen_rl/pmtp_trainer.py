@@ -8,7 +8,14 @@ import torch
 from trl import SFTTrainer
 
 from .collators import PMTPCollator
-from .modeling import TargetLoss, block_causal_mask, masked_cross_entropy, mixed_forward, unwrap_janus
+from .modeling import (
+    TargetLoss,
+    block_causal_mask,
+    freeze_untrained,
+    masked_cross_entropy,
+    mixed_forward,
+    unwrap_janus,
+)
 from .pmtp_config import PMTPConfig
 from .prompts import PromptBuilder
 
@@ -71,6 +78,7 @@ class PMTPTrainer(SFTTrainer):
         train_dataset = _codes_only(train_dataset)
         if eval_dataset is not None:
             eval_dataset = _codes_only(eval_dataset)
+        freeze_untrained(model)
         prompts = PromptBuilder(processing_class, unwrap_janus(model).config.vision_config.num_image_tokens)
         kwargs.setdefault("data_collator", PMTPCollator(prompts, args.max_length, args.pack_segments))
         super().__init__(
