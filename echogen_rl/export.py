@@ -84,7 +84,8 @@ def attach_adapter(model: torch.nn.Module, adapter: str | os.PathLike) -> PeftMo
     try:
         peft_model = PeftModel.from_pretrained(model, adapter)
     except (RuntimeError, ValueError) as err:
-        raise ValueError(f"{adapter} is an adapter for another base model: {str(err).strip()[:400]}") from err
+        detail = " ".join(str(err).split())  # PyTorch puts each mismatch on a line: one line, cut short
+        raise ValueError(f"{adapter} is an adapter for another base model: {detail[:300]}") from err
     saved = set(load_peft_weights(str(adapter), device="cpu"))
     expected = set(get_peft_model_state_dict(peft_model))
     if saved != expected:

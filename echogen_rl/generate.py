@@ -158,6 +158,7 @@ def run_generate(
 
 
 def parse_phrases(text: str) -> list[str]:
+    """`"red square; blue circle"` as a list of whitespace-normalized phrases; none may be empty."""
     phrases = [" ".join(p.split()) for p in text.split(";")]
     if not all(phrases):
         raise ValueError(f'--phrases {text!r}: expected phrases separated by ";", with none empty')
@@ -165,6 +166,7 @@ def parse_phrases(text: str) -> list[str]:
 
 
 def read_image(path: str | os.PathLike) -> Image.Image:
+    """An image file as RGB; errors name the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--image {path}: no such file")
