@@ -99,7 +99,7 @@ class Layout:
                 raise LayoutError(f"entity {i}: field 'box' must be 4 numbers [x1, y1, x2, y2], got {box!r}")
             try:
                 box = tuple(float(v) for v in box)
-            except (TypeError, ValueError) as err:
+            except (TypeError, ValueError, OverflowError) as err:  # OverflowError: an int beyond float range
                 raise LayoutError(f"entity {i}: field 'box' holds a non-number: {box!r}") from err
             entities.append(Entity(str(item["phrase"]), box))
         caption = data.get("caption", "")
@@ -109,8 +109,9 @@ class Layout:
     def from_json(cls, text: str) -> Layout:
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise LayoutError(f"layout is not valid JSON: {err}") from err
+        # Besides JSONDecodeError: ValueError for an int over 4300 digits, RecursionError for deep nesting.
+        except (ValueError, RecursionError) as err:
+            raise LayoutError(f"layout is not valid JSON: {type(err).__name__}: {err}") from err
         return cls.from_dict(data)
 
     def validate(self) -> None:
