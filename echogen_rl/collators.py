@@ -42,6 +42,11 @@ class PMTPCollator:
             `None` puts the whole batch in one row.
         pack (`bool`, *optional*, defaults to `True`): `False` puts every segment in a row of its own
             (the unpacked reference; same losses, more padding).
+        uncond_prob (`float`, *optional*, defaults to `0.0`): the chance that an L2I segment's prompt is
+            blanked to the unconditional CFG row (BOS and `<begin_of_image>` kept, the rest padding), so that
+            the model learns the unconditional branch classifier-free guidance subtracts (Janus trains so).
+        tasks (`tuple[str, ...]`, *optional*, defaults to `("l2i", "i2l")`): the segments to build; one task
+            alone trains a single-task model (the demo's "separate" baseline) without paying for the other.
 
     Returns a dict of [R, L] tensors: `input_ids`, `image_mask`, `text_labels`, `image_labels`,
     `segment_ids` (-1 on padding), `position_ids`.
@@ -50,12 +55,27 @@ class PMTPCollator:
     prompts: PromptBuilder
     max_length: int | None = None
     pack: bool = True
+    uncond_prob: float = 0.0
+    tasks: tuple[str, ...] = ("l2i", "i2l")
+
+    def __post_init__(self):
+        if not self.tasks or set(self.tasks) - {"l2i", "i2l"}:
+            raise ValueError(f"PMTPCollator.tasks must be a non-empty subset of ('l2i', 'i2l'), got {self.tasks}")
 
     def segments(self, example: dict, index: int) -> list[Segment]:
         layout = example_layout(example, index)
         codes = example["image_codes"]
         try:
-            return [self.prompts.l2i(layout, codes), self.prompts.i2l(codes, layout)]
+            out = []
+            if "l2i" in self.tasks:
+                l2i = self.prompts.l2i(layout, codes)
+                # The global torch RNG: seeded by the trainer and restored on resume.
+                if self.uncond_prob > 0 and torch.rand(()).item() < self.uncond_prob:
+                    l2i = self.prompts.unconditional(l2i)
+                out.append(l2i)
+            if "i2l" in self.tasks:
+                out.append(self.prompts.i2l(codes, layout))
+            return out
         except ValueError as err:
             raise ValueError(f"example {index} ({layout.caption[:60]!r}): {err}") from err
 

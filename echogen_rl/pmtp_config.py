@@ -23,6 +23,9 @@ class PMTPConfig(SFTConfig):
             Weight `w_text` of the I2L layout-answer cross-entropy.
         pack_segments (`bool`, *optional*, defaults to `True`):
             Pack several samples per row up to `max_length`; `False` gives every task segment a row of its own.
+        uncond_prob (`float`, *optional*, defaults to `0.1`):
+            Chance that an L2I prompt is blanked to the unconditional row, which trains the branch that
+            classifier-free guidance subtracts. Without it, sampling with CFG degrades images.
         segment_attention (`bool`, *optional*, defaults to `True`):
             Attend within each packed segment by gathering it (varlen attention, any attention backend);
             `False` uses a dense block-diagonal 4D mask over each row, whose cost grows with the row squared.
@@ -34,6 +37,9 @@ class PMTPConfig(SFTConfig):
         default=True, metadata={"help": "Pack several samples per row up to `max_length` (padding-free)."}
     )
 
+    uncond_prob: float = field(
+        default=0.1, metadata={"help": "Chance of blanking an L2I prompt to CFG's unconditional row."}
+    )
     segment_attention: bool = field(
         default=True,
         metadata={"help": "Per-segment (varlen) attention; False uses a dense block-diagonal 4D mask per row."},
@@ -58,5 +64,7 @@ class PMTPConfig(SFTConfig):
         for name in ("image_loss_weight", "text_loss_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"PMTPConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.uncond_prob < 1:
+            raise ValueError(f"PMTPConfig.uncond_prob must be in [0, 1), got {self.uncond_prob}")
         if self.image_loss_weight == 0 and self.text_loss_weight == 0:
             raise ValueError("PMTPConfig: image_loss_weight and text_loss_weight are both 0; nothing would train")

@@ -80,7 +80,10 @@ class PMTPTrainer(SFTTrainer):
             eval_dataset = _codes_only(eval_dataset)
         freeze_untrained(model)
         prompts = PromptBuilder(processing_class, unwrap_janus(model).config.vision_config.num_image_tokens)
-        kwargs.setdefault("data_collator", PMTPCollator(prompts, args.max_length, args.pack_segments))
+        # A task with weight 0 is not built at all: a single-task run does not pay for the other segment.
+        tasks = tuple(t for t, w in (("l2i", args.image_loss_weight), ("i2l", args.text_loss_weight)) if w > 0)
+        collator = PMTPCollator(prompts, args.max_length, args.pack_segments, args.uncond_prob, tasks)
+        kwargs.setdefault("data_collator", collator)
         super().__init__(
             model,
             args,

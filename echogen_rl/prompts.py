@@ -119,6 +119,13 @@ class PromptBuilder:
         seg.add_image(self._check_codes(codes, "l2i"), train=True)
         return seg
 
+    def unconditional(self, l2i: Segment) -> Segment:
+        """The L2I segment with its prompt blanked as CFG's unconditional row: BOS and `<begin_of_image>` kept,
+        every other prompt token padding (what `modeling.uncond_prompt_ids` builds at sampling time)."""
+        keep = (self.bos_id, self.boi_id)
+        ids = [t if img or t in keep else self.pad_id for t, img in zip(l2i.input_ids, l2i.image_mask)]
+        return Segment(ids, list(l2i.image_mask), list(l2i.text_labels), list(l2i.image_labels), l2i.task)
+
     def i2l_prefix(self, codes: Sequence[int]) -> Segment:
         """BOS + `<|User|>: ` + `<begin_of_image>` codes `<end_of_image>`: the part shared by every query."""
         seg = Segment(task="i2l")

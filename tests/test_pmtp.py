@@ -138,3 +138,26 @@ def test_empty_or_incomplete_dataset_fails_before_training(tiny_model, tiny_toke
             train_dataset=shapes.remove_columns(["image_codes"]),
             processing_class=tiny_tokenizer,
         )
+
+
+def test_collator_blanks_l2i_prompts_at_the_configured_rate(prompts, shapes):
+    examples = _examples(shapes, 16) * 8
+    torch.manual_seed(0)
+    batch = PMTPCollator(prompts, uncond_prob=0.25, pack=False)(examples)
+    l2i_rows = batch["image_labels"].ne(-100).any(dim=1)  # the L2I segments carry image labels
+    blanked = (batch["input_ids"][l2i_rows, 2] == prompts.pad_id).float().mean()  # token 2 is caption text
+    assert 0.15 < blanked < 0.35
+    assert (PMTPCollator(prompts, pack=False)(examples)["input_ids"][l2i_rows, 2] != prompts.pad_id).all()
+
+
+def test_single_task_collation_builds_only_that_segment(prompts, shapes):
+    examples = _examples(shapes, 3)
+    l2i_only = PMTPCollator(prompts, tasks=("l2i",))(examples)
+    i2l_only = PMTPCollator(prompts, tasks=("i2l",))(examples)
+    both = PMTPCollator(prompts)(examples)
+    assert int((l2i_only["segment_ids"] >= 0).sum()) + int((i2l_only["segment_ids"] >= 0).sum()) == int(
+        (both["segment_ids"] >= 0).sum()
+    )
+    assert (l2i_only["text_labels"] == -100).all() and (i2l_only["image_labels"] == -100).all()
+    with pytest.raises(ValueError, match="tasks"):
+        PMTPCollator(prompts, tasks=("vqa",))

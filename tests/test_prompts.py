@@ -80,3 +80,15 @@ def test_add_layout_tokens_to_a_tokenizer_without_them(tiny_model):
     assert set(tok.convert_tokens_to_ids(list(LAYOUT_TAGS))) <= set(ids)
     tags = tok.convert_tokens_to_ids(list(LAYOUT_TAGS))
     assert min(tags) >= len(vocab)  # appended, each one token
+
+
+def test_unconditional_segment_is_the_cfg_row_of_sampling(prompts):
+    from echogen_rl.modeling import uncond_prompt_ids
+
+    seg = prompts.l2i(LAYOUT, CODES)
+    blank = prompts.unconditional(seg)
+    n = len(prompts.l2i_prompt(LAYOUT))
+    sampled = uncond_prompt_ids(torch.tensor([seg.input_ids[:n]]), prompts.bos_id, prompts.boi_id, prompts.pad_id)
+    assert blank.input_ids[:n] == sampled[0].tolist()
+    assert blank.input_ids[n:] == CODES and blank.image_labels == seg.image_labels  # the image is still learned
+    assert set(blank.input_ids[1 : n - 1]) == {prompts.pad_id}
