@@ -46,15 +46,18 @@ COLUMNS = ("ap", "ap50", "spatial", "color", "cycle_miou", "grounding_acc50", "g
 class DemoBudget:
     """Steps and sizes of the demo; `DemoBudget.quick()` is the smoke-test budget."""
 
-    train_samples: int = 4096
+    train_samples: int = 11200
     eval_layouts: int = 64
-    pmtp_steps: int = 300
+    # No CFG at this scale: with uncond_prob 0.1 two PMTP runs of 1000 steps lost the colors (color 0.05 and
+    # 0.13 against 0.88 without), and without training the unconditional branch, CFG > 1 degrades images.
+    guidance_scale: float = 1.0
+    pmtp_steps: int = 700
     pmtp_batch: int = 16
     pmtp_lr: float = 2e-3
-    djo_steps: int = 150
+    djo_steps: int = 100
     djo_batch: int = 16
     djo_lr: float = 5e-4
-    cyclerl_steps: int = 40
+    cyclerl_steps: int = 30
     cyclerl_prompts_per_step: int = 4
     num_generations: int = 8
     cyclerl_lr: float = 5e-4
@@ -88,6 +91,7 @@ def _train_pmtp(model, tokenizer, data, out: Path, budget: DemoBudget, image_w=1
         max_length=8192,
         lr_scheduler_type="cosine",
         warmup_steps=min(20, budget.pmtp_steps // 10),
+        uncond_prob=0.0,
         image_loss_weight=image_w,
         text_loss_weight=text_w,
     )
@@ -114,6 +118,7 @@ def _train_cyclerl(model, tokenizer, out: Path, budget: DemoBudget):
             out, budget.cyclerl_steps, budget.cyclerl_prompts_per_step * budget.num_generations, budget.cyclerl_lr
         ),
         num_generations=budget.num_generations,
+        guidance_scale=budget.guidance_scale,
         lr_scheduler_type="constant",
         beta=0.0,
         loss_type="dapo",
@@ -129,9 +134,9 @@ def _train_cyclerl(model, tokenizer, out: Path, budget: DemoBudget):
     return trainer.model, trainer.state.log_history
 
 
-def _evaluate(l2i_model, i2l_model, tokenizer, layouts, real_codes, shapes) -> tuple[dict, dict]:
+def _evaluate(l2i_model, i2l_model, tokenizer, layouts, real_codes, shapes, guidance_scale) -> tuple[dict, dict]:
     """Stage metrics: L2I by `l2i_model` (oracle detector), grounding and the cycle's return trip by `i2l_model`."""
-    l2i = evaluate_l2i(l2i_model, tokenizer, layouts, "oracle", shapes, seed=0)
+    l2i = evaluate_l2i(l2i_model, tokenizer, layouts, "oracle", shapes, guidance_scale=guidance_scale, seed=0)
     i2l = evaluate_i2l(i2l_model, tokenizer, real_codes, layouts)
     recovered = l2i["recovered"]
     if i2l_model is not l2i_model:
@@ -200,21 +205,25 @@ def run_demo(output_dir: str | os.PathLike, overwrite: bool = False, budget: Dem
     stages, history = {}, {}
     model = JanusForConditionalGeneration.from_pretrained(ckpt)
     print("[2/6] untrained model")
-    stages["untrained"], pictures = _evaluate(model, model, tokenizer, layouts, real_codes, shapes)
+    stages["untrained"], pictures = _evaluate(
+        model, model, tokenizer, layouts, real_codes, shapes, budget.guidance_scale
+    )
 
     print("[3/6] Stage 1, PMTP")
     history["pmtp"] = _train_pmtp(model, tokenizer, train, out / "pmtp", budget)
-    stages["pmtp"], pictures = _evaluate(model, model, tokenizer, layouts, real_codes, shapes)
+    stages["pmtp"], pictures = _evaluate(model, model, tokenizer, layouts, real_codes, shapes, budget.guidance_scale)
     _picture("pmtp", pictures, layouts, palette, out)
 
     print("[4/6] Stage 2, DJO")
     history["djo"] = _train_djo(model, tokenizer, train, out / "djo", budget)
-    stages["djo"], pictures = _evaluate(model, model, tokenizer, layouts, real_codes, shapes)
+    stages["djo"], pictures = _evaluate(model, model, tokenizer, layouts, real_codes, shapes, budget.guidance_scale)
     _picture("djo", pictures, layouts, palette, out)
 
     print("[5/6] Stage 3, CycleRL (LoRA)")
     policy, history["cyclerl"] = _train_cyclerl(model, tokenizer, out / "cyclerl", budget)
-    stages["cyclerl"], pictures = _evaluate(policy, policy, tokenizer, layouts, real_codes, shapes)
+    stages["cyclerl"], pictures = _evaluate(
+        policy, policy, tokenizer, layouts, real_codes, shapes, budget.guidance_scale
+    )
     _picture("cyclerl", pictures, layouts, palette, out)
 
     print("[6/6] baseline: L2I and I2L as two models, the PMTP step budget each")
@@ -222,7 +231,9 @@ def run_demo(output_dir: str | os.PathLike, overwrite: bool = False, budget: Dem
     i2l_model = JanusForConditionalGeneration.from_pretrained(ckpt)
     _train_pmtp(l2i_model, tokenizer, train, out / "separate-l2i", budget, image_w=1.0, text_w=0.0)
     _train_pmtp(i2l_model, tokenizer, train, out / "separate-i2l", budget, image_w=0.0, text_w=1.0)
-    stages["separate"], pictures = _evaluate(l2i_model, i2l_model, tokenizer, layouts, real_codes, shapes)
+    stages["separate"], pictures = _evaluate(
+        l2i_model, i2l_model, tokenizer, layouts, real_codes, shapes, budget.guidance_scale
+    )
     _picture("separate", pictures, layouts, palette, out)
 
     cyclerl_rewards = [h["rewards/cycle_iou/mean"] for h in history["cyclerl"] if "rewards/cycle_iou/mean" in h]
