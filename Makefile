@@ -27,7 +27,7 @@ test-slow: install
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
 demo: install
-	$(VENV)/bin/echogen-rl demo --output-dir $(DEMO_DIR)
+	$(VENV)/bin/echogen-rl demo --output-dir $(DEMO_DIR) --overwrite
 
 quality: install
 	$(VENV)/bin/ruff check $(wildcard echogen_rl rewards recipes tests benchmarks)

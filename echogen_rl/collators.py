@@ -6,6 +6,7 @@ rows themselves, so the trainers skip TRL's dataset preparation.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -15,6 +16,25 @@ from .layout import Layout, LayoutError
 from .prompts import IGNORE_INDEX, PromptBuilder, Segment, pad_segments
 
 _KEYS = ("input_ids", "image_mask", "text_labels", "image_labels")
+
+
+def _unit_hash(example: dict) -> float:
+    """A number in [0, 1) fixed by the example's content."""
+    key = f"{example.get('caption', '')}|{example.get('layout', '')}|{list(example['image_codes'])}"
+    return zlib.crc32(key.encode()) / 2**32
+
+
+def training_columns(dataset):
+    """The dataset with the columns the collators read (`caption`, `layout`, `image_codes`) checked.
+
+    An `image` column is dropped: training reads only the codes, and TRL would take the data for a VLM dataset.
+    """
+    if isinstance(dataset, dict):
+        return {k: training_columns(v) for k, v in dataset.items()}
+    missing = {"caption", "layout", "image_codes"} - set(dataset.column_names)
+    if missing:
+        raise ValueError(f"dataset lacks the columns {sorted(missing)} (need caption, layout, image_codes)")
+    return dataset.remove_columns([c for c in ("image", "images") if c in dataset.column_names])
 
 
 def example_layout(example: dict, index: int) -> Layout:
@@ -42,9 +62,11 @@ class PMTPCollator:
             `None` puts the whole batch in one row.
         pack (`bool`, *optional*, defaults to `True`): `False` puts every segment in a row of its own
             (the unpacked reference; same losses, more padding).
-        uncond_prob (`float`, *optional*, defaults to `0.0`): the chance that an L2I segment's prompt is
-            blanked to the unconditional CFG row (BOS and `<begin_of_image>` kept, the rest padding), so that
-            the model learns the unconditional branch classifier-free guidance subtracts (Janus trains so).
+        uncond_prob (`float`, *optional*, defaults to `0.0`): the share of samples whose L2I prompt is blanked
+            to the unconditional CFG row (BOS and `<begin_of_image>` kept, the rest padding), so that the model
+            learns the unconditional branch classifier-free guidance subtracts (Janus trains so). Which samples
+            is a hash of their content, not a draw: a draw in the collator would also happen for the batches a
+            resumed run skips, and the resumed run would diverge.
         tasks (`tuple[str, ...]`, *optional*, defaults to `("l2i", "i2l")`): the segments to build; one task
             alone trains a single-task model (the demo's "separate" baseline) without paying for the other.
 
@@ -69,8 +91,7 @@ class PMTPCollator:
             out = []
             if "l2i" in self.tasks:
                 l2i = self.prompts.l2i(layout, codes)
-                # The global torch RNG: seeded by the trainer and restored on resume.
-                if self.uncond_prob > 0 and torch.rand(()).item() < self.uncond_prob:
+                if self.uncond_prob > 0 and _unit_hash(example) < self.uncond_prob:
                     l2i = self.prompts.unconditional(l2i)
                 out.append(l2i)
             if "i2l" in self.tasks:

@@ -46,12 +46,12 @@ COLUMNS = ("ap", "ap50", "spatial", "color", "cycle_miou", "grounding_acc50", "g
 class DemoBudget:
     """Steps and sizes of the demo; `DemoBudget.quick()` is the smoke-test budget."""
 
-    train_samples: int = 11200
+    train_samples: int = 16000
     eval_layouts: int = 64
     # No CFG at this scale: with uncond_prob 0.1 two PMTP runs of 1000 steps lost the colors (color 0.05 and
     # 0.13 against 0.88 without), and without training the unconditional branch, CFG > 1 degrades images.
     guidance_scale: float = 1.0
-    pmtp_steps: int = 700
+    pmtp_steps: int = 1000
     pmtp_batch: int = 16
     pmtp_lr: float = 2e-3
     djo_steps: int = 100

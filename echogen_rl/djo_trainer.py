@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from trl import SFTTrainer
 
-from .collators import LoopLossCollator
+from .collators import LoopLossCollator, training_columns
 from .djo_config import DJOConfig
 from .modeling import (
     TargetLoss,
@@ -118,15 +118,6 @@ def djo_losses(
     return DJOLosses(l2i.loss + loop_weight * loop.loss, l2i, loop)
 
 
-def _codes_only(dataset):
-    if isinstance(dataset, dict):
-        return {k: _codes_only(v) for k, v in dataset.items()}
-    missing = {"caption", "layout", "image_codes"} - set(dataset.column_names)
-    if missing:
-        raise ValueError(f"dataset lacks the columns {sorted(missing)} (need caption, layout, image_codes)")
-    return dataset.remove_columns([c for c in ("image", "images") if c in dataset.column_names])
-
-
 class DJOTrainer(SFTTrainer):
     """Trainer for Stage 2, DJO.
 
@@ -153,9 +144,9 @@ class DJOTrainer(SFTTrainer):
         if len(train_dataset) == 0:
             raise ValueError("DJOTrainer: the training dataset is empty")
         # Training reads only the codes; an `image` column would also make TRL treat the data as a VLM dataset.
-        train_dataset = _codes_only(train_dataset)
+        train_dataset = training_columns(train_dataset)
         if eval_dataset is not None:
-            eval_dataset = _codes_only(eval_dataset)
+            eval_dataset = training_columns(eval_dataset)
         freeze_untrained(model)
         prompts = PromptBuilder(processing_class, unwrap_janus(model).config.vision_config.num_image_tokens)
         kwargs.setdefault("data_collator", LoopLossCollator(prompts, args.max_length))

@@ -7,7 +7,7 @@ import time
 import torch
 from trl import SFTTrainer
 
-from .collators import PMTPCollator
+from .collators import PMTPCollator, training_columns
 from .modeling import (
     TargetLoss,
     block_causal_mask,
@@ -42,15 +42,6 @@ def pmtp_losses(
     }
 
 
-def _codes_only(dataset):
-    if isinstance(dataset, dict):
-        return {k: _codes_only(v) for k, v in dataset.items()}
-    missing = {"caption", "layout", "image_codes"} - set(dataset.column_names)
-    if missing:
-        raise ValueError(f"dataset lacks the columns {sorted(missing)} (need caption, layout, image_codes)")
-    return dataset.remove_columns([c for c in ("image", "images") if c in dataset.column_names])
-
-
 class PMTPTrainer(SFTTrainer):
     """Trainer for Stage 1, PMTP.
 
@@ -75,9 +66,9 @@ class PMTPTrainer(SFTTrainer):
         if len(train_dataset) == 0:
             raise ValueError("PMTPTrainer: the training dataset is empty")
         # Training reads only the codes; an `image` column would also make TRL treat the data as a VLM dataset.
-        train_dataset = _codes_only(train_dataset)
+        train_dataset = training_columns(train_dataset)
         if eval_dataset is not None:
-            eval_dataset = _codes_only(eval_dataset)
+            eval_dataset = training_columns(eval_dataset)
         freeze_untrained(model)
         prompts = PromptBuilder(processing_class, unwrap_janus(model).config.vision_config.num_image_tokens)
         # A task with weight 0 is not built at all: a single-task run does not pay for the other segment.
