@@ -30,7 +30,7 @@ from .data.palette import COLOR_NAMES, PALETTE
 from .data.shapes import ShapesConfig, build_shapes_dataset, codes_to_image, detect_from_codes, phrase_pool
 from .grounding import Grounder
 from .image_tokenizers import JanusVQTokenizer, PaletteTokenizer
-from .layout import Entity, Layout, boxes_from_coco_xywh, iou, match_layouts
+from .layout import Entity, Layout, boxes_from_coco_xywh, match_layouts, matched_box_scores
 from .loading import load_janus
 from .modeling import unwrap_janus
 from .prompts import PromptBuilder, pad_segments
@@ -62,19 +62,6 @@ def _check_pairs(detections: Sequence, targets: Sequence, what: str = "detection
 
 def _center(box) -> tuple[float, float]:
     return (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-
-
-def _box_tensor(boxes) -> torch.Tensor:
-    return torch.tensor(boxes, dtype=torch.float64).reshape(-1, 4)
-
-
-def _matched_ious(pred: Layout, target: Layout) -> list[float]:
-    """IoU of each target entity with its `match_layouts` partner, 0 for an unmatched one."""
-    matches = match_layouts(pred, target)
-    return [
-        0.0 if j is None else float(iou(_box_tensor(e.box), _box_tensor(pred.entities[j].box))[0])
-        for e, j in zip(target.entities, matches)
-    ]
 
 
 def coco_ap(
@@ -220,7 +207,7 @@ def cycle_miou(recovered: Sequence[Layout], targets: Sequence[Layout]) -> float 
     Images without target entities are skipped; `None` when no image has any.
     """
     _check_pairs(recovered, targets, "recovered layouts")
-    per_image = [np.mean(_matched_ious(r, t)) for r, t in zip(recovered, targets) if len(t)]
+    per_image = [np.mean(matched_box_scores(r, t)) for r, t in zip(recovered, targets) if len(t)]
     return float(np.mean(per_image)) if per_image else None
 
 
@@ -232,7 +219,7 @@ def grounding_accuracy(predictions: Sequence[Layout], targets: Sequence[Layout])
         their mean IoU; all `None` when there is no target entity.
     """
     _check_pairs(predictions, targets, "predictions")
-    ious = np.array([v for p, t in zip(predictions, targets) for v in _matched_ious(p, t)])
+    ious = np.array([v for p, t in zip(predictions, targets) for v in matched_box_scores(p, t)])
     if not len(ious):
         return {"acc50": None, "acc75": None, "miou": None}
     return {"acc50": float((ious >= 0.5).mean()), "acc75": float((ious >= 0.75).mean()), "miou": float(ious.mean())}

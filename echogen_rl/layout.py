@@ -395,6 +395,21 @@ def match_layouts(pred: Layout, target: Layout, by_iou: bool = True) -> list[int
     return matches
 
 
+def matched_box_scores(pred: Layout, target: Layout, score=None, missing: float = 0.0) -> list[float]:
+    """One score per target entity: `score(predicted box, target box)` with its `match_layouts` partner, or
+    `missing` when it has none. `score` is a vectorized box function ([N, 4], [N, 4]) -> [N]; IoU by default."""
+    score = score or iou
+    matches = match_layouts(pred, target)
+    pairs = [(j, k) for k, j in enumerate(matches) if j is not None]
+    out = [missing] * len(matches)
+    if pairs:
+        pred_boxes = torch.tensor([pred.entities[j].box for j, _ in pairs], dtype=torch.float64)
+        gold_boxes = torch.tensor([target.entities[k].box for _, k in pairs], dtype=torch.float64)
+        for (_, k), value in zip(pairs, score(pred_boxes, gold_boxes).tolist()):
+            out[k] = value
+    return out
+
+
 def boxes_from_pixel_xyxy(box: Box, width: float, height: float) -> Box:
     """A pixel xyxy box as normalized xyxy, clipped to [0, 1] (annotations often overshoot the image by a pixel).
 

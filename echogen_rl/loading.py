@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 from transformers import AutoTokenizer, JanusForConditionalGeneration
 from trl import ModelConfig, get_peft_config
 
@@ -17,10 +19,24 @@ from .tiny import ensure_tiny_checkpoint
 DEFAULT_LORA_TARGETS = r".*(language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)|generation_head\.(proj_out|vision_head))"
 
 
-def require_checkpoint(path: str, how_to_make: str) -> None:
-    """Fails early, saying how to make it, when a recipe's starting checkpoint is a missing local path."""
-    if "/" in path and not Path(path).exists() and (path.startswith((".", "/")) or path.startswith("outputs")):
-        raise FileNotFoundError(f"no checkpoint at {path}; make it first with:\n    {how_to_make}")
+def require_start_checkpoint(path: str, producer: str | os.PathLike) -> None:
+    """Stops a recipe before loading anything when its start checkpoint is the not-yet-made output of a shipped
+    config of the stage before, and names the command that makes it.
+
+    Args:
+        path (`str`): the recipe's `model_name_or_path`.
+        producer (`str` or `os.PathLike`): the previous stage's recipe, e.g. `recipes/pmtp.py`; its configs are
+            read from `configs/<stage>/*.yaml` beside it.
+    """
+    if (Path(path) / "config.json").exists():
+        return
+    producer = Path(producer)
+    for config in sorted((producer.parent / "configs" / producer.stem).glob("*.yaml")):
+        if Path(yaml.safe_load(config.read_text()).get("output_dir", "")) == Path(path):
+            raise SystemExit(
+                f"the start checkpoint {path} does not exist yet. Make it with:\n"
+                f"  accelerate launch recipes/{producer.name} --config recipes/configs/{producer.stem}/{config.name}"
+            )
 
 
 def load_janus(

@@ -6,6 +6,8 @@ Rewards are chosen by name in the YAML (`reward_funcs`, `reward_weights`); your 
 `package.module:function` or `path/to/file.py:function` (see recipes/examples/custom_reward.py).
 """
 
+from pathlib import Path
+
 from transformers import set_seed
 from trl import TrlParser
 
@@ -15,16 +17,12 @@ from echogen_rl.data.random_layouts import add_prompt_column, build_random_layou
 from echogen_rl.data.shapes import phrase_pool
 from echogen_rl.data.sources import LayoutDataArguments, build_layout_datasets
 from echogen_rl.image_tokenizers import JanusVQTokenizer
-from echogen_rl.loading import JanusModelConfig, load_janus, lora_config_from, require_checkpoint
-
-# The shapes default starts from Stage 2's output.
-MAKE_START = "accelerate launch recipes/djo.py --config recipes/configs/djo/shapes_tiny.yaml"
+from echogen_rl.loading import JanusModelConfig, load_janus, lora_config_from, require_start_checkpoint
 
 
 def main(script_args: LayoutDataArguments, training_args: CycleRLConfig, model_args: JanusModelConfig):
     set_seed(training_args.seed)
-    if not model_args.build_tiny_if_missing:
-        require_checkpoint(model_args.model_name_or_path, MAKE_START)
+    require_start_checkpoint(model_args.model_name_or_path, Path(__file__).parent / "djo.py")
     with training_args.main_process_first(desc="checkpoint and prompts"):
         model, tokenizer = load_janus(
             model_args.model_name_or_path,

@@ -8,7 +8,6 @@ named with its command. Any field can be overridden on the command line, e.g. `-
 
 from pathlib import Path
 
-import yaml
 from transformers import set_seed
 from trl import TrlParser
 
@@ -16,25 +15,11 @@ from echogen_rl.data.sources import LayoutDataArguments, build_layout_datasets
 from echogen_rl.djo_config import DJOConfig
 from echogen_rl.djo_trainer import DJOTrainer
 from echogen_rl.image_tokenizers import JanusVQTokenizer
-from echogen_rl.loading import JanusModelConfig, load_janus, lora_config_from
-
-PMTP_CONFIGS = Path(__file__).resolve().parent / "configs" / "pmtp"
-
-
-def check_start_checkpoint(model_name_or_path: str) -> None:
-    """Fails early when the PMTP output a shipped PMTP config writes is not there yet, naming the command."""
-    if (Path(model_name_or_path) / "config.json").exists():
-        return
-    for config in sorted(PMTP_CONFIGS.glob("*.yaml")):
-        if Path(yaml.safe_load(config.read_text()).get("output_dir", "")) == Path(model_name_or_path):
-            raise SystemExit(
-                f"DJO starts from the PMTP checkpoint {model_name_or_path}, which does not exist yet. Make it with:\n"
-                f"  accelerate launch recipes/pmtp.py --config recipes/configs/pmtp/{config.name}"
-            )
+from echogen_rl.loading import JanusModelConfig, load_janus, lora_config_from, require_start_checkpoint
 
 
 def main(script_args: LayoutDataArguments, training_args: DJOConfig, model_args: JanusModelConfig):
-    check_start_checkpoint(model_args.model_name_or_path)
+    require_start_checkpoint(model_args.model_name_or_path, Path(__file__).parent / "pmtp.py")
     set_seed(training_args.seed)
     with training_args.main_process_first(desc="checkpoint and data"):
         model, tokenizer = load_janus(

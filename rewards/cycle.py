@@ -10,19 +10,9 @@ entity the grounder did not recover scores `missing` (0 by default). A target wi
 
 from __future__ import annotations
 
-import torch
-
-from echogen_rl.layout import Layout, center_distance, giou, iou, l1_distance, match_layouts
+from echogen_rl.layout import Layout, center_distance, giou, iou, l1_distance, matched_box_scores
 
 _SQRT2 = 2**0.5
-
-
-def _iou(a, b):
-    return iou(a, b)
-
-
-def _giou(a, b):
-    return giou(a, b)
 
 
 def _l1(a, b):
@@ -35,21 +25,15 @@ def _center(a, b):
     return 1.0 - center_distance(a, b) / _SQRT2
 
 
-METRICS = {"iou": _iou, "giou": _giou, "l1": _l1, "center": _center}
+METRICS = {"iou": iou, "giou": giou, "l1": _l1, "center": _center}
 
 
 def layout_agreement(target: Layout, recovered: Layout, metric: str = "iou", missing: float = 0.0) -> float | None:
     """`(1/K) * sum_k d(recovered_k, target_k)` over the K target entities; `None` for an empty target."""
     if not target.entities:
         return None
-    matches = match_layouts(recovered, target)
-    pairs = [(m, k) for k, m in enumerate(matches) if m is not None]
-    total = missing * (len(matches) - len(pairs))
-    if pairs:
-        pred = torch.tensor([recovered.entities[m].box for m, _ in pairs], dtype=torch.float64)
-        gold = torch.tensor([target.entities[k].box for _, k in pairs], dtype=torch.float64)
-        total += float(METRICS[metric](pred, gold).sum())
-    return total / len(matches)
+    scores = matched_box_scores(recovered, target, METRICS[metric], missing)
+    return sum(scores) / len(scores)
 
 
 class CycleReward:
