@@ -57,7 +57,17 @@ def _assert_ranks_saw_different_batches(ranks: list[dict], micro_batches: int) -
 
 
 def test_pmtp_two_processes_with_gradient_accumulation(tiny_checkpoint, tmp_path):
-    ranks = _launch("dist_pmtp.py", tiny_checkpoint, tmp_path, "--steps", "2", "--gradient_accumulation_steps", "2")
+    ranks = _launch(
+        "dist_sft.py",
+        tiny_checkpoint,
+        tmp_path,
+        "--stage",
+        "pmtp",
+        "--steps",
+        "2",
+        "--gradient_accumulation_steps",
+        "2",
+    )
     _assert_ranks_saw_different_batches(ranks, micro_batches=4)
     after = _assert_ranks_agree_after_training(ranks)
     # What no loss reads is frozen (DDP needs a gradient for every trainable parameter).
@@ -65,7 +75,7 @@ def test_pmtp_two_processes_with_gradient_accumulation(tiny_checkpoint, tmp_path
 
 
 def test_djo_two_processes(tiny_checkpoint, tmp_path):
-    ranks = _launch("dist_djo.py", tiny_checkpoint, tmp_path, "--steps", "2")
+    ranks = _launch("dist_sft.py", tiny_checkpoint, tmp_path, "--stage", "djo", "--steps", "2")
     _assert_ranks_saw_different_batches(ranks, micro_batches=2)
     _assert_ranks_agree_after_training(ranks)
 
