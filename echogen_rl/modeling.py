@@ -9,13 +9,13 @@ Text is read out by `lm_head`, codes by `generation_head`, and only at the posit
 
 from __future__ import annotations
 
-import contextlib
-from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, DynamicCache, JanusForConditionalGeneration
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .prompts import IGNORE_INDEX
 
@@ -123,6 +123,7 @@ def block_causal_mask(segment_ids: torch.LongTensor, dtype: torch.dtype = torch.
 
 
 SEGMENT_ATTENTION = "echogen_segments"
+SEGMENT_INDEX_KWARG = "echogen_segment_index"
 
 
 def segment_index(segment_ids: torch.LongTensor) -> torch.LongTensor:
@@ -151,7 +152,7 @@ def segment_attention(module, query, key, value, attention_mask, scaling=None, d
     padded [n_segments, longest] batch, so no dense [T, T] mask is built or computed over. Right padding
     inside a segment sits after its real tokens, where the causal mask already hides it.
     """
-    index = kwargs["echogen_segment_index"]
+    index = kwargs[SEGMENT_INDEX_KWARG]
     B, Hq, T, D = query.shape
 
     def gather(x):
@@ -163,21 +164,45 @@ def segment_attention(module, query, key, value, attention_mask, scaling=None, d
         gather(query), gather(key), gather(value), is_causal=True, scale=scaling, dropout_p=dropout
     ).transpose(1, 2)  # [S, L, H, D]
     valid = index >= 0
-    result = query.new_zeros(B * T, Hq, D).index_put((index[valid],), out[valid])
+    # The buffer takes the dtype of what attention wrote: under autocast the query may be float32 (rotary
+    # embeddings upcast it) while attention returns bfloat16.
+    result = out.new_zeros(B * T, Hq, D).index_put((index[valid],), out[valid])
     return result.view(B, T, Hq, D), None
 
 
-AttentionInterface.register(SEGMENT_ATTENTION, segment_attention)
+def _segment_dispatch(base: str):
+    """An attention function that attends within segments when the call carries a segment index, and with
+    the `base` implementation otherwise (padded batches, rollouts, grounding)."""
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    def attend(module, query, key, value, attention_mask, **kwargs):
+        if kwargs.get(SEGMENT_INDEX_KWARG) is not None:
+            return segment_attention(module, query, key, value, attention_mask, **kwargs)
+        base_fn = ALL_ATTENTION_FUNCTIONS.get_interface(base, eager_attention_forward)
+        return base_fn(module, query, key, value, attention_mask, **kwargs)
+
+    return attend
 
 
-@contextmanager
-def _attention_implementation(config, name: str):
-    previous = config._attn_implementation
+def enable_segment_attention(model: torch.nn.Module) -> None:
+    """Installs segment attention on the language model, for as long as the model lives.
+
+    The attention implementation becomes `echogen_segments:<base>`: a call whose inputs carry a segment index
+    (see `mixed_forward`) attends within segments, every other call runs `<base>` (e.g. `sdpa`) unchanged. It is
+    set on the model's config, not switched around a forward, because gradient checkpointing re-runs every
+    layer during the backward pass, after such a switch would have been undone. The config field is private and
+    not saved, so checkpoints load with their usual implementation.
+    """
+    config = unwrap_janus(model).config.text_config
+    base = config._attn_implementation or "sdpa"
+    if base.startswith(SEGMENT_ATTENTION):
+        return
+    name = f"{SEGMENT_ATTENTION}:{base}"
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(name, _segment_dispatch(base))
+        if base in ALL_MASK_ATTENTION_FUNCTIONS:
+            AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
     config._attn_implementation = name
-    try:
-        yield
-    finally:
-        config._attn_implementation = previous
 
 
 def mixed_forward(
@@ -210,12 +235,15 @@ def mixed_forward(
         if position_ids is None:
             raise ValueError("a 4D attention mask needs explicit position_ids")
         attention_mask = attention_mask.to(janus.dtype)
-    extra, attention = {}, contextlib.nullcontext()
+    extra = {}
     if segment_ids is not None:
         if attention_mask is not None or position_ids is None:
             raise ValueError("segment_ids need position_ids and no attention_mask")
-        extra["echogen_segment_index"] = segment_index(segment_ids)
-        attention = _attention_implementation(janus.config.text_config, SEGMENT_ATTENTION)
+        enable_segment_attention(janus)
+        extra[SEGMENT_INDEX_KWARG] = segment_index(segment_ids)
+        # The segments are the mask. An all-ones padding mask (rather than none) keeps transformers from
+        # reading the restarting position ids as packed sequences and building a dense [T, T] mask.
+        attention_mask = torch.ones_like(segment_ids)
     embeds = embed_mixed(janus, input_ids, image_mask, image_embeds)
     captured = {}
 
@@ -224,15 +252,14 @@ def mixed_forward(
 
     handle = janus.model.language_model.register_forward_hook(grab)
     try:
-        with attention:
-            model(
-                inputs_embeds=embeds,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                logits_to_keep=1,
-                use_cache=False,
-                **extra,
-            )
+        model(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            logits_to_keep=1,
+            use_cache=False,
+            **extra,
+        )
     finally:
         handle.remove()
     return captured["hidden"]

@@ -3,7 +3,8 @@
 The scripts in tests/scripts/ train a few steps and each rank writes what it saw and its trainable parameters.
 Both ranks must finish, see different batches and still end with the same parameters (the gradients were
 averaged); in CycleRL a group of images is split over the ranks and its advantages must be normalized by the
-statistics of the whole group.
+statistics of the whole group. With bf16 mixed precision the first loss must also be close to the one a single
+fp32 process computes on the same batch.
 """
 
 import os
@@ -12,7 +13,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+from transformers import JanusForConditionalGeneration
+
+from echogen_rl.djo_trainer import djo_losses
+from echogen_rl.pmtp_trainer import pmtp_losses
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "tests" / "scripts"
@@ -25,10 +31,10 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _launch(script: str, checkpoint, out_dir: Path, *args: str) -> list[dict]:
+def _launch(script: str, checkpoint, out_dir: Path, *args: str, precision: str = "no") -> list[dict]:
     out_dir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    cmd += ["--num_machines", "1", "--mixed_precision", precision, "--dynamo_backend", "no"]
     cmd += ["--main_process_port", str(_free_port()), str(SCRIPTS / script), str(checkpoint), str(out_dir), *args]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, cwd=out_dir, env=env, capture_output=True, text=True, timeout=600)
@@ -112,3 +118,30 @@ def test_cyclerl_two_processes_with_gradient_accumulation(tiny_checkpoint, tmp_p
         rewards = torch.tensor(ranks[0]["rewards"][step] + ranks[1]["rewards"][step])
         got = torch.tensor(ranks[0]["advantages"][step] + ranks[1]["advantages"][step])
         torch.testing.assert_close(got, _group_advantages(rewards, 4), atol=1e-5, rtol=1e-5)
+
+
+def _assert_first_loss_matches_one_process(checkpoint, ranks: list[dict], stage: str, tolerance: float) -> None:
+    """Each rank's first teacher-forced loss equals the loss one fp32 process computes on the same batch."""
+    model = JanusForConditionalGeneration.from_pretrained(checkpoint).train()
+    for rank in ranks:
+        batch, got = rank["first"]["batch"], rank["first"]["loss"]
+        with torch.no_grad():
+            if stage == "pmtp":
+                out = pmtp_losses(model, batch)
+                expected = (out["img"].loss + out["text"].loss).item()
+            else:
+                expected = djo_losses(model, batch, tau=1.0).l2i.loss.item()
+        assert abs(got - expected) <= tolerance * abs(expected), (stage, got, expected)
+
+
+@pytest.mark.parametrize("stage", ["pmtp", "djo"])
+def test_sft_stages_with_bf16_mixed_precision_on_two_processes(tiny_checkpoint, tmp_path, stage):
+    """`mixed_precision: bf16` (what every shipped accelerate config sets): fp32 weights, bf16 autocast."""
+    ranks = _launch("dist_sft.py", tiny_checkpoint, tmp_path, "--stage", stage, precision="bf16")
+    assert all(r["matmul_dtypes"] == {"torch.bfloat16"} for r in ranks)
+    _assert_ranks_saw_different_batches(ranks, micro_batches=2)
+    after = _assert_ranks_agree_after_training(ranks)
+    assert all(p.dtype == torch.float32 for p in after.values())  # the master weights stay fp32
+    assert all(torch.isfinite(torch.tensor(r["losses"])).all() for r in ranks)
+    # bf16 rounds every matmul input to 8 bits of mantissa: close to fp32, not equal.
+    _assert_first_loss_matches_one_process(tiny_checkpoint, ranks, stage, 2e-2)
