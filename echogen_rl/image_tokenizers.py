@@ -8,8 +8,10 @@ Two implementations behind one interface:
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -35,6 +37,12 @@ class ImageTokenizer(ABC):
     @property
     def num_codes(self) -> int:
         return self.grid_size * self.grid_size
+
+    @property
+    @abstractmethod
+    def cache_key(self) -> str:
+        """Identifies what the tokenizer computes: two tokenizers with the same key give the same codes, so cached
+        codes are reused across models that share it (e.g. PMTP and DJO checkpoints share the frozen VQ model)."""
 
     @abstractmethod
     def encode(self, images: Sequence[Image.Image]) -> torch.LongTensor:
@@ -98,6 +106,10 @@ class PaletteTokenizer(ImageTokenizer):
         dist = ((cells[..., None, :] - self.palette) ** 2).sum(-1)
         return torch.from_numpy(dist.argmin(-1).reshape(len(arrays), -1)).long()
 
+    @property
+    def cache_key(self) -> str:
+        return f"palette-{self.grid_size}-{self.patch_size}-{hashlib.sha256(self.palette.tobytes()).hexdigest()[:16]}"
+
     def decode(self, codes: torch.Tensor | Sequence[Sequence[int]]) -> list[Image.Image]:
         codes = self._check_codes(codes)
         g, p = self.grid_size, self.patch_size
@@ -132,6 +144,16 @@ class JanusVQTokenizer(ImageTokenizer):
         from .modeling import unwrap_janus
 
         return cls(unwrap_janus(model).model.vqmodel, **kwargs)
+
+    @cached_property
+    def cache_key(self) -> str:
+        """A hash of the VQ model's weights and sizes (not of the checkpoint path: every stage's checkpoint carries
+        the same frozen VQ model). Read once: hashing Janus-Pro's VQ weights takes about a second."""
+        digest = hashlib.sha256(f"janus-vq-{self.image_size}-{self.grid_size}-{self.codebook_size}".encode())
+        for name, tensor in sorted(self.vqmodel.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
 
     def _preprocess(self, image: Image.Image, index: int) -> torch.Tensor:
         image = _to_rgb(image, index)

@@ -16,7 +16,6 @@ from echogen_rl.cyclerl_trainer import CycleRLTrainer
 from echogen_rl.data.random_layouts import add_prompt_column, build_random_layout_dataset
 from echogen_rl.data.shapes import phrase_pool
 from echogen_rl.data.sources import LayoutDataArguments, build_layout_datasets
-from echogen_rl.image_tokenizers import JanusVQTokenizer
 from echogen_rl.loading import JanusModelConfig, load_janus, lora_config_from, require_start_checkpoint
 
 
@@ -44,11 +43,8 @@ def main(script_args: LayoutDataArguments, training_args: CycleRLConfig, model_a
                 training_args.num_random_prompts, training_args.seed, phrases, **layout_kwargs
             )
             eval_dataset = None
-        else:
-            image_tokenizer = None if script_args.dataset == "shapes" else JanusVQTokenizer.from_model(model)
-            train, evals, _ = build_layout_datasets(
-                script_args, image_tokenizer, cache_key=model_args.model_name_or_path
-            )
+        else:  # prompts are layouts: no image is read or encoded
+            train, evals, _ = build_layout_datasets(script_args, encode=False)
             train_dataset, eval_dataset = add_prompt_column(train), evals and add_prompt_column(evals)
 
     trainer = CycleRLTrainer(

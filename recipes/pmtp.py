@@ -8,8 +8,7 @@ Any field can be overridden on the command line, e.g. `--max_steps 50 --output_d
 from transformers import set_seed
 from trl import TrlParser
 
-from echogen_rl.data.sources import LayoutDataArguments, build_layout_datasets
-from echogen_rl.image_tokenizers import JanusVQTokenizer
+from echogen_rl.data.sources import LayoutDataArguments, build_layout_datasets, vq_tokenizer_for
 from echogen_rl.loading import JanusModelConfig, load_janus, lora_config_from
 from echogen_rl.pmtp_config import PMTPConfig
 from echogen_rl.pmtp_trainer import PMTPTrainer
@@ -24,11 +23,8 @@ def main(script_args: LayoutDataArguments, training_args: PMTPConfig, model_args
             model_args.attn_implementation,
             model_args.build_tiny_if_missing,
         )
-        # Shapes data carries exact palette codes; real images are encoded once by the model's VQ tokenizer.
-        image_tokenizer = None if script_args.dataset == "shapes" else JanusVQTokenizer.from_model(model)
-        train_dataset, eval_dataset, _ = build_layout_datasets(
-            script_args, image_tokenizer, cache_key=model_args.model_name_or_path
-        )
+        # Real images are encoded once by the model's VQ model, cached by its weights (shared by every stage).
+        train_dataset, eval_dataset, _ = build_layout_datasets(script_args, vq_tokenizer_for(script_args, model))
 
     trainer = PMTPTrainer(
         model,

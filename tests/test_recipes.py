@@ -44,6 +44,31 @@ def test_every_shipped_yaml_parses(stage, path, tmp_path):
     assert [type(p) for p in parsed] == list(classes)
 
 
+PREVIOUS_STAGE = {"djo": "pmtp", "cyclerl": "djo"}
+
+
+@pytest.mark.parametrize("stage,path", _configs(), ids=lambda v: v.name if isinstance(v, Path) else v)
+def test_shipped_configs_chain(stage, path):
+    """Each stage starts where a shipped config of the stage before ends (or, for PMTP, from a hub id or the tiny
+    checkpoint), so that the printed commands run one after the other."""
+    start = yaml.safe_load(path.read_text())["model_name_or_path"]
+    if stage == "pmtp":
+        assert start.startswith("deepseek-community/") or start == "outputs/tiny-janus", start
+        return
+    previous = sorted((ROOT / "recipes/configs" / PREVIOUS_STAGE[stage]).glob("*.yaml"))
+    outputs = {yaml.safe_load(p.read_text())["output_dir"] for p in previous}
+    assert start in outputs, f"{path.name} starts from {start}, which no {PREVIOUS_STAGE[stage]} config writes"
+    # The same size and family: a GPU stage starts from a GPU stage.
+    assert path.name.startswith("shapes") == start.endswith("shapes-tiny")
+
+
+@pytest.mark.parametrize("path", sorted(ROOT.glob("recipes/configs/*/janus_pro_*.yaml")), ids=lambda p: p.name)
+def test_gpu_configs_keep_fp32_master_weights(path):
+    """Loading bf16 weights and training with `bf16: true` would leave no fp32 copy to apply small updates to."""
+    values = yaml.safe_load(path.read_text())
+    assert values["dtype"] == "float32" and values["bf16"] is True
+
+
 def test_unknown_yaml_key_is_an_error(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("dataset: shapes\nlerning_rate: 0.1\n")

@@ -2,6 +2,7 @@ import json
 
 import datasets
 import pytest
+import torch
 from PIL import Image
 
 from echogen_rl.data import coco as coco_module
@@ -237,7 +238,7 @@ def test_encode_raises_on_bad_images(coco, tmp_path, cache_key):
 def test_build_coco_splits_eval_off_the_end(coco, tmp_path):
     args = _coco_args(coco, tmp_path, num_eval_samples=2, num_train_samples=1)
     with pytest.warns(BadSampleWarning):
-        train, eval_dataset, stats = build_layout_datasets(args, PaletteTokenizer(), cache_key="palette-8")
+        train, eval_dataset, stats = build_layout_datasets(args, PaletteTokenizer())
     assert train["caption"] == ["a cat and a dog"]  # "two animals" is beyond num_train_samples
     assert eval_dataset is None  # both eval rows (images 5 and 6) are unreadable
     assert stats == FilterStats(
@@ -258,7 +259,7 @@ def test_build_coco_with_eval_files(coco, tmp_path):
 def test_build_raises_on_empty_train_before_encoding(coco, tmp_path):
     tokenizer = CountingTokenizer()
     with pytest.raises(ValueError, match=r"train set is empty after filtering.*kept 0 of 5 rows"):
-        build_layout_datasets(_coco_args(coco, tmp_path, min_box_area=0.99), tokenizer, cache_key="palette-8")
+        build_layout_datasets(_coco_args(coco, tmp_path, min_box_area=0.99), tokenizer)
     assert tokenizer.calls == 0
 
 
@@ -352,3 +353,48 @@ def test_sources_reexports_the_loaders_and_shared_names():
     for module, names in homes.items():
         for name in names:
             assert name in sources.__all__ and getattr(sources, name) is getattr(module, name), name
+
+
+def test_layouts_alone_read_no_image(coco, tmp_path):
+    """CycleRL's prompts are layouts: rows whose images are missing stay, and nothing is encoded."""
+    from echogen_rl.data.random_layouts import add_prompt_column, parse_prompt_text
+
+    for image in coco["image_dir"].glob("*.png"):
+        image.unlink()
+    train, _, stats = build_layout_datasets(_coco_args(coco, tmp_path, num_eval_samples=0), encode=False)
+    assert "image_codes" not in train.column_names and stats.bad_images == 0
+    # The rows of the corrupted and the missing image stay too: their pixels are never needed.
+    assert list(train["caption"]) == ["a cat and a dog", "two animals", "broken", "missing"]
+    prompts = add_prompt_column(train)
+    assert parse_prompt_text(prompts[0]["prompt"]).phrases == Layout.from_json(train[0]["layout"]).phrases
+    with pytest.raises(ValueError, match="needs an image_tokenizer"):
+        build_layout_datasets(_coco_args(coco, tmp_path, num_eval_samples=0))
+
+
+def test_vq_code_cache_is_keyed_by_the_vq_weights(tiny_checkpoint):
+    """Every stage's checkpoint carries the same frozen VQ model: their codes share one cache entry, and a
+    checkpoint whose VQ model differs gets its own."""
+    from transformers import JanusForConditionalGeneration
+
+    from echogen_rl.image_tokenizers import JanusVQTokenizer
+
+    pmtp = JanusForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    djo = JanusForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    with torch.no_grad():
+        djo.model.language_model.layers[0].mlp.up_proj.weight.add_(1.0)  # trained: another model, same VQ model
+    key = JanusVQTokenizer.from_model(pmtp).cache_key
+    assert JanusVQTokenizer.from_model(djo).cache_key == key
+    with torch.no_grad():
+        djo.model.vqmodel.quantize.embedding.weight[0, 0] += 1e-3
+    assert JanusVQTokenizer(djo.model.vqmodel).cache_key != key
+
+
+def test_vq_batch_size_reaches_the_tokenizer(tiny_checkpoint):
+    from transformers import JanusForConditionalGeneration
+
+    from echogen_rl.data.sources import vq_tokenizer_for
+
+    model = JanusForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    args = LayoutDataArguments(dataset="layoutsam", layoutsam_file=__file__, vq_batch_size=7)
+    assert vq_tokenizer_for(args, model).batch_size == 7
+    assert vq_tokenizer_for(LayoutDataArguments(), model) is None  # shapes rows carry their codes

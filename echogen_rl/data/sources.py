@@ -20,7 +20,7 @@ from echogen_rl.data.codes import encode_image_codes
 from echogen_rl.data.common import BAD_SAMPLE_ACTIONS, BadSampleWarning, FilterStats, check_choice, check_int
 from echogen_rl.data.layoutsam import REGION_CAPTION_COLUMNS, load_layoutsam
 from echogen_rl.data.shapes import ShapesConfig, build_shapes_dataset
-from echogen_rl.image_tokenizers import ImageTokenizer
+from echogen_rl.image_tokenizers import ImageTokenizer, JanusVQTokenizer
 
 __all__ = [
     "BAD_SAMPLE_ACTIONS",
@@ -156,8 +156,16 @@ def _check_train(name: str, splits: list[datasets.Dataset], stats: FilterStats, 
         )
 
 
+def vq_tokenizer_for(args: LayoutDataArguments, model) -> ImageTokenizer | None:
+    """The tokenizer that encodes `args`' images: none for shapes (its rows carry exact palette codes), else the
+    model's own VQ model, `vq_batch_size` images per call."""
+    if args.dataset == "shapes":
+        return None
+    return JanusVQTokenizer.from_model(model, batch_size=args.vq_batch_size)
+
+
 def build_layout_datasets(
-    args: LayoutDataArguments, image_tokenizer: ImageTokenizer | None = None, cache_key: str | None = None
+    args: LayoutDataArguments, image_tokenizer: ImageTokenizer | None = None, encode: bool = True
 ) -> tuple[datasets.Dataset, datasets.Dataset | None, FilterStats]:
     """The train and eval datasets of `args`, with at least the columns `caption`, `layout` and `image_codes`.
 
@@ -167,8 +175,11 @@ def build_layout_datasets(
 
     Args:
         args (`LayoutDataArguments`): the data to build.
-        image_tokenizer (`ImageTokenizer`, *optional*): encodes COCO and LayoutSAM images (required for them).
-        cache_key (`str`, *optional*): identifies the tokenizer for the code cache, see [`encode_image_codes`].
+        image_tokenizer (`ImageTokenizer`, *optional*): encodes COCO and LayoutSAM images (required for them); its
+            `cache_key` keys the code cache, see [`encode_image_codes`].
+        encode (`bool`, *optional*, defaults to `True`): `False` returns the layouts alone, without reading a
+            pixel (CycleRL's prompts): no `image_codes`, and no tokenizer needed. LayoutSAM rows without `width` and
+            `height` still open each image's header for its size, since their boxes are in pixels.
 
     Returns:
         `tuple[datasets.Dataset, datasets.Dataset | None, FilterStats]`: train, eval (`None` when
@@ -186,7 +197,7 @@ def build_layout_datasets(
         stats = FilterStats(rows_in=rows, rows_kept=rows)
         logger.info("shapes data: %s", stats.summary())
         return train, eval_dataset, stats
-    if image_tokenizer is None:
+    if encode and image_tokenizer is None:
         raise ValueError(f"dataset={args.dataset!r} needs an image_tokenizer to encode its images")
 
     train, stats = _load(args, "train")
@@ -204,12 +215,13 @@ def build_layout_datasets(
     splits = [train] + ([eval_dataset] if eval_dataset is not None and len(eval_dataset) else [])
     stats.rows_kept = sum(map(len, splits))
     _check_train(args.dataset, splits, stats, "after filtering the annotations")
-    for i, dataset in enumerate(splits):
+    for i, dataset in enumerate(splits if encode else []):
         splits[i], encode_stats = encode_image_codes(
-            dataset, image_tokenizer, args.vq_batch_size, args.on_bad_sample, cache_key
+            dataset, image_tokenizer, args.vq_batch_size, args.on_bad_sample, image_tokenizer.cache_key
         )
         stats.bad_images += encode_stats.bad_images
         stats.rows_kept -= encode_stats.bad_images
-    _check_train(args.dataset, splits, stats, "after dropping unreadable images")
+    if encode:
+        _check_train(args.dataset, splits, stats, "after dropping unreadable images")
     logger.info("%s data: %s", args.dataset, stats.summary())
     return splits[0], (splits[1] if len(splits) > 1 and len(splits[1]) else None), stats
