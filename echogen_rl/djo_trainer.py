@@ -27,6 +27,7 @@ from .modeling import (
     image_logits,
     masked_cross_entropy,
     mixed_forward,
+    refuse_fsdp,
     soft_code_embeddings,
     unwrap_janus,
 )
@@ -160,6 +161,7 @@ class DJOTrainer(SFTTrainer):
         )
         # The loss is a mean per micro-batch, so the Trainer must divide it by the accumulation steps.
         self.model_accepts_loss_kwargs = False
+        refuse_fsdp(self)
         self._last_schedule: dict[str, float] = {}
 
     def schedule(self) -> dict[str, float]:

@@ -52,6 +52,21 @@ def freeze_untrained(model: torch.nn.Module, text_head: bool = True) -> None:
         module.requires_grad_(False)
 
 
+def refuse_fsdp(trainer) -> None:
+    """Stops a trainer under FSDP with a message that says what to use instead.
+
+    The embeddings run before `model.forward` and the two heads after it (only at the positions with a target, so
+    that no [B, T, vocabulary] logits are built). FSDP gathers a module's weights around its `forward` and keeps
+    them sharded elsewhere, so those calls would read shards (under FSDP2: "mixed torch.Tensor and DTensor").
+    """
+    if getattr(trainer, "is_fsdp_enabled", False):
+        raise ValueError(
+            f"{type(trainer).__name__} does not support FSDP: the embeddings and heads run outside the model's "
+            "forward, where FSDP leaves their weights sharded. Use recipes/accelerate_configs/ddp.yaml, or "
+            "zero2.yaml / zero3.yaml to shard optimizer states with DeepSpeed."
+        )
+
+
 def embed_codes(model: torch.nn.Module, codes: torch.Tensor) -> torch.Tensor:
     """Embeddings of image codes through `generation_embeddings -> generation_aligner`."""
     janus = unwrap_janus(model)

@@ -101,3 +101,13 @@ def test_an_update_of_1e_6_changes_fp32_master_weights_and_not_bf16_ones(tiny_ch
     by about the learning rate, which float32 keeps and bfloat16 (8 bits of mantissa) rounds away."""
     assert _fraction_changed_by_a_tiny_update(tiny_checkpoint, tiny_tokenizer, tmp_path / "a", torch.float32) > 0.95
     assert _fraction_changed_by_a_tiny_update(tiny_checkpoint, tiny_tokenizer, tmp_path / "b", torch.bfloat16) < 0.2
+
+
+def test_fsdp_is_refused_with_what_to_use_instead():
+    from types import SimpleNamespace
+
+    from echogen_rl.modeling import refuse_fsdp
+
+    refuse_fsdp(SimpleNamespace(is_fsdp_enabled=False))
+    with pytest.raises(ValueError, match=r"does not support FSDP.*ddp.yaml.*zero2.yaml / zero3.yaml"):
+        refuse_fsdp(SimpleNamespace(is_fsdp_enabled=True))
