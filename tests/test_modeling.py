@@ -37,13 +37,20 @@ def _pack(segments):
 def test_packed_segments_with_block_mask_equal_each_segment_alone(noisy_model, prompts):
     l2i, i2l = prompts.l2i(LAYOUT, CODES), prompts.i2l(CODES, LAYOUT)
     ids, img, seg_ids, pos = _pack([l2i, i2l])
+
+    def alone(s):
+        return mixed_forward(noisy_model, torch.tensor([s.input_ids]), torch.tensor([s.image_mask]))[0]
+
+    before = [alone(s) for s in (l2i, i2l)]
     packed = mixed_forward(noisy_model, ids, img, block_causal_mask(seg_ids), pos)
     varlen = mixed_forward(noisy_model, ids, img, position_ids=pos, segment_ids=seg_ids)
     for k, s in enumerate([l2i, i2l]):
-        alone = mixed_forward(noisy_model, torch.tensor([s.input_ids]), torch.tensor([s.image_mask]))
-        torch.testing.assert_close(packed[0, seg_ids[0] == k], alone[0], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(varlen[0, seg_ids[0] == k], alone[0], atol=1e-5, rtol=1e-5)
-    assert unwrap_janus(noisy_model).config.text_config._attn_implementation == "sdpa"  # restored
+        torch.testing.assert_close(packed[0, seg_ids[0] == k], before[k], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(varlen[0, seg_ids[0] == k], before[k], atol=1e-5, rtol=1e-5)
+        # Segment attention stays installed (gradient checkpointing re-runs the layers after the call); a call
+        # without segments still runs the implementation the model was loaded with, to the bit.
+        torch.testing.assert_close(alone(s), before[k], atol=0, rtol=0)
+    assert unwrap_janus(noisy_model).config.text_config._attn_implementation == "echogen_segments:sdpa"
 
 
 def test_segment_attention_with_padding_rows_and_gradients(noisy_model, prompts):
