@@ -125,18 +125,20 @@ class CycleRLTrainer(GRPOTrainer):
         segments = [self.layout_prompts.l2i_prompt(t) for t in targets]
         batch = pad_segments(segments, self.layout_prompts.pad_id, "left")
 
-        start = time.perf_counter()
-        rollout = self.rollout_engine.generate(
-            batch["input_ids"].to(device),
-            batch["attention_mask"].to(device),
-            guidance_scale=self.args.guidance_scale,
-            temperature=self.args.temperature,
-            top_k=self.args.top_k or None,
-        )
-        rollout_s = time.perf_counter() - start
-        start = time.perf_counter()
-        grounded = self._ground(rollout.codes, [t.phrases for t in targets])
-        grounding_s = time.perf_counter() - start
+        # Under `bf16: true` the weights stay float32: generate and ground in bf16 too, as the loss's forward does.
+        with self.accelerator.autocast():
+            start = time.perf_counter()
+            rollout = self.rollout_engine.generate(
+                batch["input_ids"].to(device),
+                batch["attention_mask"].to(device),
+                guidance_scale=self.args.guidance_scale,
+                temperature=self.args.temperature,
+                top_k=self.args.top_k or None,
+            )
+            rollout_s = time.perf_counter() - start
+            start = time.perf_counter()
+            grounded = self._ground(rollout.codes, [t.phrases for t in targets])
+            grounding_s = time.perf_counter() - start
 
         recovered = [g.layout for g in grounded]
         cycle = [layout_agreement(t, r) for t, r in zip(targets, recovered)]

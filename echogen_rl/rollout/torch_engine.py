@@ -80,8 +80,11 @@ class TorchRolloutEngine(RolloutEngine):
         """Samples the next code from `hidden` and runs the language model one step on it."""
         token, logp = cls._select(janus, hidden, noise, n_rows, guidance_scale, temperature, top_k)
         step = torch.cat([token, token]) if guidance_scale != 1.0 else token
+        # In the dtype of the prompt's text embeddings: under autocast the aligner returns bf16, and the rotary
+        # embeddings (hence the keys written to the cache) follow the input's dtype.
+        embeds = embed_codes(janus, step[:, None]).to(janus.get_input_embeddings().weight.dtype)
         out = janus.model.language_model(
-            inputs_embeds=embed_codes(janus, step[:, None]),
+            inputs_embeds=embeds,
             attention_mask=mask,
             position_ids=positions,
             cache=cache,
