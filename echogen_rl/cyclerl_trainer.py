@@ -14,7 +14,7 @@ from rewards import layout_agreement, load_rewards
 from .cyclerl_config import CycleRLConfig
 from .data.random_layouts import parse_prompt_text
 from .grounding import Grounder
-from .modeling import freeze_untrained, image_token_logprobs, refuse_fsdp, unwrap_janus
+from .modeling import check_sharding, freeze_untrained, image_token_logprobs, unwrap_janus
 from .prompts import PromptBuilder, pad_segments
 from .rollout.base import RolloutEngine
 from .rollout.torch_engine import TorchRolloutEngine
@@ -87,7 +87,7 @@ class CycleRLTrainer(GRPOTrainer):
                 "grounding_model='reference' needs a reference: train with PEFT (the disabled adapter) or beta > 0; "
                 "or set grounding_model='policy'"
             )
-        refuse_fsdp(self)
+        check_sharding(self)
         freeze_untrained(self.model, text_head=False)  # the loss reads image tokens only
         janus = unwrap_janus(self.model)
         self.layout_prompts = PromptBuilder(processing_class, janus.config.vision_config.num_image_tokens)

@@ -23,11 +23,11 @@ from .collators import LoopLossCollator, training_columns
 from .djo_config import DJOConfig
 from .modeling import (
     TargetLoss,
+    check_sharding,
     freeze_untrained,
     image_logits,
     masked_cross_entropy,
     mixed_forward,
-    refuse_fsdp,
     soft_code_embeddings,
     unwrap_janus,
 )
@@ -161,7 +161,7 @@ class DJOTrainer(SFTTrainer):
         )
         # The loss is a mean per micro-batch, so the Trainer must divide it by the accumulation steps.
         self.model_accepts_loss_kwargs = False
-        refuse_fsdp(self)
+        check_sharding(self)
         self._last_schedule: dict[str, float] = {}
 
     def schedule(self) -> dict[str, float]:

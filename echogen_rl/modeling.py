@@ -9,10 +9,13 @@ Text is read out by `lm_head`, codes by `generation_head`, and only at the posit
 
 from __future__ import annotations
 
+import os
+import warnings
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import DistributedType
 from transformers import AttentionInterface, DynamicCache, JanusForConditionalGeneration
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -52,18 +55,28 @@ def freeze_untrained(model: torch.nn.Module, text_head: bool = True) -> None:
         module.requires_grad_(False)
 
 
-def refuse_fsdp(trainer) -> None:
-    """Stops a trainer under FSDP with a message that says what to use instead.
+def check_sharding(trainer) -> None:
+    """Stops a trainer under FSDP with a message that says what to use instead, and warns when an accelerate config
+    asked for FSDP or DeepSpeed but the processes run plain data parallelism (accelerate does so on CPUs).
 
     The embeddings run before `model.forward` and the two heads after it (only at the positions with a target, so
     that no [B, T, vocabulary] logits are built). FSDP gathers a module's weights around its `forward` and keeps
     them sharded elsewhere, so those calls would read shards (under FSDP2: "mixed torch.Tensor and DTensor").
     """
+    name = type(trainer).__name__
     if getattr(trainer, "is_fsdp_enabled", False):
         raise ValueError(
-            f"{type(trainer).__name__} does not support FSDP: the embeddings and heads run outside the model's "
-            "forward, where FSDP leaves their weights sharded. Use recipes/accelerate_configs/ddp.yaml, or "
-            "zero2.yaml / zero3.yaml to shard optimizer states with DeepSpeed."
+            f"{name} does not support FSDP: the embeddings and heads run outside the model's forward, where FSDP "
+            "leaves their weights sharded. Use recipes/accelerate_configs/ddp.yaml, or zero2.yaml / zero3.yaml to "
+            "shard with DeepSpeed."
+        )
+    asked = [kind for kind in ("DEEPSPEED", "FSDP") if os.environ.get(f"ACCELERATE_USE_{kind}", "").lower() == "true"]
+    accelerator = getattr(trainer, "accelerator", None)
+    if asked and accelerator is not None and accelerator.distributed_type == DistributedType.MULTI_CPU:
+        warnings.warn(
+            f"{name}: the accelerate config asks for {asked[0]}, but on CPU processes accelerate runs plain data "
+            "parallelism (every process holds the whole model and optimizer state).",
+            stacklevel=2,
         )
 
 

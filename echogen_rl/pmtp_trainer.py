@@ -11,10 +11,10 @@ from .collators import PMTPCollator, training_columns
 from .modeling import (
     TargetLoss,
     block_causal_mask,
+    check_sharding,
     freeze_untrained,
     masked_cross_entropy,
     mixed_forward,
-    refuse_fsdp,
     unwrap_janus,
 )
 from .pmtp_config import PMTPConfig
@@ -86,7 +86,7 @@ class PMTPTrainer(SFTTrainer):
         )
         # The loss is a mean per micro-batch, so the Trainer must divide it by the accumulation steps.
         self.model_accepts_loss_kwargs = False
-        refuse_fsdp(self)
+        check_sharding(self)
         self._tokens = {"train": 0, "eval": 0}
         self._clock = {"train": time.perf_counter(), "eval": time.perf_counter()}
 

@@ -6,8 +6,11 @@ float32 weights (mixed precision) a step trains and the weights stay float32, so
 resolution still changes them.
 """
 
+import warnings
+
 import pytest
 import torch
+from accelerate.utils import DistributedType
 from transformers import JanusForConditionalGeneration
 
 from echogen_rl.cyclerl_config import CycleRLConfig
@@ -106,8 +109,21 @@ def test_an_update_of_1e_6_changes_fp32_master_weights_and_not_bf16_ones(tiny_ch
 def test_fsdp_is_refused_with_what_to_use_instead():
     from types import SimpleNamespace
 
-    from echogen_rl.modeling import refuse_fsdp
+    from echogen_rl.modeling import check_sharding
 
-    refuse_fsdp(SimpleNamespace(is_fsdp_enabled=False))
+    check_sharding(SimpleNamespace(is_fsdp_enabled=False))
     with pytest.raises(ValueError, match=r"does not support FSDP.*ddp.yaml.*zero2.yaml / zero3.yaml"):
-        refuse_fsdp(SimpleNamespace(is_fsdp_enabled=True))
+        check_sharding(SimpleNamespace(is_fsdp_enabled=True))
+
+
+def test_an_fsdp_config_on_cpu_processes_warns_that_it_runs_plain_data_parallelism(
+    tiny_checkpoint, tiny_tokenizer, tmp_path, monkeypatch
+):
+    """On CPU processes accelerate silently replaces a DeepSpeed (or FSDP) config by plain data parallelism."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        _trainer("pmtp", tiny_checkpoint, tiny_tokenizer, tmp_path)  # nothing asked: no warning
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setattr("accelerate.Accelerator.distributed_type", DistributedType.MULTI_CPU)
+    with pytest.warns(UserWarning, match="asks for FSDP, but on CPU processes accelerate runs plain data"):
+        _trainer("pmtp", tiny_checkpoint, tiny_tokenizer, tmp_path)
