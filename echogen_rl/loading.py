@@ -37,6 +37,12 @@ def require_start_checkpoint(path: str, producer: str | os.PathLike) -> None:
                 f"the start checkpoint {path} does not exist yet. Make it with:\n"
                 f"  accelerate launch recipes/{producer.name} --config recipes/configs/{producer.stem}/{config.name}"
             )
+    # A path whose folder exists here is meant as a local checkpoint, not a hub id: say so rather than ask the hub.
+    if len(Path(path).parts) > 1 and Path(path).parent.is_dir():
+        raise SystemExit(
+            f"no checkpoint at {path} (no config.json), and no shipped {producer.stem} config writes it. Point "
+            f"model_name_or_path at the output_dir of your {producer.stem} run."
+        )
 
 
 def load_janus(

@@ -172,3 +172,13 @@ def test_recipe_without_its_pmtp_checkpoint_names_the_command(tmp_path, monkeypa
         SystemExit, match="accelerate launch recipes/pmtp.py --config recipes/configs/pmtp/shapes_tiny.yaml"
     ):
         recipe["main"](*args)
+
+
+def test_a_missing_local_start_that_no_config_makes_is_named(tmp_path, monkeypatch):
+    from echogen_rl.loading import require_start_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()
+    with pytest.raises(SystemExit, match=r"no checkpoint at outputs/pmtp-typo .*no shipped pmtp config writes it"):
+        require_start_checkpoint("outputs/pmtp-typo", ROOT / "recipes/pmtp.py")
+    require_start_checkpoint("deepseek-community/Janus-Pro-1B", ROOT / "recipes/pmtp.py")  # a hub id passes
