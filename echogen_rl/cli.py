@@ -25,6 +25,27 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dry_run(args: argparse.Namespace) -> int:
+    import signal
+
+    from .dry_run import format_report, run_dry_run
+
+    # A killed run must still remove its temporary checkpoint (GBs at real size): SIGTERM unwinds as Ctrl-C does.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    report = run_dry_run(
+        args.config,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        stage=args.stage,
+        architecture=args.architecture,
+        overrides=args.overrides,
+        json_path=args.json,
+        work_dir=args.work_dir,
+    )
+    print(format_report(report))
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     from .evaluation import run_eval
 
@@ -106,6 +127,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--quick", action="store_true", help="a few steps per stage: checks the pipeline, learns nothing")
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser(
+        "dry-run",
+        help="a real-size step of a training config on a random-init model: time, tokens, memory, GPU estimate",
+        description="Runs the config's own recipe for a few steps on a random-init checkpoint of its architecture "
+        "(synthetic data where its data paths are absent) and estimates GPU memory per device at its batch. "
+        "Config fields to override go after --, as on the recipe's command line.",
+    )
+    p.add_argument("--config", required=True, help="a stage's YAML config, e.g. recipes/configs/pmtp/*.yaml")
+    p.add_argument("--steps", type=int, default=1, help="optimizer steps to run")
+    p.add_argument("--batch-size", type=int, default=1, help="per-device batch of the dry run (CycleRL: x2 groups)")
+    p.add_argument("--stage", choices=["pmtp", "djo", "cyclerl"], help="by default from the config's folder or fields")
+    p.add_argument(
+        "--architecture",
+        help="instead of following model_name_or_path: janus_pro_1b, janus_pro_7b, tiny, or a checkpoint/config.json",
+    )
+    p.add_argument("--json", help="also write the report to this JSON file")
+    p.add_argument("--work-dir", help="where the temporary checkpoint, data and output go (default: the temp dir)")
+    p.add_argument("overrides", nargs="*", help="config fields after --, e.g. -- --gradient_checkpointing false")
+    p.set_defaults(func=_dry_run)
 
     p = sub.add_parser("eval", help="evaluate L2I and I2L on held-out layouts; writes eval.json and eval.png")
     p.add_argument("--model", required=True, help="Janus checkpoint directory or hub id")

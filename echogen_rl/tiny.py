@@ -97,9 +97,20 @@ def tiny_vocabulary() -> list[str]:
     return list(dict.fromkeys(words))
 
 
-def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer; every coordinate 0..1000 is one token, as a layout is short that way."""
-    vocab = {w: i for i, w in enumerate(tiny_vocabulary())}
+def build_tiny_tokenizer(vocab_size: int | None = None) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer; every coordinate 0..1000 is one token, as a layout is short that way.
+
+    Args:
+        vocab_size (`int`, *optional*): pad the vocabulary with unused filler tokens to this size, e.g. to stand
+            in for Janus-Pro's tokenizer (102400) with ids spread over a real-size embedding; by default the
+            vocabulary is exactly `tiny_vocabulary()`.
+    """
+    words = tiny_vocabulary()
+    if vocab_size is not None:
+        if vocab_size < len(words):
+            raise ValueError(f"vocab_size must be at least the {len(words)} tiny tokens, got {vocab_size}")
+        words += [f"<filler_{i}>" for i in range(vocab_size - len(words))]
+    vocab = {w: i for i, w in enumerate(words)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
@@ -179,14 +190,19 @@ def build_tiny_model(config: TinyJanusConfig, tokenizer: PreTrainedTokenizerFast
     # budget learning to tell codes apart: teacher-forced, it did not even copy a shape's color to the next cell.
     with torch.no_grad():
         model.model.generation_embeddings.weight.normal_(0.0, 1.0)
-    model.generation_config = GenerationConfig(
+    model.generation_config = janus_generation_config(tokenizer)
+    return model.eval()
+
+
+def janus_generation_config(tokenizer: PreTrainedTokenizerFast) -> GenerationConfig:
+    """Janus-Pro's generation settings (CFG 5, the image starts after `<begin_of_image>`) for `tokenizer`'s ids."""
+    return GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         guidance_scale=5.0,
         generation_kwargs={"boi_token_id": tokenizer.convert_tokens_to_ids(BOI_TOKEN)},
     )
-    return model.eval()
 
 
 def build_tiny_checkpoint(

@@ -1,0 +1,314 @@
+"""`echogen-rl dry-run`: stage and architecture resolution, the stand-in checkpoint and data, the run and its report."""
+
+import inspect
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+from transformers import JanusConfig, JanusForConditionalGeneration, Trainer, TrainerCallback
+
+from echogen_rl.architectures import (
+    Architecture,
+    build_random_checkpoint,
+    load_architecture,
+    resolve_architecture,
+    write_random_checkpoint,
+)
+from echogen_rl.cli import main as cli_main
+from echogen_rl.data.sources import LayoutDataArguments, build_layout_datasets, load_coco, load_layoutsam
+from echogen_rl.data.synthetic import synthesize_missing, write_coco, write_layoutsam
+from echogen_rl.dry_run import estimate_gpu_memory, infer_stage, run_dry_run
+from echogen_rl.image_tokenizers import PaletteTokenizer
+from echogen_rl.layout import LAYOUT_TAGS, Layout
+from echogen_rl.loading import load_janus
+from echogen_rl.tiny import SPECIAL_TOKENS, build_tiny_tokenizer, tiny_vocabulary
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "recipes" / "configs"
+GPU_CONFIGS = sorted(CONFIGS.glob("*/janus_pro_*.yaml"))
+
+
+def _small_architecture(path: Path) -> Path:
+    """Janus-Pro-1B's config at toy size (vocabulary 2048, 8 x 8 image codes): the real layout, seconds to run."""
+    arch = json.loads((ROOT / "echogen_rl/architectures/janus_pro_1b.json").read_text())
+    arch["text_config"].update(
+        vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=2, head_dim=16
+    )
+    arch["text_config"].update(num_attention_heads=4, num_key_value_heads=4, bos_token_id=None)
+    arch["text_config"].update(eos_token_id=None, pad_token_id=None)
+    arch["vision_config"].update(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, projection_dim=64)
+    arch["vision_config"].update(image_size=32, patch_size=4, num_image_tokens=64)
+    arch["vq_config"].update(num_embeddings=512, latent_channels=32, base_channels=32, channel_multiplier=[1, 1, 1])
+    arch["vq_config"].update(num_res_blocks=1, num_patches=8, projection_dim=64, image_token_embed_dim=64)
+    arch["image_token_id"] = 0
+    path.write_text(json.dumps(arch))
+    return path
+
+
+def _write_yaml(path: Path, values: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+# -- stage and architecture ------------------------------------------------------------------------------------------
+
+
+def test_stage_comes_from_the_folder_then_the_fields_and_an_explicit_stage_wins(tmp_path):
+    assert infer_stage(CONFIGS / "djo/shapes_tiny.yaml", {}) == "djo"
+    assert infer_stage(tmp_path / "mine.yaml", {"loop_weight": 0.5, "learning_rate": 1e-4}) == "djo"
+    assert infer_stage(tmp_path / "mine.yaml", {"reward_funcs": ["cycle_iou"]}) == "cyclerl"
+    assert infer_stage(tmp_path / "mine.yaml", {"num_generations": 4}) == "cyclerl"
+    assert infer_stage(tmp_path / "mine.yaml", {"uncond_prob": 0.1}) == "pmtp"
+    assert infer_stage(CONFIGS / "djo/shapes_tiny.yaml", {}, stage="pmtp") == "pmtp"
+    with pytest.raises(ValueError, match="no stage-specific field"):
+        infer_stage(tmp_path / "mine.yaml", {"learning_rate": 1e-4})
+    with pytest.raises(ValueError, match="fields of pmtp and djo"):
+        infer_stage(tmp_path / "mine.yaml", {"uncond_prob": 0.1, "loop_weight": 1.0})
+    with pytest.raises(ValueError, match="stage must be one of"):
+        infer_stage(tmp_path / "mine.yaml", {}, stage="sft")
+
+
+def test_shipped_architectures_have_the_published_sizes():
+    small, large = load_architecture("deepseek-community/Janus-Pro-1B"), load_architecture("janus_pro_7b")
+    for config, (hidden, layers, heads, mlp) in ((small, (2048, 24, 16, 5632)), (large, (4096, 30, 32, 11008))):
+        text = config.text_config
+        assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads) == (hidden, layers, heads)
+        assert (text.intermediate_size, text.vocab_size, text.max_position_embeddings) == (mlp, 102400, 16384)
+        assert config.vision_config.image_size == 384 and config.vision_config.num_image_tokens == 576
+        assert config.vq_config.num_embeddings == 16384 and config.vq_config.num_patches == 24
+        assert config.vq_config.image_token_embed_dim == config.vision_config.projection_dim == hidden
+    with torch.device("meta"):  # sizes only, no memory
+        counts = [sum(p.numel() for p in JanusForConditionalGeneration(c).parameters()) for c in (small, large)]
+    assert 2.0e9 < counts[0] < 2.2e9 and 7.3e9 < counts[1] < 7.5e9
+    with pytest.raises(ValueError, match="unknown architecture"):
+        load_architecture("janus_pro_70b")
+
+
+def test_architecture_follows_the_chain_of_configs_back_to_a_hub_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the chain's relative outputs/... must not exist
+    arch = resolve_architecture("outputs/pmtp-janus-pro-1b-coco")
+    assert arch.config.text_config.hidden_size == 2048 and arch.via == [str(CONFIGS / "pmtp/janus_pro_1b_coco.yaml")]
+    arch = resolve_architecture("outputs/djo-shapes-tiny")  # DJO <- PMTP <- the tiny checkpoint
+    assert arch.config is None
+    assert [Path(v).parent.name for v in arch.via] == ["djo", "pmtp"]
+
+    configs = tmp_path / "configs"
+    _write_yaml(
+        configs / "pmtp/a.yaml", {"model_name_or_path": "deepseek-community/Janus-Pro-7B", "output_dir": "o/a"}
+    )
+    _write_yaml(configs / "djo/b.yaml", {"model_name_or_path": "o/a", "output_dir": "o/b"})
+    arch = resolve_architecture("o/b", config_dirs=[configs])
+    assert arch.config.text_config.num_hidden_layers == 30
+    assert arch.via == [str(configs / "djo/b.yaml"), str(configs / "pmtp/a.yaml")]
+
+    _write_yaml(configs / "djo/loop.yaml", {"model_name_or_path": "o/loop", "output_dir": "o/loop"})
+    for missing in ("o/nowhere", "o/loop"):
+        with pytest.raises(ValueError, match="--architecture janus_pro_1b"):
+            resolve_architecture(missing, config_dirs=[configs])
+
+
+def test_architecture_of_a_local_checkpoint_or_an_explicit_choice(tiny_checkpoint, tmp_path):
+    arch = resolve_architecture(str(tiny_checkpoint))
+    assert "local checkpoint" in arch.source and arch.config.vision_config.num_image_tokens == 64
+    assert resolve_architecture("anything", architecture="tiny").config is None
+    assert resolve_architecture("anything", architecture="janus_pro_7b").config.text_config.hidden_size == 4096
+    small = _small_architecture(tmp_path / "small.json")
+    assert resolve_architecture("anything", architecture=str(small)).config.text_config.vocab_size == 2048
+
+
+# -- the stand-in checkpoint and data --------------------------------------------------------------------------------
+
+
+def test_padded_tokenizer_keeps_the_tiny_layout_and_stays_in_the_vocabulary():
+    tiny, padded = build_tiny_tokenizer(), build_tiny_tokenizer(vocab_size=102400)
+    assert len(padded) == 102400
+    for token in (*SPECIAL_TOKENS, *LAYOUT_TAGS):
+        assert padded.convert_tokens_to_ids(token) == tiny.convert_tokens_to_ids(token) < len(tiny_vocabulary())
+    text = (
+        "a red circle "
+        + Layout.from_json(
+            '{"caption": "x", "entities": [{"phrase": "red circle", "box": [0.1, 0.2, 0.5, 0.9]}]}'
+        ).to_text()
+    )
+    ids = padded(text).input_ids
+    assert ids == tiny(text).input_ids and max(ids) < 102400 and padded.unk_token_id not in ids
+    with pytest.raises(ValueError, match="vocab_size must be at least"):
+        build_tiny_tokenizer(vocab_size=10)
+
+
+def test_random_checkpoint_loads_like_a_real_one_with_sane_weights(tmp_path):
+    arch = Architecture(JanusConfig.from_json_file(_small_architecture(tmp_path / "small.json")), "small")
+    path = write_random_checkpoint(arch, tmp_path / "ckpt")  # stored in the architecture's dtype, bfloat16
+    model, tokenizer = load_janus(str(path), "float32")
+    assert len(tokenizer) == 2048 == model.config.text_config.vocab_size  # the layout tags were already there
+    assert model.config.image_token_id == tokenizer.convert_tokens_to_ids("<image_placeholder>")
+    assert model.config.text_config.pad_token_id == tokenizer.pad_token_id
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
+    q_proj = model.model.language_model.layers[0].self_attn.q_proj.weight
+    assert 0.015 < q_proj.std().item() < 0.025
+    assert torch.equal(model.model.language_model.norm.weight, torch.ones(64))
+    assert not torch.equal(q_proj, model.model.language_model.layers[1].self_attn.q_proj.weight)
+    with pytest.raises(ValueError, match="more than vocab_size"):
+        build_random_checkpoint(arch.config, build_tiny_tokenizer(4096), tmp_path / "too-big")
+
+
+def test_synthetic_coco_and_layoutsam_load_through_the_real_loaders(tmp_path):
+    coco = write_coco(tmp_path / "coco", 3, num_entities=4, seed=1)
+    rows, stats = load_coco(**coco, cache_dir=tmp_path / "cache")
+    assert len(rows) == 3 and stats.bad_layouts == 0 and stats.tiny_boxes_dropped == 0
+    assert all(len(Layout.from_json(r).entities) == 4 for r in rows["layout"])
+    assert Image.open(rows["image_path"][0]).size == (640, 480)
+
+    sam = write_layoutsam(tmp_path / "sam", 3, num_entities=10)
+    first = json.loads(sam["file"].read_text().splitlines()[0])
+    assert isinstance(first["bbox_list"], str) and isinstance(first["detail_region_caption_list"], str)
+    rows, stats = load_layoutsam(sam["file"], sam["image_dir"], cache_dir=tmp_path / "cache")
+    assert len(rows) == 3 and stats.bad_layouts == stats.bad_images == 0
+    assert Layout.from_json(rows["layout"][0]).entities[0].phrase.startswith("a ")  # the detail captions
+
+    args = LayoutDataArguments(
+        dataset="coco",
+        coco_instances_file=str(coco["instances_file"]),
+        coco_captions_file=str(coco["captions_file"]),
+        coco_image_dir=str(coco["image_dir"]),
+        num_eval_samples=0,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    train, _, _ = build_layout_datasets(args, PaletteTokenizer())  # and on through the image encoding
+    assert len(train) == 3 and all(len(codes) == 64 for codes in train["image_codes"])
+
+    assert synthesize_missing(args, tmp_path / "unused", 2) == {}  # existing paths are used as they are
+    args.layoutsam_file, args.dataset = "data/nowhere.jsonl", "layoutsam"
+    written = synthesize_missing(args, tmp_path / "made", 2)
+    assert set(written) == {"layoutsam_file", "layoutsam_image_dir"} and Path(written["layoutsam_file"]).is_file()
+
+
+# -- the run and its report ------------------------------------------------------------------------------------------
+
+
+def test_the_hooks_the_dry_run_relies_on_exist():
+    assert list(inspect.signature(Trainer.save_model).parameters) == ["self", "output_dir", "_internal_call"]
+    for event in ("on_train_begin", "on_step_begin", "on_pre_optimizer_step", "on_step_end", "on_train_end"):
+        assert callable(getattr(TrainerCallback, event))
+    from accelerate import Accelerator
+
+    assert "loss" in inspect.signature(Accelerator.backward).parameters
+
+
+def _check_report(report: dict, steps: int) -> None:
+    measured, estimate = report["measured"], report["estimate"]
+    assert len(measured["steps"]) == steps
+    assert all(s["seconds"] > 0 and s["tokens"] > 0 for s in measured["steps"])
+    params = measured["parameters"]
+    assert params["total"] >= params["trainable"] > 0 and params["weights_bytes"] > 0
+    assert measured["process_peak_bytes"] > params["weights_bytes"]
+    assert math.isfinite(measured["last_log"]["loss"])
+    parts = sum(estimate[f"{k}_bytes"] for k in ("weights", "gradients", "optimizer", "activations"))
+    assert estimate["single_device_bytes"] == pytest.approx(parts, abs=4)
+    assert estimate["optimizer_bytes"] == 2 * estimate["gradients_bytes"] == 2 * params["trainable_bytes"]
+
+
+@pytest.mark.parametrize("stage", ["pmtp", "djo", "cyclerl"])
+def test_dry_run_of_the_tiny_shapes_configs(stage, tmp_path, capsys):
+    """DJO and CycleRL start from a PMTP / DJO output that does not exist: the dry run follows the configs back to
+    the tiny checkpoint and runs on random init, with the recipe's own settings except those it lists."""
+    config = CONFIGS / stage / "shapes_tiny.yaml"
+    report_file = tmp_path / "report.json"
+    argv = ["dry-run", "--config", str(config), "--steps", "2", "--json", str(report_file)]
+    assert cli_main([*argv, "--work-dir", str(tmp_path), "--", "--seed", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "MEASURED" in printed and "ESTIMATED GPU memory per device" in printed
+    report = json.loads(report_file.read_text())
+    _check_report(report, steps=2)
+    assert (
+        report["stage"] == stage
+        and report["architecture"]["via"]
+        == {
+            "pmtp": [],
+            "djo": [str(CONFIGS / "pmtp/shapes_tiny.yaml")],
+            "cyclerl": [str(CONFIGS / "djo/shapes_tiny.yaml"), str(CONFIGS / "pmtp/shapes_tiny.yaml")],
+        }[stage]
+    )
+    assert report["changed"]["max_steps"] == 2 and report["overrides"] == ["--seed", "3"]
+    assert report["estimate"]["per_device_batch"] == yaml.safe_load(config.read_text())["per_device_train_batch_size"]
+    changed = report["measured"]["trainable_values"]
+    if stage == "cyclerl":  # a random grounder earns no reward: every advantage is 0 and nothing moves
+        assert report["measured"]["per_device_batch"] == 2 and report["changed"]["num_generations"] == 2
+    else:
+        assert changed["tensors_changed"] == changed["tensors_sampled"] > 0
+    assert not list(tmp_path.glob("echogen-dry-run-*"))  # the checkpoint, data and output are removed
+
+
+@pytest.mark.parametrize("config", GPU_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_dry_run_of_the_gpu_configs_on_a_small_architecture(config, tmp_path, monkeypatch):
+    """Every GPU config's own settings (bf16, gradient checkpointing, LoRA, its data format, synthesized here) on
+    Janus-Pro's layout at toy size."""
+    monkeypatch.chdir(tmp_path)  # data/... and outputs/... do not exist here
+    small = _small_architecture(tmp_path / "small.json")
+    report = run_dry_run(config, steps=2, architecture=str(small), work_dir=tmp_path)
+    _check_report(report, steps=2)
+    values = yaml.safe_load(config.read_text())
+    data_keys = {"coco": "coco_instances_file", "layoutsam": "layoutsam_file"}
+    assert data_keys[values["dataset"]] in report["changed"]  # the config's paths are absent: synthetic rows
+    launch = report["estimate"]["launch"]
+    assert (
+        launch["num_processes"] == 8
+        and report["estimate"]["sharded_bytes"] <= report["estimate"]["single_device_bytes"]
+    )
+
+
+def test_a_bad_yaml_fails_as_the_recipe_would(tmp_path):
+    bad = _write_yaml(tmp_path / "pmtp" / "bad.yaml", {"dataset": "shapes", "lerning_rate": 0.1, "output_dir": "x"})
+    with pytest.raises(ValueError, match="lerning_rate"):
+        run_dry_run(bad, work_dir=tmp_path)
+    assert not list(tmp_path.glob("echogen-dry-run-*"))
+
+
+def test_gpu_estimate_adds_the_parts_and_shards_what_the_launch_config_shards():
+    measured = {
+        "parameters": {"weights_bytes": 400, "trainable_bytes": 100, "trainable": 25},
+        "steps": [{"forward_bytes": 30}],
+        "per_device_batch": 2,
+    }
+    args = SimpleNamespace(optim="adamw_torch", per_device_train_batch_size=8, beta=0.04)
+    plain = estimate_gpu_memory(measured, "pmtp", args, SimpleNamespace(use_peft=False), None)
+    assert (plain["activations_bytes"], plain["optimizer_bytes"], plain["single_device_bytes"]) == (120, 200, 820)
+    zero2 = (
+        "zero2.yaml",
+        {"distributed_type": "DEEPSPEED", "num_processes": 4, "deepspeed_config": {"zero_stage": 2}},
+    )
+    sharded = estimate_gpu_memory(measured, "pmtp", args, SimpleNamespace(use_peft=False), zero2)
+    assert sharded["sharded_bytes"] == 400 + 100 / 4 + 200 / 4 + 120
+    assert sharded["sharded_formula"] == "weights + gradients/4 + optimizer/4 + activations"
+    fsdp = ("fsdp.yaml", {"distributed_type": "FSDP", "num_processes": 4})
+    assert (
+        estimate_gpu_memory(measured, "djo", args, SimpleNamespace(use_peft=False), fsdp)["sharded_bytes"]
+        == 700 / 4 + 120
+    )
+    full = estimate_gpu_memory(measured, "cyclerl", args, SimpleNamespace(use_peft=False), None)
+    assert full["reference_model"] and full["weights_bytes"] == 800  # beta > 0 without LoRA: a reference copy
+    assert not estimate_gpu_memory(measured, "cyclerl", args, SimpleNamespace(use_peft=True), None)["reference_model"]
+    eight_bit = SimpleNamespace(optim="adamw_8bit", per_device_train_batch_size=8, beta=0.0)
+    assert (
+        estimate_gpu_memory(measured, "pmtp", eight_bit, SimpleNamespace(use_peft=False), None)["optimizer_bytes"]
+        == 50
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", GPU_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_real_size_dry_run_of_every_gpu_config(config, tmp_path, monkeypatch):
+    """One real-size step of each GPU config (Janus-Pro-1B, random init). On a CPU: tens of minutes each (bf16 autocast
+    is slow there) and about 30 GB of RAM (float32 weights, gradients and AdamW states; CycleRL full adds a reference
+    copy). DJO and CycleRL find their architecture through the PMTP / DJO config that makes their start checkpoint."""
+    monkeypatch.chdir(tmp_path)
+    report = run_dry_run(config, steps=1, work_dir=tmp_path)
+    _check_report(report, steps=1)
+    assert report["measured"]["parameters"]["total"] > 2.0e9
+    assert report["estimate"]["single_device_bytes"] > report["estimate"]["weights_bytes"]
