@@ -22,7 +22,7 @@ from echogen_rl.architectures import (
 from echogen_rl.cli import main as cli_main
 from echogen_rl.data.sources import LayoutDataArguments, build_layout_datasets, load_coco, load_layoutsam
 from echogen_rl.data.synthetic import synthesize_missing, write_coco, write_layoutsam
-from echogen_rl.dry_run import estimate_gpu_memory, infer_stage, run_dry_run
+from echogen_rl.dry_run import cpu_adjustments, estimate_gpu_memory, infer_stage, run_dry_run
 from echogen_rl.image_tokenizers import PaletteTokenizer
 from echogen_rl.layout import LAYOUT_TAGS, Layout
 from echogen_rl.loading import load_janus
@@ -304,11 +304,24 @@ def test_gpu_estimate_adds_the_parts_and_shards_what_the_launch_config_shards():
 @pytest.mark.slow
 @pytest.mark.parametrize("config", GPU_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_real_size_dry_run_of_every_gpu_config(config, tmp_path, monkeypatch):
-    """One real-size step of each GPU config (Janus-Pro-1B, random init). On a CPU: tens of minutes each (bf16 autocast
-    is slow there) and about 30 GB of RAM (float32 weights, gradients and AdamW states; CycleRL full adds a reference
-    copy). DJO and CycleRL find their architecture through the PMTP / DJO config that makes their start checkpoint."""
+    """One real-size step of each GPU config (Janus-Pro-1B, random init). On a 2-core CPU 4 to 15 minutes each and
+    up to about 20 GiB of RAM (float32 compute; full fine-tuning steps without optimizer state, see
+    `cpu_adjustments`). DJO and CycleRL find their architecture through the PMTP / DJO config that makes their start
+    checkpoint."""
     monkeypatch.chdir(tmp_path)
     report = run_dry_run(config, steps=1, work_dir=tmp_path)
     _check_report(report, steps=1)
     assert report["measured"]["parameters"]["total"] > 2.0e9
     assert report["estimate"]["single_device_bytes"] > report["estimate"]["weights_bytes"]
+
+
+def test_cpu_adjustments_compute_in_float32_and_drop_adamw_states_only_where_they_cannot_fit(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    big = resolve_architecture("deepseek-community/Janus-Pro-1B")
+    full = SimpleNamespace(bf16=True, beta=0.0, optim="adamw_torch_fused")
+    fp32 = SimpleNamespace(use_peft=False, dtype="float32")
+    # Janus-Pro-1B in float32 with AdamW: about 27 GiB, more than 70% of this machine's memory.
+    assert cpu_adjustments(big, "pmtp", full, fp32) == {"bf16": False, "optim": "sgd"}
+    assert cpu_adjustments(big, "cyclerl", full, SimpleNamespace(use_peft=True, dtype="float32")) == {"bf16": False}
+    tiny = resolve_architecture("outputs/tiny-janus", build_tiny_if_missing=True)
+    assert cpu_adjustments(tiny, "pmtp", SimpleNamespace(bf16=False, beta=0.0, optim="adamw_torch"), fp32) == {}
