@@ -304,7 +304,7 @@ def test_gpu_estimate_adds_the_parts_and_shards_what_the_launch_config_shards():
 @pytest.mark.slow
 @pytest.mark.parametrize("config", GPU_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_real_size_dry_run_of_every_gpu_config(config, tmp_path, monkeypatch):
-    """One real-size step of each GPU config (Janus-Pro-1B, random init). On a 2-core CPU 4 to 15 minutes each and
+    """One real-size step of each GPU config (Janus-Pro-1B, random init). On a 2-core CPU 4 to 35 minutes each and
     up to about 20 GiB of RAM (float32 compute; full fine-tuning steps without optimizer state, see
     `cpu_adjustments`). DJO and CycleRL find their architecture through the PMTP / DJO config that makes their start
     checkpoint."""
