@@ -148,7 +148,7 @@ class JanusVQTokenizer(ImageTokenizer):
     @cached_property
     def cache_key(self) -> str:
         """A hash of the VQ model's weights and sizes (not of the checkpoint path: every stage's checkpoint carries
-        the same frozen VQ model). Read once: hashing Janus-Pro's VQ weights takes about a second."""
+        the same frozen VQ model), computed once per tokenizer."""
         digest = hashlib.sha256(f"janus-vq-{self.image_size}-{self.grid_size}-{self.codebook_size}".encode())
         for name, tensor in sorted(self.vqmodel.state_dict().items()):
             digest.update(name.encode())
