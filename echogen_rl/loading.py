@@ -19,6 +19,14 @@ from .tiny import ensure_tiny_checkpoint
 DEFAULT_LORA_TARGETS = r".*(language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)|generation_head\.(proj_out|vision_head))"
 
 
+def producing_config(path: str, configs_dir: str | os.PathLike, stage: str = "*") -> Path | None:
+    """The config under `configs_dir/<stage>/` whose `output_dir` is `path`: the run that makes that checkpoint."""
+    for config in sorted(Path(configs_dir).glob(f"{stage}/*.yaml")):
+        if Path(str((yaml.safe_load(config.read_text()) or {}).get("output_dir", ""))) == Path(path):
+            return config
+    return None
+
+
 def require_start_checkpoint(path: str, producer: str | os.PathLike) -> None:
     """Stops a recipe before loading anything when its start checkpoint is the not-yet-made output of a shipped
     config of the stage before, and names the command that makes it.
@@ -31,12 +39,12 @@ def require_start_checkpoint(path: str, producer: str | os.PathLike) -> None:
     if (Path(path) / "config.json").exists():
         return
     producer = Path(producer)
-    for config in sorted((producer.parent / "configs" / producer.stem).glob("*.yaml")):
-        if Path(yaml.safe_load(config.read_text()).get("output_dir", "")) == Path(path):
-            raise SystemExit(
-                f"the start checkpoint {path} does not exist yet. Make it with:\n"
-                f"  accelerate launch recipes/{producer.name} --config recipes/configs/{producer.stem}/{config.name}"
-            )
+    config = producing_config(path, producer.parent / "configs", producer.stem)
+    if config is not None:
+        raise SystemExit(
+            f"the start checkpoint {path} does not exist yet. Make it with:\n"
+            f"  accelerate launch recipes/{producer.name} --config recipes/configs/{producer.stem}/{config.name}"
+        )
     # A path whose folder exists here is meant as a local checkpoint, not a hub id: say so rather than ask the hub.
     if len(Path(path).parts) > 1 and Path(path).parent.is_dir():
         raise SystemExit(

@@ -31,6 +31,7 @@ import yaml
 from transformers import JanusConfig, JanusForConditionalGeneration, PreTrainedTokenizerBase
 from transformers.initialization import no_init_weights
 
+from ..loading import producing_config
 from ..tiny import BOI_TOKEN, IMAGE_TOKEN, build_tiny_checkpoint, build_tiny_tokenizer, janus_generation_config
 
 ARCHITECTURES_DIR = Path(__file__).parent
@@ -142,12 +143,7 @@ class Architecture:
 
 
 def _producer(path: str, config_dirs: list[Path]) -> Path | None:
-    """The config whose `output_dir` is `path`: the run that makes this start checkpoint."""
-    for root in config_dirs:
-        for config in sorted(root.glob("*/*.yaml")):
-            if Path(str((yaml.safe_load(config.read_text()) or {}).get("output_dir", ""))) == Path(path):
-                return config
-    return None
+    return next(filter(None, (producing_config(path, root) for root in config_dirs)), None)
 
 
 def resolve_architecture(
