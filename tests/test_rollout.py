@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -95,12 +97,19 @@ def test_bad_logprob_mode_is_rejected(tiny_model, prompts):
         image_token_logprobs(tiny_model, ids, mask, torch.zeros(1, 64, dtype=torch.long), _special(prompts), mode="x")
 
 
-def test_compiled_engine_samples_the_same_codes(noisy_model, prompts):
-    """The compiled static-cache path (prompt re-padded to a bucket) and the eager path agree."""
-    ids, mask = _batch(prompts, LAYOUTS)
-    eager = _engine(noisy_model, prompts).generate(ids, mask, generator=torch.Generator().manual_seed(4))
-    compiled = _engine(noisy_model, prompts, compile=True, bucket=16)
-    out = compiled.generate(ids, mask, generator=torch.Generator().manual_seed(4))
-    assert torch.equal(out.codes, eager.codes)
-    # Fused kernels round differently; the noisy model's logits are large (weights of std 0.2).
-    torch.testing.assert_close(out.logprobs, eager.logprobs, atol=1e-3, rtol=0)
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+)
+def test_compiled_engine_samples_the_same_codes(noisy_model, prompts, device):
+    """The compiled static-cache path (prompt re-padded to a bucket) and the eager path agree; on a GPU the
+    compiled step replays CUDA graphs, whose output buffers are reused from one step to the next."""
+    model = copy.deepcopy(noisy_model).to(device)
+    ids, mask = (t.to(device) for t in _batch(prompts, LAYOUTS))
+    seed = lambda: torch.Generator(device).manual_seed(4)  # noqa: E731
+    eager = _engine(model, prompts).generate(ids, mask, generator=seed())
+    compiled = _engine(model, prompts, compile=True, bucket=16)
+    for _ in range(2):  # the second call replays the recorded graphs
+        out = compiled.generate(ids, mask, generator=seed())
+        assert torch.equal(out.codes, eager.codes)
+        # Fused kernels round differently; the noisy model's logits are large (weights of std 0.2).
+        torch.testing.assert_close(out.logprobs, eager.logprobs, atol=1e-3, rtol=0)

@@ -129,6 +129,9 @@ class TorchRolloutEngine(RolloutEngine):
         positions = positions[:, -1:] + 1
         vocab = janus.model.generation_head.vision_head.out_features
         advance = self._step_fn(ids.device)
+        # CUDA graphs (a compiled step on a GPU) reuse their output buffers at every replay: a step's hidden state
+        # is copied out before the next replay overwrites it (its codes and log-probs are copied below).
+        graphs = self.compile and ids.device.type == "cuda"
         codes = torch.empty(B, N, dtype=torch.long, device=ids.device)
         logprobs = torch.empty(B, N, dtype=torch.float32, device=ids.device)
         for i in range(N):
@@ -137,8 +140,12 @@ class TorchRolloutEngine(RolloutEngine):
                 codes[:, i], logprobs[:, i] = self._select(janus, hidden, noise, B, guidance_scale, temperature, top_k)
                 break
             full_mask[:, T + i] = 1
+            if graphs:
+                torch.compiler.cudagraph_mark_step_begin()
             codes[:, i], logprobs[:, i], hidden = advance(
                 janus, hidden, noise, full_mask, positions, cache, B, guidance_scale, temperature, top_k
             )
+            if graphs:
+                hidden = hidden.clone()
             positions = positions + 1
         return RolloutOutput(codes=codes, logprobs=logprobs)
