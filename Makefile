@@ -7,9 +7,10 @@ PY := $(VENV)/bin/python
 # CUDA build of torch into the venv first (or set TORCH_SPEC): an already-installed torch is kept.
 TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= outputs/demo
+STUDY_DIR ?= outputs/study
 PYTEST_ARGS ?= -n 2
 
-.PHONY: install test test-slow demo quality bench clean
+.PHONY: install test test-slow demo study quality bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +29,9 @@ test-slow: install
 
 demo: install
 	$(VENV)/bin/echogen-rl demo --output-dir $(DEMO_DIR) --overwrite
+
+study: install
+	$(VENV)/bin/echogen-rl study --output-dir $(STUDY_DIR)
 
 quality: install
 	$(VENV)/bin/ruff check $(wildcard echogen_rl rewards recipes tests benchmarks)

@@ -18,6 +18,13 @@ def _init_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _study(args: argparse.Namespace) -> int:
+    from .study import StudyBudget, run_study
+
+    run_study(args.output_dir, StudyBudget.quick() if args.quick else None, split=args.split, seeds=args.seeds)
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import DemoBudget, run_demo
 
@@ -147,6 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", help="where the temporary checkpoint, data and output go (default: the temp dir)")
     p.add_argument("overrides", nargs="*", help="config fields after --, e.g. -- --gradient_checkpointing false")
     p.set_defaults(func=_dry_run)
+
+    p = sub.add_parser(
+        "study",
+        help="each stage against its controls, over several seeds, with confidence intervals (shapes world)",
+    )
+    p.add_argument("--output-dir", default="outputs/study", help="runs, scores, study.json and study.png")
+    p.add_argument("--seeds", type=int, default=None, help="training seeds per stage (default 3)")
+    p.add_argument("--split", choices=("held_out", "validation"), default="held_out", help="layouts to score")
+    p.add_argument("--quick", action="store_true", help="a few steps per run: a pipeline check")
+    p.set_defaults(func=_study)
 
     p = sub.add_parser("eval", help="evaluate L2I and I2L on held-out layouts; writes eval.json and eval.png")
     p.add_argument("--model", required=True, help="Janus checkpoint directory or hub id")

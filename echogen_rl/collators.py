@@ -6,6 +6,7 @@ rows themselves, so the trainers skip TRL's dataset preparation.
 
 from __future__ import annotations
 
+import random
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +36,67 @@ def training_columns(dataset):
     if missing:
         raise ValueError(f"dataset lacks the columns {sorted(missing)} (need caption, layout, image_codes)")
     return dataset.remove_columns([c for c in ("image", "images") if c in dataset.column_names])
+
+
+def dataset_phrases(dataset, limit: int = 100_000) -> tuple[str, ...]:
+    """The distinct entity phrases of a dataset's `layout` column (its first `limit` rows), in first-seen order:
+    the pool [`AbsentPhrases`] draws from."""
+    seen: dict[str, None] = {}
+    for text in dataset.select_columns(["layout"]).select(range(min(limit, len(dataset))))["layout"]:
+        try:
+            seen.update(dict.fromkeys(Layout.from_json(text).phrases))
+        except LayoutError:
+            continue  # the collator names a bad layout when it meets it
+    return tuple(seen)
+
+
+@dataclass
+class AbsentPhrases:
+    """Adds a phrase the image does not hold to some I2L queries, answered "not present" (`<box>[]</box>`).
+
+    So that the grounder refuses what is not there: without such queries it learns that every asked phrase has a
+    box, and boxes the only red thing in an image for "red circle" even when it is a red blob. Half of the added
+    phrases share a word (articles aside) with a phrase of the image, in the shapes world another kind of the same
+    color or the same kind in another color: the hard negatives that teach the grounder to read both words. Which examples, which phrase and where
+    in the query are fixed by the example's content, not drawn (as for `uncond_prob`: a resumed run sees the same).
+
+    Args:
+        prob (`float`): the share of I2L queries that get one absent phrase.
+        pool (`Sequence[str]`): the phrases to draw from (e.g. [`dataset_phrases`]).
+    """
+
+    prob: float
+    pool: Sequence[str]
+
+    def __post_init__(self):
+        if not 0 <= self.prob <= 1:
+            raise ValueError(f"AbsentPhrases.prob must be in [0, 1], got {self.prob}")
+        if self.prob > 0 and not self.pool:
+            raise ValueError("AbsentPhrases: the phrase pool is empty")
+        self.pool = tuple(dict.fromkeys(self.pool))
+
+    def query(self, example: dict, layout: Layout) -> list[str] | None:
+        """The example's I2L query with an absent phrase inserted, or `None` to ask for the layout's phrases."""
+        rng = random.Random(zlib.crc32(f"absent|{_unit_hash(example)}".encode()))
+        if self.prob == 0 or rng.random() >= self.prob:
+            return None
+        present = {_norm(p) for p in layout.phrases}
+        candidates = [p for p in self.pool if _norm(p) not in present]
+        if not candidates:
+            return None
+        words = {w for p in present for w in p.split()} - _ARTICLES
+        hard = [p for p in candidates if words & set(_norm(p).split())]
+        phrase = rng.choice(hard if hard and rng.random() < 0.5 else candidates)
+        query = list(layout.phrases)
+        query.insert(rng.randrange(len(query) + 1), phrase)
+        return query
+
+
+_ARTICLES = {"a", "an", "the"}
+
+
+def _norm(phrase: str) -> str:
+    return " ".join(phrase.lower().split())
 
 
 def example_layout(example: dict, index: int) -> Layout:
@@ -69,6 +131,7 @@ class PMTPCollator:
             resumed run skips, and the resumed run would diverge.
         tasks (`tuple[str, ...]`, *optional*, defaults to `("l2i", "i2l")`): the segments to build; one task
             alone trains a single-task model (the demo's "separate" baseline) without paying for the other.
+        absent (`AbsentPhrases`, *optional*): adds phrases the image does not hold to some I2L queries.
 
     Returns a dict of [R, L] tensors: `input_ids`, `image_mask`, `text_labels`, `image_labels`,
     `segment_ids` (-1 on padding), `position_ids`.
@@ -79,6 +142,7 @@ class PMTPCollator:
     pack: bool = True
     uncond_prob: float = 0.0
     tasks: tuple[str, ...] = ("l2i", "i2l")
+    absent: AbsentPhrases | None = None
 
     def __post_init__(self):
         if not self.tasks or set(self.tasks) - {"l2i", "i2l"}:
@@ -95,7 +159,8 @@ class PMTPCollator:
                     l2i = self.prompts.unconditional(l2i)
                 out.append(l2i)
             if "i2l" in self.tasks:
-                out.append(self.prompts.i2l(codes, layout))
+                query = self.absent.query(example, layout) if self.absent else None
+                out.append(self.prompts.i2l(codes, layout, query=query))
             return out
         except ValueError as err:
             raise ValueError(f"example {index} ({layout.caption[:60]!r}): {err}") from err
@@ -161,6 +226,8 @@ class LoopLossCollator:
         prompts (`PromptBuilder`): builds the two sequences.
         max_length (`int`, *optional*): most tokens per sequence; a longer one is an error naming its sample
             (truncating would cut image codes). `None`: no limit.
+        absent (`AbsentPhrases`, *optional*): adds phrases the image does not hold to some I2L queries, so that
+            the loop loss also asks the generated image what it must not show.
 
     Returns a dict of right-padded tensors: `input_ids`, `image_mask`, `attention_mask`, `text_labels` and
     `image_labels` of each batch, prefixed `l2i_` and `i2l_`.
@@ -168,6 +235,7 @@ class LoopLossCollator:
 
     prompts: PromptBuilder
     max_length: int | None = None
+    absent: AbsentPhrases | None = None
 
     def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
         l2i, i2l = [], []
@@ -177,7 +245,8 @@ class LoopLossCollator:
             if codes is None:
                 raise ValueError(f"example {index} ({layout.caption[:60]!r}): no image_codes")
             try:
-                pair = self.prompts.l2i(layout, codes), self.prompts.i2l(codes, layout)
+                query = self.absent.query(example, layout) if self.absent else None
+                pair = self.prompts.l2i(layout, codes), self.prompts.i2l(codes, layout, query=query)
             except ValueError as err:
                 raise ValueError(f"example {index} ({layout.caption[:60]!r}): {err}") from err
             size = max(len(s) for s in pair)

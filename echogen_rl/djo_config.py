@@ -36,6 +36,9 @@ class DJOConfig(SFTConfig):
         straight_through (`bool`, *optional*, defaults to `True`):
             Feed hard one-hot image tokens forward and pass the soft (Gumbel-Softmax) gradients back; `False`
             feeds the soft mixtures themselves.
+        absent_phrase_prob (`float`, *optional*, defaults to `0.0`):
+            Share of I2L queries that also ask for a phrase the image does not hold (from the training layouts'
+            phrases), answered "not present" (`<box>[]</box>`): the grounder learns to refuse what is not there.
     """
 
     loop_weight: float = field(default=1.0, metadata={"help": "Weight lambda of the loop loss L_loop."})
@@ -55,6 +58,10 @@ class DJOConfig(SFTConfig):
         default=True, metadata={"help": "Hard one-hot tokens forward, soft gradients back (straight-through)."}
     )
 
+    absent_phrase_prob: float = field(
+        default=0.0, metadata={"help": "Share of I2L queries that also ask for an absent phrase ('not present')."}
+    )
+
     def __post_init__(self):
         # The heads run after `model.forward` returns (only where a label is): DDP's search for unused parameters
         # would call them unused, then fail when their gradients arrive. The trainer freezes what gets no gradient.
@@ -66,6 +73,8 @@ class DJOConfig(SFTConfig):
         # Evaluation reports the losses; there are no whole-sequence logits to return.
         self.prediction_loss_only = True
         super().__post_init__()
+        if not 0 <= self.absent_phrase_prob <= 1:
+            raise ValueError(f"DJOConfig.absent_phrase_prob must be in [0, 1], got {self.absent_phrase_prob}")
         if self.packing or self.padding_free:
             raise ValueError(
                 "DJOConfig: `packing` and `padding_free` are TRL's text packing, which DJO's collator does not use. "

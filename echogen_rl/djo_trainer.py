@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from trl import SFTTrainer
 
-from .collators import LoopLossCollator, training_columns
+from .collators import AbsentPhrases, LoopLossCollator, dataset_phrases, training_columns
 from .djo_config import DJOConfig
 from .modeling import (
     TargetLoss,
@@ -150,7 +150,10 @@ class DJOTrainer(SFTTrainer):
             eval_dataset = training_columns(eval_dataset)
         freeze_untrained(model)
         prompts = PromptBuilder(processing_class, unwrap_janus(model).config.vision_config.num_image_tokens)
-        kwargs.setdefault("data_collator", LoopLossCollator(prompts, args.max_length))
+        absent = (
+            AbsentPhrases(args.absent_phrase_prob, dataset_phrases(train_dataset)) if args.absent_phrase_prob else None
+        )
+        kwargs.setdefault("data_collator", LoopLossCollator(prompts, args.max_length, absent))
         super().__init__(
             model,
             args,

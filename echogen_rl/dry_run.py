@@ -21,7 +21,6 @@ estimate of the GPU memory per device at the config's own batch (see [`estimate_
 from __future__ import annotations
 
 import gc
-import importlib.util
 import json
 import math
 import re
@@ -37,7 +36,7 @@ import psutil
 import torch
 import yaml
 from transformers import JanusForConditionalGeneration, Trainer, TrainerCallback
-from trl import SFTConfig, TrlParser
+from trl import SFTConfig
 
 from .architectures import SHIPPED_CONFIGS, resolve_architecture, write_random_checkpoint
 from .cyclerl_config import CycleRLConfig
@@ -45,6 +44,9 @@ from .data.synthetic import synthesize_missing
 from .djo_config import DJOConfig
 from .modeling import unwrap_janus
 from .pmtp_config import PMTPConfig
+from .recipe_runner import as_cli as _as_cli
+from .recipe_runner import load_recipe as _load_recipe
+from .recipe_runner import parse_recipe_args as _parse
 
 STAGES = {"pmtp": PMTPConfig, "djo": DJOConfig, "cyclerl": CycleRLConfig}
 REPO = Path(__file__).resolve().parents[1]
@@ -129,27 +131,6 @@ def cpu_adjustments(arch, stage: str, training_args, model_args) -> dict:
     if need > 0.7 * psutil.virtual_memory().total and "sgd" not in str(training_args.optim):
         changed["optim"] = "sgd"
     return changed
-
-
-def _as_cli(settings: dict) -> list[str]:
-    return [a for k, v in settings.items() for a in (f"--{k}", str(v).lower() if isinstance(v, bool) else str(v))]
-
-
-def _parse(classes: tuple, config: Path, args: list[str]) -> tuple:
-    """As the recipe's `__main__`: `TrlParser` on its dataclasses, the YAML plus command-line overrides."""
-    return TrlParser(classes).parse_args_and_config(["--config", str(config), *args])
-
-
-def _load_recipe(stage: str, config: Path):
-    """The recipe module, imported by path (recipes are not a package), found beside the repo or the config."""
-    candidates = [REPO / "recipes" / f"{stage}.py", config.resolve().parent.parent.parent / f"{stage}.py"]
-    path = next((p for p in candidates if p.is_file()), None)
-    if path is None:
-        raise FileNotFoundError(f"no recipe {stage}.py in {', '.join(str(p.parent) for p in candidates)}")
-    spec = importlib.util.spec_from_file_location(f"echogen_rl_recipe_{stage}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 class StepProbe(TrainerCallback):

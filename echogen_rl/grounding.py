@@ -42,25 +42,33 @@ class GroundingResult:
 def restrict_to_phrases(layout: Layout, phrases: Sequence[str]) -> tuple[Layout, list[str]]:
     """The answer's entities for the queried phrases, in query order.
 
-    The answer lists entities in query order. With as many entities as phrases, the k-th box answers the
-    k-th phrase (a grounder still learning names can misname a box it placed right). Otherwise a box is
-    matched by phrase (k-th occurrence to k-th), then by position among the leftovers. A misnamed or missing
-    entity is reported; a missing one is not guessed.
+    A phrase the answer calls "not present" (`<box>[]</box>`, in `layout.absent`) is a clean answer: it gets no
+    box, no problem, and is listed in the result's `absent`. The other phrases are matched to the answer's boxes:
+    with as many boxes as such phrases, the k-th box answers the k-th phrase (a grounder still learning names can
+    misname a box it placed right). Otherwise a box is matched by phrase (k-th occurrence to k-th), then by
+    position among the leftovers. A misnamed or missing entity is reported; a missing one is not guessed.
     """
     norm = [" ".join(p.lower().split()) for p in phrases]
+    absent_at: set[int] = set()
+    for said in layout.absent:
+        key = " ".join(said.lower().split())
+        i = next((i for i, p in enumerate(norm) if p == key and i not in absent_at), None)
+        if i is not None:
+            absent_at.add(i)
+    asked = [i for i in range(len(phrases)) if i not in absent_at]
     answer = [" ".join(e.phrase.lower().split()) for e in layout.entities]
-    taken, assigned = set(), [None] * len(phrases)
-    for i, phrase in enumerate(norm):
-        if len(answer) == len(norm):
-            j = i
+    taken, assigned = set(), {i: None for i in asked}
+    for k, i in enumerate(asked):
+        if len(answer) == len(asked):
+            j = k
         else:
-            j = next((j for j, a in enumerate(answer) if a == phrase and j not in taken), None)
+            j = next((j for j, a in enumerate(answer) if a == norm[i] and j not in taken), None)
         if j is not None:
             taken.add(j)
             assigned[i] = j
     leftovers = [j for j in range(len(answer)) if j not in taken]
     problems = []
-    for i in range(len(phrases)):
+    for i in asked:
         if assigned[i] is not None and answer[assigned[i]] != norm[i]:
             problems.append(
                 f"phrase {i} ({phrases[i]!r}): the answer named it {layout.entities[assigned[i]].phrase!r}"
@@ -74,8 +82,8 @@ def restrict_to_phrases(layout: Layout, phrases: Sequence[str]) -> tuple[Layout,
             problems.append(f"phrase {i} ({phrases[i]!r}): no box in the answer")
     if leftovers:
         problems.append(f"{len(leftovers)} entities in the answer were not asked for")
-    kept = [Entity(phrases[i], layout.entities[j].box) for i, j in enumerate(assigned) if j is not None]
-    return Layout(kept, layout.caption), problems
+    kept = [Entity(phrases[i], layout.entities[j].box) for i, j in assigned.items() if j is not None]
+    return Layout(kept, layout.caption, [phrases[i] for i in sorted(absent_at)]), problems
 
 
 class Grounder:

@@ -5,6 +5,12 @@ The text format is PlanGen's, so PlanGen and LayoutSAM data and parsers interope
     <grounding><ref>red square</ref><box>[120, 80, 370, 330]</box>...</grounding>
 
 Coordinates are xyxy normalized to [0, 1] and written as integers `round(1000 * v)`.
+
+A grounder asked for a phrase the image does not hold answers with an empty box, "not present"::
+
+    <grounding><ref>red circle</ref><box>[]</box></grounding>
+
+Such a phrase is listed in `Layout.absent`, never as an entity; [`grounding_answer`] writes an answer in query order.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import math
 import numbers
 import re
 from collections import defaultdict, deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +31,7 @@ REF_START, REF_END = "<ref>", "</ref>"
 BOX_START, BOX_END = "<box>", "</box>"
 LAYOUT_TAGS: tuple[str, ...] = (GROUNDING_START, GROUNDING_END, REF_START, REF_END, BOX_START, BOX_END)
 COORD_SCALE = 1000
+ABSENT_BOX = "[]"  # the box of a phrase the image does not hold
 Box = tuple[float, float, float, float]  # (x1, y1, x2, y2)
 
 
@@ -51,10 +59,12 @@ class Layout:
     Args:
         entities (`list[Entity]`): the objects, in the order they are written and queried.
         caption (`str`, *optional*, defaults to `""`): the global caption.
+        absent (`list[str]`, *optional*): phrases a grounder answered "not present" (`<box>[]</box>`).
     """
 
     entities: list[Entity] = field(default_factory=list)
     caption: str = ""
+    absent: list[str] = field(default_factory=list)
 
     @property
     def phrases(self) -> list[str]:
@@ -77,7 +87,10 @@ class Layout:
         return "".join(parts)
 
     def to_dict(self) -> dict:
-        return {"caption": self.caption, "entities": [{"phrase": e.phrase, "box": list(e.box)} for e in self.entities]}
+        data = {"caption": self.caption, "entities": [{"phrase": e.phrase, "box": list(e.box)} for e in self.entities]}
+        if self.absent:
+            data["absent"] = list(self.absent)
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
@@ -103,7 +116,10 @@ class Layout:
                 raise LayoutError(f"entity {i}: field 'box' holds a non-number: {box!r}") from err
             entities.append(Entity(str(item["phrase"]), box))
         caption = data.get("caption", "")
-        return cls(entities, caption if isinstance(caption, str) else str(caption))
+        absent = data.get("absent", [])
+        if not isinstance(absent, list) or not all(isinstance(p, str) for p in absent):
+            raise LayoutError(f"layout field 'absent' must be a list of phrases, got {absent!r}")
+        return cls(entities, caption if isinstance(caption, str) else str(caption), list(absent))
 
     @classmethod
     def from_json(cls, text: str) -> Layout:
@@ -172,6 +188,30 @@ def validate_layout(layout: Layout) -> None:
             raise LayoutError(f"entity {i}: {err}") from None
 
 
+def grounding_answer(query: Sequence[str], layout: Layout) -> str:
+    """The layout text answering `query` in its order: each phrase's box, or `[]` (not present) for a phrase
+    the layout does not hold. The k-th query of a phrase takes the k-th entity with that phrase.
+
+    Args:
+        query (`Sequence[str]`): the phrases asked for, in order.
+        layout (`Layout`): what the image holds.
+    """
+    by_phrase: dict[str, deque[Entity]] = defaultdict(deque)
+    for entity in layout.entities:
+        by_phrase[_phrase_key(entity.phrase)].append(entity)
+    parts = [GROUNDING_START]
+    for phrase in query:
+        queue = by_phrase.get(_phrase_key(phrase))
+        if queue:
+            entity = queue.popleft()
+            coords = ", ".join(str(quantize(v)) for v in entity.box)
+            parts.append(f"{REF_START}{entity.phrase}{REF_END}{BOX_START}[{coords}]{BOX_END}")
+        else:
+            parts.append(f"{REF_START}{phrase}{REF_END}{BOX_START}{ABSENT_BOX}{BOX_END}")
+    parts.append(GROUNDING_END)
+    return "".join(parts)
+
+
 # Whitespace is allowed inside tags because word-level tokenizers decode `<ref>` as `< ref >` or ` <ref> `. No two
 # whitespace runs are adjacent (the second needs the `/`): `<\s*/?\s*` would split a long run of spaces in every
 # possible way, which is quadratic.
@@ -232,7 +272,8 @@ def parse_layout(text: str, caption: str = "") -> tuple[Layout, list[str]]:
     when it is complete), a `<ref>` without `<box>` or the reverse, a box that is not `[x1, y1, x2, y2]` with numbers
     in [0, 1000] and `x1 < x2`, `y1 < y2` (the entity is dropped, never repaired), text after `</grounding>`, and
     text without any tag. Entity indices in problems count every `<ref>`/`<box>` group of the text from 0, kept or
-    not, so they point at the right place.
+    not, so they point at the right place. An empty box `[]` is the answer "not present": its phrase goes to the
+    layout's `absent` list, and is no problem.
 
     Args:
         text (`str`): the layout text, e.g. `"<grounding><ref>cat</ref><box>[100, 200, 500, 600]</box></grounding>"`.
@@ -249,6 +290,7 @@ def parse_layout(text: str, caption: str = "") -> tuple[Layout, list[str]]:
     if not any(tag for tag, _ in tokens):
         return Layout([], caption), ["no layout tags found"]
     entities: list[Entity] = []
+    absent: list[str] = []
     problems: list[str] = []
     phrase: str | None = None  # the phrase of the current entity, until its box arrives
     index = 0
@@ -287,6 +329,11 @@ def parse_layout(text: str, caption: str = "") -> tuple[Layout, list[str]]:
                 problems.append(f"entity {index}: missing {BOX_END}")
             if phrase is None:
                 problems.append(f"entity {index}: {BOX_START} without {REF_START}")
+            elif "".join(content.split()) == ABSENT_BOX:
+                if phrase:
+                    absent.append(phrase)
+                else:
+                    problems.append(f"entity {index}: field 'phrase' is empty: ''")
             else:
                 try:
                     box = _parse_box(content)
@@ -302,7 +349,7 @@ def parse_layout(text: str, caption: str = "") -> tuple[Layout, list[str]]:
         problems.append(f"entity {index}: {REF_START} without {BOX_START}")
     if not closed:
         problems.append(f"missing {GROUNDING_END}")
-    return Layout(entities, caption), problems
+    return Layout(entities, caption, absent), problems
 
 
 # Keeps degenerate (zero-area) boxes from dividing by zero; small against any box a 1000-step grid can express.

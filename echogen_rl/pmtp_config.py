@@ -29,6 +29,9 @@ class PMTPConfig(SFTConfig):
         segment_attention (`bool`, *optional*, defaults to `True`):
             Attend within each packed segment by gathering it (varlen attention, any attention backend);
             `False` uses a dense block-diagonal 4D mask over each row, whose cost grows with the row squared.
+        absent_phrase_prob (`float`, *optional*, defaults to `0.0`):
+            Share of I2L queries that also ask for a phrase the image does not hold (from the training layouts'
+            phrases), answered "not present" (`<box>[]</box>`): the grounder learns to refuse what is not there.
     """
 
     image_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the L2I image-token loss."})
@@ -45,6 +48,10 @@ class PMTPConfig(SFTConfig):
         metadata={"help": "Per-segment (varlen) attention; False uses a dense block-diagonal 4D mask per row."},
     )
 
+    absent_phrase_prob: float = field(
+        default=0.0, metadata={"help": "Share of I2L queries that also ask for an absent phrase ('not present')."}
+    )
+
     def __post_init__(self):
         # The heads run after `model.forward` returns (only where a label is): DDP's search for unused parameters
         # would call them unused, then fail when their gradients arrive. The trainer freezes what gets no gradient.
@@ -56,6 +63,8 @@ class PMTPConfig(SFTConfig):
         # Evaluation reports the losses; there are no whole-sequence logits to return.
         self.prediction_loss_only = True
         super().__post_init__()
+        if not 0 <= self.absent_phrase_prob <= 1:
+            raise ValueError(f"PMTPConfig.absent_phrase_prob must be in [0, 1], got {self.absent_phrase_prob}")
         if self.packing or self.padding_free:
             raise ValueError(
                 "PMTPConfig: `packing` and `padding_free` are TRL's text packing; PMTP packs samples itself. "

@@ -7,7 +7,7 @@ import time
 import torch
 from trl import SFTTrainer
 
-from .collators import PMTPCollator, training_columns
+from .collators import AbsentPhrases, PMTPCollator, dataset_phrases, training_columns
 from .modeling import (
     TargetLoss,
     block_causal_mask,
@@ -74,7 +74,10 @@ class PMTPTrainer(SFTTrainer):
         prompts = PromptBuilder(processing_class, unwrap_janus(model).config.vision_config.num_image_tokens)
         # A task with weight 0 is not built at all: a single-task run does not pay for the other segment.
         tasks = tuple(t for t, w in (("l2i", args.image_loss_weight), ("i2l", args.text_loss_weight)) if w > 0)
-        collator = PMTPCollator(prompts, args.max_length, args.pack_segments, args.uncond_prob, tasks)
+        absent = (
+            AbsentPhrases(args.absent_phrase_prob, dataset_phrases(train_dataset)) if args.absent_phrase_prob else None
+        )
+        collator = PMTPCollator(prompts, args.max_length, args.pack_segments, args.uncond_prob, tasks, absent)
         kwargs.setdefault("data_collator", collator)
         super().__init__(
             model,

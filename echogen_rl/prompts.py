@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .layout import LAYOUT_TAGS, Layout
+from .layout import LAYOUT_TAGS, Layout, grounding_answer
 
 IGNORE_INDEX = -100
 USER_PREFIX = "<|User|>: "
@@ -139,18 +139,31 @@ class PromptBuilder:
         query = DETECT_ALL_QUERY if phrases is None else grounding_query(phrases)
         return self.encode(f"{query}{ASSISTANT_PREFIX}")
 
-    def i2l(self, codes: Sequence[int], layout: Layout | None = None, detect_all: bool = False) -> Segment:
+    def i2l(
+        self,
+        codes: Sequence[int],
+        layout: Layout | None = None,
+        detect_all: bool = False,
+        query: Sequence[str] | None = None,
+    ) -> Segment:
         """The I2L turn; with `layout`, its answer (layout text + EOS) carries the text labels.
 
         Args:
             codes (`Sequence[int]`): the image codes.
             layout (`Layout`, *optional*): the answer; its phrases make the query.
             detect_all (`bool`, *optional*, defaults to `False`): use the free "detect all objects" query.
+            query (`Sequence[str]`, *optional*): the phrases to ask for instead of the layout's, in order; a
+                phrase the layout lacks is answered "not present" (see `layout.grounding_answer`).
         """
+        if detect_all and query is not None:
+            raise ValueError("i2l: pass a query or detect_all, not both")
         seg = self.i2l_prefix(codes)
-        seg.add_text(self.i2l_query_ids(None if detect_all or layout is None else layout.phrases))
+        if query is None and not detect_all and layout is not None:
+            query = layout.phrases
+        seg.add_text(self.i2l_query_ids(query))
         if layout is not None:
-            seg.add_text([*self.encode(layout.to_text()), self.eos_id], train=True)
+            answer = layout.to_text() if query is None else grounding_answer(query, layout)
+            seg.add_text([*self.encode(answer), self.eos_id], train=True)
         return seg
 
 

@@ -324,3 +324,29 @@ def test_spatial_does_not_let_a_misnamed_blob_stand_in():
     misnamed = Layout([Entity("green blob", (0.0, 0.0, 0.2, 0.2)), Entity("blue circle", (0.6, 0.6, 0.8, 0.8))])
     assert spatial_accuracy([target], [target]) == 1.0
     assert spatial_accuracy([misnamed], [target]) == 0.0
+
+
+def test_mask_iou_ranks_an_exact_drawing_above_a_filled_box_above_nothing():
+    from echogen_rl.data.shapes import render_codes
+    from echogen_rl.evaluation import mask_iou, mask_iou_per_image
+
+    cfg = ShapesConfig()
+    target = Layout([Entity("red circle", (0.0, 0.0, 0.5, 0.5)), Entity("blue triangle", (0.5, 0.5, 1.0, 1.0))])
+    exact = render_codes(target, cfg)
+    filled = render_codes(
+        Layout([Entity("red square", (0.0, 0.0, 0.5, 0.5)), Entity("blue square", (0.5, 0.5, 1.0, 1.0))]), cfg
+    )
+    shifted = render_codes(Layout([Entity("red circle", (0.125, 0.0, 0.625, 0.5))]), cfg)
+    empty = [0] * 64
+    scores = mask_iou_per_image([exact, filled, shifted, empty], [target] * 4, cfg)
+    assert scores[0] == 1.0
+    # The 4 x 4 disk and the 4 x 4 triangle each fill 12 of their box's 16 cells.
+    assert scores[1] == pytest.approx(12 / 16)
+    # Shifted right by one cell, the blue triangle missing: the disk and its copy share 8 cells of 16 in all.
+    assert scores[2] == pytest.approx((8 / 16 + 0.0) / 2)
+    assert scores[3] == 0.0
+    assert mask_iou([exact, empty], [target] * 2, cfg) == 0.5
+    # Phrases outside the shapes world are not scored.
+    assert mask_iou_per_image([exact], [Layout([Entity("a cat", (0, 0, 1, 1))])], cfg) == [None]
+    with pytest.raises(ValueError, match="expected 64 codes"):
+        mask_iou_per_image([[0] * 10], [target], cfg)

@@ -101,3 +101,24 @@ def test_example_reward_in_recipes_reads_image_codes():
     full = [1 if (i // 8 < 4 and i % 8 < 4) else 0 for i in range(64)]
     out = reward(["p", "q"], ["c", "d"], target_layouts=[layout, layout], image_codes=[full, [0] * 64])
     assert out == [1.0, 0.0]
+
+
+def test_shuffled_rewards_permute_within_the_batch_and_together():
+    from rewards.controls import ShuffledReward
+    from rewards.registry import load_reward
+
+    def first(prompts, completions, **kwargs):
+        return [0.1, None, 0.3, 0.4, 0.5, 0.6]
+
+    def second(prompts, completions, **kwargs):
+        return [1.0, None, 3.0, 4.0, 5.0, 6.0]
+
+    a, b = ShuffledReward(first), ShuffledReward(second)
+    seen = set()
+    for _ in range(5):
+        x, y = a(None, None), b(None, None)
+        assert x[1] is None and sorted(v for v in x if v is not None) == [0.1, 0.3, 0.4, 0.5, 0.6]
+        assert [round(v * 10, 6) for v in x if v is not None] == [v for v in y if v is not None]  # the same permutation
+        seen.add(tuple(x))
+    assert len(seen) > 1  # a new permutation per batch
+    assert load_reward("rewards.controls:shuffled_cycle_iou").__name__ == "shuffled_cycle_iou"

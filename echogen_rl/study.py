@@ -1,0 +1,499 @@
+"""`echogen-rl study`: does each stage earn its place? Seeded runs of each stage against fair controls.
+
+On the shapes world, from the shipped configs (`recipes/configs/<stage>/shapes_tiny.yaml`, run by their own
+recipes; a budget changes only the fields it lists, and `study.json` records them):
+
+- **PMTP** once, from the tiny checkpoint.
+- Per training seed, from PMTP: **DJO**, and its control **PMTP continued**: the PMTP loss with DJO's restart
+  (optimizer, learning rate and schedule), steps, batch and data.
+- Per seed, from that seed's DJO: **CycleRL**, and two controls: **SFT continued** (the PMTP loss on the prompts'
+  own layouts and images, with CycleRL's LoRA, learning rate, schedule and steps, and as many layouts a step as
+  CycleRL has prompts) and **shuffled reward** (CycleRL with its rewards permuted within each batch,
+  `rewards.controls`).
+
+Every model generates an image for each held-out layout twice, greedily and by T=1 sampling, and is scored per
+layout (see [`score_codes`]); paired differences over the same layouts and seeds get bootstrap intervals
+([`echogen_rl.stats`]). Held-out layouts are never used to choose a setting: `--split validation` scores a
+validation split instead, for that.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image, ImageDraw
+
+from .architectures import SHIPPED_CONFIGS
+from .data.shapes import ShapesConfig, build_shapes_dataset, detect_from_codes
+from .evaluation import (
+    coco_ap,
+    cycle_iou_per_image,
+    evaluate_i2l,
+    generate_images,
+    mask_iou_per_image,
+    write_report,
+)
+from .grounding import Grounder
+from .layout import Layout, iou, match_layouts
+from .loading import load_janus
+from .prompts import PromptBuilder
+from .recipe_runner import run_recipe
+from .stats import bootstrap_ci, paired_difference
+from .visualize import save_png
+
+VALIDATION_SEED = 4_000_037
+HELD_OUT_SEED = 5_000_011  # far from every training seed and from the recipes' eval split (+1_000_003)
+ARMS = ("djo", "pmtp_continued", "cyclerl", "sft_continued", "cyclerl_shuffled")
+COMPARISONS = {
+    "djo_vs_pmtp_continued": ("djo", "pmtp_continued"),
+    "cyclerl_vs_sft_continued": ("cyclerl", "sft_continued"),
+    "cyclerl_vs_shuffled_reward": ("cyclerl", "cyclerl_shuffled"),
+    "djo_vs_pmtp": ("djo", "pmtp"),
+    "cyclerl_vs_pmtp": ("cyclerl", "pmtp"),
+}
+# Scored per layout (a mean over its entities), so that they get paired bootstrap intervals.
+LAYOUT_METRICS = ("cycle_miou_ref", "cycle_miou_policy", "tolerant_l2i", "strict50", "color", "grounding_miou")
+MODES = {"": 1.0, "_greedy": 0.0}  # metric suffix -> sampling temperature
+AP_RESAMPLES = 200
+
+
+@dataclass
+class StudyBudget:
+    """What a study changes in the shipped shapes configs, per stage (`{field: value}`), and its sizes."""
+
+    seeds: int = 3
+    layouts: int = 256
+    pmtp: dict = field(default_factory=dict)
+    djo: dict = field(default_factory=dict)
+    cyclerl: dict = field(default_factory=dict)
+    n_resamples: int = 4000
+
+    @classmethod
+    def quick(cls) -> StudyBudget:
+        """A pipeline check of a few steps per run (the tests use it)."""
+        return cls(
+            seeds=2,
+            layouts=8,
+            pmtp={"max_steps": 4, "num_train_samples": 32, "per_device_train_batch_size": 8},
+            djo={"max_steps": 2, "num_train_samples": 16, "per_device_train_batch_size": 4, "warmup_steps": 1},
+            cyclerl={"max_steps": 2, "num_train_samples": 8, "per_device_train_batch_size": 8, "num_generations": 4},
+            n_resamples=200,
+        )
+
+
+def _config(stage: str) -> Path:
+    return SHIPPED_CONFIGS / stage / "shapes_tiny.yaml"
+
+
+def _values(stage: str, budget_fields: dict) -> dict:
+    values = yaml.safe_load(_config(stage).read_text())
+    return {**values, **budget_fields}
+
+
+def _run_settings(out: Path, seed: int) -> dict:
+    """What every study run changes besides its budget: where it writes, its seed, and no intermediate work."""
+    return {
+        "output_dir": str(out),
+        "seed": seed,
+        "save_strategy": "no",
+        "eval_strategy": "no",
+        "num_eval_samples": 0,
+        "report_to": "none",
+        "disable_tqdm": True,
+        "logging_steps": 10,
+    }
+
+
+def _train(stage: str, config_stage: str, out: Path, settings: dict, log: list) -> None:
+    """Runs one recipe unless `out` holds its finished checkpoint (a study resumes where it stopped)."""
+    done = out / "study_run.json"
+    if done.exists():
+        print(f"  {out.name}: done before, kept", flush=True)
+        return
+    clock = time.perf_counter()
+    trainer = run_recipe(stage, _config(config_stage), settings)
+    history = trainer.state.log_history
+    seconds = time.perf_counter() - clock
+    record = {"stage": stage, "config": str(_config(config_stage)), "settings": settings, "seconds": seconds}
+    record["log_history"] = history
+    del trainer
+    gc.collect()
+    done.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    last = next((h for h in reversed(history) if "loss" in h), {})
+    print(f"  {out.name}: {seconds:.0f} s, last loss {last.get('loss', float('nan')):.4g}", flush=True)
+    log.append({"run": str(out), "seconds": seconds})
+
+
+def load_trained(path: Path, base: Path | None = None):
+    """A study run's model: a full checkpoint, or `base` with the run's LoRA adapter merged in."""
+    if (path / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        model, tokenizer = load_janus(str(base))
+        return PeftModel.from_pretrained(model, str(path)).merge_and_unload().eval(), tokenizer
+    model, tokenizer = load_janus(str(path))
+    return model.eval(), tokenizer
+
+
+def strict_recall50(detections: Sequence[Layout], targets: Sequence[Layout]) -> list[float | None]:
+    """Per layout, the share of target entities the oracle found with the same phrase (color and kind) at
+    IoU >= 0.5: the per-layout counterpart of AP50, so that it gets a paired interval."""
+    out = []
+    for det, target in zip(detections, targets):
+        if not len(target):
+            out.append(None)
+            continue
+        matches = match_layouts(det, target, by_iou=False)
+        hits = [
+            j is not None and float(iou(torch.tensor(det.entities[j].box), torch.tensor(e.box))) >= 0.5
+            for e, j in zip(target.entities, matches)
+        ]
+        out.append(float(np.mean(hits)))
+    return out
+
+
+def color_per_layout(codes: torch.Tensor, targets: Sequence[Layout], config: ShapesConfig) -> list[float | None]:
+    """Per layout, the share of entities whose box's dominant color is the phrase's (see `color_accuracy`)."""
+    from .evaluation import color_accuracy
+
+    return [color_accuracy(codes[i : i + 1], [t], config) for i, t in enumerate(targets)]
+
+
+def score_codes(codes, targets, policy_grounder, reference_grounder, config: ShapesConfig) -> dict:
+    """Per-layout scores of generated images, and their oracle detections (for AP).
+
+    - `cycle_miou_ref`: mean IoU of the layout's boxes with those a fixed grounder (PMTP's) recovers from the image;
+      `cycle_miou_policy`: the same with the scored model's own grounder.
+    - `tolerant_l2i`: [`mask_iou_per_image`]; `strict50`: [`strict_recall50`]; `color`: the dominant color per box.
+    """
+    phrases = [t.phrases for t in targets]
+    detections = [detect_from_codes(row, config) for row in codes.tolist()]
+    return {
+        "scores": {
+            "cycle_miou_ref": cycle_iou_per_image([g.layout for g in reference_grounder(codes, phrases)], targets),
+            "cycle_miou_policy": cycle_iou_per_image([g.layout for g in policy_grounder(codes, phrases)], targets),
+            "tolerant_l2i": mask_iou_per_image(codes, targets, config),
+            "strict50": strict_recall50(detections, targets),
+            "color": color_per_layout(codes, targets, config),
+        },
+        "detections": [d.to_dict() for d in detections],
+    }
+
+
+def evaluate_model(model, tokenizer, reference, targets, real_codes, config: ShapesConfig) -> dict:
+    """Scores one model per layout in both sampling modes, plus its grounding of the real images."""
+    prompts = PromptBuilder(tokenizer, real_codes.shape[1])
+    policy_grounder, reference_grounder = Grounder(model, prompts, 64), Grounder(reference, prompts, 64)
+    result = {}
+    for suffix, temperature in MODES.items():
+        codes = generate_images(
+            model, tokenizer, targets, guidance_scale=1.0, temperature=temperature, seed=0, batch_size=64
+        )
+        scored = score_codes(codes, targets, policy_grounder, reference_grounder, config)
+        result[suffix or "_t1"] = {**scored, "codes": codes.tolist()}
+    grounded = Grounder(model, prompts, 64)(real_codes, [t.phrases for t in targets])
+    result["grounding_miou"] = cycle_iou_per_image([g.layout for g in grounded], targets)
+    result["grounding"] = evaluate_i2l(model, tokenizer, real_codes, targets)
+    return result
+
+
+def _scores(evals: list[dict], metric: str) -> np.ndarray:
+    """`[seeds, layouts]` of one metric (a name of `LAYOUT_METRICS`, `_greedy` appended for greedy images), NaN
+    where it does not apply."""
+    rows = []
+    for e in evals:
+        if metric == "grounding_miou":
+            row = e["grounding_miou"]
+        elif metric.endswith("_greedy"):
+            row = e["_greedy"]["scores"][metric.removesuffix("_greedy")]
+        else:
+            row = e["_t1"]["scores"][metric]
+        rows.append([math.nan if v is None else v for v in row])
+    return np.array(rows, dtype=np.float64)
+
+
+def _ap(evals: list[dict], targets: list[Layout], mode: str, items: np.ndarray | None = None) -> dict:
+    """COCO AP of the oracle detections pooled over seeds (each seed's images of the chosen layouts)."""
+    items = np.arange(len(targets)) if items is None else items
+    dets = [Layout.from_dict(e[mode]["detections"][i]) for e in evals for i in items]
+    return coco_ap(dets, [targets[i] for _ in evals for i in items])
+
+
+def ap_difference(treatment: list[dict], control: list[dict], targets, mode: str, n_resamples: int, seed=0) -> dict:
+    """AP (and AP50) of treatment minus control, with a percentile interval from resampling layouts (each
+    resample re-runs pycocotools on both arms, hence fewer resamples than the per-layout metrics get)."""
+    rng = np.random.default_rng(seed)
+    point = {k: _ap(treatment, targets, mode)[k] - _ap(control, targets, mode)[k] for k in ("ap", "ap50")}
+    draws = {"ap": [], "ap50": []}
+    for _ in range(n_resamples):
+        items = rng.integers(0, len(targets), len(targets))
+        t, c = _ap(treatment, targets, mode, items), _ap(control, targets, mode, items)
+        for k in draws:
+            if t[k] is not None and c[k] is not None:
+                draws[k].append(t[k] - c[k])
+    out = {}
+    for k, values in draws.items():
+        low, high = np.quantile(values, [0.025, 0.975])
+        out[k] = {"diff": point[k], "ci_low": float(low), "ci_high": float(high), "resamples": len(values)}
+    return out
+
+
+def summarize(evals: dict[str, list[dict]], targets: list[Layout], budget: StudyBudget) -> dict:
+    """Per arm: means with intervals; per comparison: paired differences with intervals."""
+    metrics = [m + s for m in LAYOUT_METRICS if m != "grounding_miou" for s in MODES] + ["grounding_miou"]
+    arms = {}
+    for arm, arm_evals in evals.items():
+        arms[arm] = {m: bootstrap_ci(_scores(arm_evals, m), budget.n_resamples) for m in metrics}
+        for suffix in MODES:
+            mode = suffix or "_t1"
+            ap = _ap(arm_evals, targets, mode)
+            arms[arm]["ap" + suffix] = {
+                "mean": ap["ap"],
+                "per_seed": [_ap([e], targets, mode)["ap"] for e in arm_evals],
+            }
+            arms[arm]["ap50" + suffix] = {"mean": ap["ap50"]}
+    comparisons = {}
+    for name, (treat, ctrl) in COMPARISONS.items():
+        t_evals, c_evals = evals[treat], evals[ctrl]
+        if len(c_evals) == 1 and len(t_evals) > 1:  # PMTP was trained once: every seed starts from it
+            c_evals = c_evals * len(t_evals)
+        comparisons[name] = {
+            m: paired_difference(_scores(t_evals, m), _scores(c_evals, m), n_resamples=budget.n_resamples)
+            for m in metrics
+        }
+        for suffix in MODES:
+            diff = ap_difference(t_evals, c_evals, targets, suffix or "_t1", min(AP_RESAMPLES, budget.n_resamples))
+            comparisons[name]["ap" + suffix] = diff["ap"]
+            comparisons[name]["ap50" + suffix] = diff["ap50"]
+    return {"arms": arms, "comparisons": comparisons}
+
+
+def plot_study(summary: dict, path: Path, metrics=("cycle_miou_ref", "tolerant_l2i", "strict50", "color")) -> Path:
+    """Bars of each arm's mean with its 95% interval, one panel per metric (T=1 sampling)."""
+    arms = ["pmtp", *ARMS]
+    colors = {
+        "pmtp": (120, 120, 120),
+        "djo": (31, 119, 180),
+        "pmtp_continued": (158, 202, 225),
+        "cyclerl": (214, 39, 40),
+        "sft_continued": (252, 146, 114),
+        "cyclerl_shuffled": (253, 208, 162),
+    }
+    panel_w, panel_h, pad = 360, 300, 40
+    image = Image.new("RGB", (panel_w * len(metrics), panel_h + 90), "white")
+    draw = ImageDraw.Draw(image)
+    for p, metric in enumerate(metrics):
+        x0 = p * panel_w
+        draw.text((x0 + pad, 8), f"{metric} (T=1), mean and 95% CI", fill="black")
+        draw.line([(x0 + pad, 30), (x0 + pad, panel_h)], fill="black")
+        draw.line([(x0 + pad, panel_h), (x0 + panel_w - 10, panel_h)], fill="black")
+        for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
+            y = panel_h - tick * (panel_h - 40)
+            draw.text((x0 + 5, y - 6), f"{tick:.2f}", fill="black")
+        width = (panel_w - pad - 20) / len(arms)
+        for a, arm in enumerate(arms):
+            stat = summary["arms"].get(arm, {}).get(metric)
+            if not stat:
+                continue
+            left = x0 + pad + 5 + a * width
+            y = lambda v: panel_h - max(0.0, min(1.0, v)) * (panel_h - 40)  # noqa: E731
+            draw.rectangle([left, y(stat["mean"]), left + width - 8, panel_h], fill=colors[arm])
+            mid = left + (width - 8) / 2
+            draw.line([(mid, y(stat["ci_low"])), (mid, y(stat["ci_high"]))], fill="black", width=2)
+            for v in (stat["ci_low"], stat["ci_high"]):
+                draw.line([(mid - 5, y(v)), (mid + 5, y(v))], fill="black", width=2)
+    for a, arm in enumerate(arms):
+        draw.rectangle([10 + a * 190, panel_h + 40, 24 + a * 190, panel_h + 54], fill=colors[arm])
+        draw.text((30 + a * 190, panel_h + 41), arm, fill="black")
+    return save_png(image, path)
+
+
+def format_comparisons(summary: dict, metrics=("cycle_miou_ref", "tolerant_l2i", "strict50", "ap", "color")) -> str:
+    """The comparisons as a table of `diff [ci_low, ci_high]`."""
+    width = max(len(n) for n in summary["comparisons"])
+    lines = [f"{'comparison (T=1)':<{width}}  " + "  ".join(f"{m:>24}" for m in metrics)]
+    for name, row in summary["comparisons"].items():
+        cells = [f"{row[m]['diff']:+.3f} [{row[m]['ci_low']:+.3f}, {row[m]['ci_high']:+.3f}]" for m in metrics]
+        lines.append(f"{name:<{width}}  " + "  ".join(f"{c:>24}" for c in cells))
+    return "\n".join(lines)
+
+
+def format_arms(summary: dict, metrics=("cycle_miou_ref", "tolerant_l2i", "strict50", "ap", "color")) -> str:
+    width = max(len(n) for n in summary["arms"])
+    lines = [f"{'arm (T=1)':<{width}}  " + "  ".join(f"{m:>22}" for m in metrics)]
+    for name, row in summary["arms"].items():
+        cells = []
+        for m in metrics:
+            s = row[m]
+            cells.append(f"{s['mean']:.3f}" + (f" [{s['ci_low']:.3f}, {s['ci_high']:.3f}]" if "ci_low" in s else ""))
+        lines.append(f"{name:<{width}}  " + "  ".join(f"{c:>22}" for c in cells))
+    return "\n".join(lines)
+
+
+def run_study(
+    output_dir: str | os.PathLike, budget: StudyBudget | None = None, split: str = "held_out", seeds: int | None = None
+) -> dict:
+    """Trains and scores every arm (see the module docstring); writes `study.json` and `study.png`.
+
+    A run whose folder holds `study_run.json` is kept, so a stopped study resumes where it stopped.
+    """
+    budget = budget or StudyBudget()
+    if seeds is not None:
+        budget.seeds = seeds
+    if split not in ("held_out", "validation"):
+        raise ValueError(f"split must be 'held_out' or 'validation', got {split!r}")
+    if budget.seeds < 2:
+        raise ValueError(f"a study needs at least 2 training seeds, got {budget.seeds}")
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    start, log = time.perf_counter(), []
+    cache = str(out / "cache")
+    tiny = out / "tiny-janus"
+
+    print("[study] PMTP (once)", flush=True)
+    pmtp_settings = {
+        **budget.pmtp,
+        "model_name_or_path": str(tiny),
+        "cache_dir": cache,
+        **_run_settings(out / "pmtp", 0),
+    }
+    _train("pmtp", "pmtp", out / "pmtp", pmtp_settings, log)
+    djo_values = _values("djo", budget.djo)
+    rl_values = _values("cyclerl", budget.cyclerl)
+    settings: dict[str, dict] = {"pmtp": pmtp_settings}
+    for s in range(budget.seeds):
+        print(f"[study] seed {s + 1}/{budget.seeds}", flush=True)
+        root = out / f"seed{s}"
+        djo = {
+            **budget.djo,
+            "model_name_or_path": str(out / "pmtp"),
+            "cache_dir": cache,
+            **_run_settings(root / "djo", s),
+        }
+        # The control: PMTP's loss with everything DJO's run has (restart, steps, batch, data).
+        shared = (
+            "max_steps",
+            "learning_rate",
+            "lr_scheduler_type",
+            "warmup_steps",
+            "weight_decay",
+            "per_device_train_batch_size",
+            "num_train_samples",
+            "dataset_seed",
+            "optim",
+        )
+        pmtp_cont = {k: djo_values[k] for k in shared if k in djo_values}
+        pmtp_cont.update(
+            {"model_name_or_path": str(out / "pmtp"), "cache_dir": cache, **_run_settings(root / "pmtp_continued", s)}
+        )
+        rl = {
+            **budget.cyclerl,
+            "model_name_or_path": str(root / "djo"),
+            "cache_dir": cache,
+            **_run_settings(root / "cyclerl", s),
+        }
+        shuffled = {
+            **rl,
+            "reward_funcs": [f"rewards.controls:shuffled_{name}" for name in rl_values["reward_funcs"]],
+            **_run_settings(root / "cyclerl_shuffled", s),
+        }
+        # The SFT control: the prompts' own layouts with their images, CycleRL's LoRA and optimizer, one layout
+        # per prompt of a CycleRL step.
+        prompts_per_step = rl_values["per_device_train_batch_size"] // rl_values["num_generations"]
+        sft = {
+            k: rl_values[k]
+            for k in (
+                "max_steps",
+                "learning_rate",
+                "lr_scheduler_type",
+                "warmup_steps",
+                "weight_decay",
+                "num_train_samples",
+                "dataset_seed",
+                "use_peft",
+                "lora_r",
+                "lora_alpha",
+                "lora_dropout",
+            )
+            if k in rl_values
+        }
+        sft.update(
+            {
+                "dataset": rl_values.get("dataset", "shapes"),
+                "per_device_train_batch_size": prompts_per_step,
+                "model_name_or_path": str(root / "djo"),
+                "cache_dir": cache,
+                **_run_settings(root / "sft_continued", s),
+            }
+        )
+        for arm, stage, config_stage, arm_settings in (
+            ("djo", "djo", "djo", djo),
+            ("pmtp_continued", "pmtp", "pmtp", pmtp_cont),
+            ("cyclerl", "cyclerl", "cyclerl", rl),
+            ("sft_continued", "pmtp", "pmtp", sft),
+            ("cyclerl_shuffled", "cyclerl", "cyclerl", shuffled),
+        ):
+            _train(stage, config_stage, root / arm, arm_settings, log)
+            settings[f"{arm}/seed{s}"] = arm_settings
+
+    print(f"[study] scoring on {budget.layouts} {split} layouts, greedy and T=1", flush=True)
+    config = ShapesConfig()
+    data = build_shapes_dataset(budget.layouts, seed=HELD_OUT_SEED if split == "held_out" else VALIDATION_SEED)
+    targets = [Layout.from_json(t) for t in data["layout"]]
+    for t, caption in zip(targets, data["caption"]):
+        t.caption = caption
+    real_codes = torch.tensor(data["image_codes"])
+    reference, _ = load_trained(out / "pmtp")
+    evals: dict[str, list[dict]] = {"pmtp": [], **{a: [] for a in ARMS}}
+    runs = [("pmtp", out / "pmtp", None)] + [
+        (arm, out / f"seed{s}" / arm, out / f"seed{s}" / "djo") for s in range(budget.seeds) for arm in ARMS
+    ]
+    for arm, path, base in runs:
+        scores_file = path / f"study_scores_{split}.json"
+        if scores_file.exists():
+            evals[arm].append(json.loads(scores_file.read_text()))
+            continue
+        clock = time.perf_counter()
+        model, tokenizer = load_trained(path, base)
+        result = evaluate_model(model, tokenizer, reference, targets, real_codes, config)
+        scores_file.write_text(json.dumps(result) + "\n")
+        evals[arm].append(result)
+        del model
+        gc.collect()
+        print(f"  scored {path.relative_to(out)}: {time.perf_counter() - clock:.0f} s", flush=True)
+
+    summary = summarize(evals, targets, budget)
+    report = {
+        **summary,
+        "split": split,
+        "layouts": len(targets),
+        "seeds": budget.seeds,
+        "budget": asdict(budget),
+        "settings": settings,
+        "configs": {stage: str(_config(stage)) for stage in ("pmtp", "djo", "cyclerl")},
+        "training_seconds": {r["run"]: r["seconds"] for r in log},
+        "seconds": time.perf_counter() - start,
+        "notes": {
+            "T=1": "metrics without a suffix score T=1 samples; `_greedy` scores greedy decoding",
+            "cycle_miou_ref": "the grounder of the PMTP checkpoint, fixed for every arm",
+            "ap": "COCO AP of the oracle detector; its intervals resample layouts only, "
+            f"{min(AP_RESAMPLES, budget.n_resamples)} times",
+            "intervals": "95% percentile bootstrap over seeds and layouts, paired by seed and layout",
+        },
+    }
+    write_report(report, out / "study.json")
+    plot_study(summary, out / "study.png")
+    print(format_arms(summary))
+    print(format_comparisons(summary))
+    print(f"study: {out / 'study.json'}, {out / 'study.png'}; {report['seconds']:.0f} s")
+    return report
