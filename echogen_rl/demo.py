@@ -1,8 +1,9 @@
 """`echogen-rl demo`: the three stages end to end on the shapes world, offline on a CPU.
 
-It builds the tiny checkpoint, trains PMTP -> DJO -> CycleRL with the same trainers the recipes use,
+It builds the tiny checkpoint, trains PMTP -> DJO -> CycleRL by running the shipped shapes configs through
+their recipes (`recipes/configs/<stage>/shapes_tiny.yaml`; a budget changes only the fields it lists),
 evaluates after each stage on held-out layouts (the oracle detector reads the generated code grids
-exactly), and trains a "separate" baseline under the same step budget: one model on L2I only, another on
+exactly), and trains a "separate" baseline with the PMTP config's steps: one model on L2I only, another on
 I2L only, no joint packing. It prints a table and writes `report.json` and a PNG grid per stage.
 The numbers are whatever this budget gives; nothing is tuned to the held-out set.
 """
@@ -14,27 +15,20 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from peft import LoraConfig
 from transformers import AutoTokenizer, JanusForConditionalGeneration
 
-from .cyclerl_config import CycleRLConfig
-from .cyclerl_trainer import CycleRLTrainer
-from .data.random_layouts import build_random_layout_dataset
-from .data.shapes import ShapesConfig, build_shapes_dataset, phrase_pool
-from .djo_config import DJOConfig
-from .djo_trainer import DJOTrainer
+from .architectures import SHIPPED_CONFIGS
+from .data.shapes import ShapesConfig, build_shapes_dataset
 from .evaluation import cycle_miou, evaluate_i2l, evaluate_l2i
 from .grounding import Grounder
 from .image_tokenizers import PaletteTokenizer
 from .layout import Layout
-from .loading import DEFAULT_LORA_TARGETS
-from .pmtp_config import PMTPConfig
-from .pmtp_trainer import PMTPTrainer
 from .prompts import PromptBuilder
+from .recipe_runner import run_recipe
 from .tiny import build_tiny_checkpoint
 from .visualize import image_grid, overlay, save_png
 
@@ -44,93 +38,42 @@ COLUMNS = ("ap", "ap50", "spatial", "color", "cycle_miou", "grounding_acc50", "g
 
 @dataclass
 class DemoBudget:
-    """Steps and sizes of the demo; `DemoBudget.quick()` is the smoke-test budget."""
+    """What the demo changes in the shipped shapes configs (`recipes/configs/<stage>/shapes_tiny.yaml`), per stage
+    as `{field: value}`, and how many held-out layouts it scores. The default changes nothing but where runs
+    write; `DemoBudget.quick()` is the smoke-test budget."""
 
-    train_samples: int = 16000
     eval_layouts: int = 64
-    # No CFG at this scale: with uncond_prob 0.1 two PMTP runs of 1000 steps lost the colors (color 0.05 and
-    # 0.13 against 0.88 without), and without training the unconditional branch, CFG > 1 degrades images.
-    guidance_scale: float = 1.0
-    pmtp_steps: int = 1000
-    pmtp_batch: int = 16
-    pmtp_lr: float = 2e-3
-    djo_steps: int = 100
-    djo_batch: int = 16
-    djo_lr: float = 5e-4
-    cyclerl_steps: int = 30
-    cyclerl_prompts_per_step: int = 4
-    num_generations: int = 8
-    cyclerl_lr: float = 5e-4
+    pmtp: dict = field(default_factory=dict)
+    djo: dict = field(default_factory=dict)
+    cyclerl: dict = field(default_factory=dict)
 
     @classmethod
     def quick(cls) -> DemoBudget:
-        return cls(train_samples=64, eval_layouts=8, pmtp_steps=4, djo_steps=3, cyclerl_steps=2, num_generations=4)
+        return cls(
+            eval_layouts=8,
+            pmtp={"max_steps": 4, "num_train_samples": 64},
+            djo={"max_steps": 3, "num_train_samples": 32, "warmup_steps": 1},
+            cyclerl={"max_steps": 2, "num_train_samples": 8, "per_device_train_batch_size": 8, "num_generations": 4},
+        )
 
 
-def _common(output_dir: Path, steps: int, batch: int, lr: float) -> dict:
-    return dict(
-        output_dir=str(output_dir),
-        max_steps=steps,
-        per_device_train_batch_size=batch,
-        learning_rate=lr,
-        logging_steps=max(1, steps // 10),
-        save_strategy="no",
-        report_to=[],
-        use_cpu=not torch.cuda.is_available(),
-        bf16=False,
-        gradient_checkpointing=False,
-        dataloader_num_workers=0,
-        disable_tqdm=False,
-        seed=0,
-    )
+def _shipped(stage: str) -> Path:
+    return SHIPPED_CONFIGS / stage / "shapes_tiny.yaml"
 
 
-def _train_pmtp(model, tokenizer, data, out: Path, budget: DemoBudget, image_w=1.0, text_w=1.0) -> list[dict]:
-    args = PMTPConfig(
-        **_common(out, budget.pmtp_steps, budget.pmtp_batch, budget.pmtp_lr),
-        max_length=8192,
-        lr_scheduler_type="cosine",
-        warmup_steps=min(20, budget.pmtp_steps // 10),
-        uncond_prob=0.0,
-        image_loss_weight=image_w,
-        text_loss_weight=text_w,
-    )
-    trainer = PMTPTrainer(model, args, train_dataset=data, processing_class=tokenizer)
-    trainer.train()
-    trainer.save_model(str(out))
-    return trainer.state.log_history
-
-
-def _train_djo(model, tokenizer, data, out: Path, budget: DemoBudget) -> list[dict]:
-    args = DJOConfig(**_common(out, budget.djo_steps, budget.djo_batch, budget.djo_lr), lr_scheduler_type="constant")
-    trainer = DJOTrainer(model, args, train_dataset=data, processing_class=tokenizer)
-    trainer.train()
-    trainer.save_model(str(out))
-    return trainer.state.log_history
-
-
-def _train_cyclerl(model, tokenizer, out: Path, budget: DemoBudget):
-    prompts = build_random_layout_dataset(
-        budget.cyclerl_steps * budget.cyclerl_prompts_per_step, 0, phrase_pool(), grid_size=8, min_box_size=0.25
-    )
-    args = CycleRLConfig(
-        **_common(
-            out, budget.cyclerl_steps, budget.cyclerl_prompts_per_step * budget.num_generations, budget.cyclerl_lr
-        ),
-        num_generations=budget.num_generations,
-        guidance_scale=budget.guidance_scale,
-        lr_scheduler_type="constant",
-        beta=0.0,
-        loss_type="dapo",
-        reward_funcs=["cycle_iou", "grounding_format"],
-        reward_weights=[1.0, 0.1],
-    )
-    lora = LoraConfig(r=16, lora_alpha=32, target_modules=DEFAULT_LORA_TARGETS)
-    trainer = CycleRLTrainer(
-        model, args.reward_funcs, args, train_dataset=prompts, processing_class=tokenizer, peft_config=lora
-    )
-    trainer.train()
-    trainer.save_model(str(out))
+def _train(stage: str, out: Path, changes: dict, **extra) -> tuple:
+    """Runs the stage's shipped shapes config through its recipe with `changes`; returns the model and its log."""
+    settings = {
+        **changes,
+        **extra,
+        "output_dir": str(out),
+        "save_strategy": "no",
+        "eval_strategy": "no",
+        "num_eval_samples": 0,
+        "report_to": "none",
+        "seed": 0,
+    }
+    trainer = run_recipe(stage, _shipped(stage), settings)
     return trainer.model, trainer.state.log_history
 
 
@@ -192,7 +135,6 @@ def run_demo(output_dir: str | os.PathLike, overwrite: bool = False, budget: Dem
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
     shapes = ShapesConfig()
     palette = PaletteTokenizer(shapes.grid_size, shapes.patch_size)
-    train = build_shapes_dataset(budget.train_samples, seed=0, config=shapes)
     held_out = build_shapes_dataset(budget.eval_layouts, seed=HELD_OUT_SEED, config=shapes)
     layouts = [Layout.from_json(s) for s in held_out["layout"]]
     for layout, caption in zip(layouts, held_out["caption"]):
@@ -201,39 +143,38 @@ def run_demo(output_dir: str | os.PathLike, overwrite: bool = False, budget: Dem
     save_png(
         image_grid([overlay(im, lay) for im, lay in zip(held_out["image"][:8], layouts[:8])], 4), out / "data.png"
     )
+    guidance = 1.0  # the shapes configs train no unconditional branch (uncond_prob: 0): no CFG
+    cache = {"cache_dir": str(out / "cache")}
 
     stages, history = {}, {}
     model = JanusForConditionalGeneration.from_pretrained(ckpt)
     print("[2/6] untrained model")
-    stages["untrained"], pictures = _evaluate(
-        model, model, tokenizer, layouts, real_codes, shapes, budget.guidance_scale
-    )
+    stages["untrained"], pictures = _evaluate(model, model, tokenizer, layouts, real_codes, shapes, guidance)
 
     print("[3/6] Stage 1, PMTP")
-    history["pmtp"] = _train_pmtp(model, tokenizer, train, out / "pmtp", budget)
-    stages["pmtp"], pictures = _evaluate(model, model, tokenizer, layouts, real_codes, shapes, budget.guidance_scale)
+    model, history["pmtp"] = _train("pmtp", out / "pmtp", budget.pmtp, model_name_or_path=str(ckpt), **cache)
+    stages["pmtp"], pictures = _evaluate(model, model, tokenizer, layouts, real_codes, shapes, guidance)
     _picture("pmtp", pictures, layouts, palette, out)
 
     print("[4/6] Stage 2, DJO")
-    history["djo"] = _train_djo(model, tokenizer, train, out / "djo", budget)
-    stages["djo"], pictures = _evaluate(model, model, tokenizer, layouts, real_codes, shapes, budget.guidance_scale)
+    model, history["djo"] = _train("djo", out / "djo", budget.djo, model_name_or_path=str(out / "pmtp"), **cache)
+    stages["djo"], pictures = _evaluate(model, model, tokenizer, layouts, real_codes, shapes, guidance)
     _picture("djo", pictures, layouts, palette, out)
 
     print("[5/6] Stage 3, CycleRL (LoRA)")
-    policy, history["cyclerl"] = _train_cyclerl(model, tokenizer, out / "cyclerl", budget)
-    stages["cyclerl"], pictures = _evaluate(
-        policy, policy, tokenizer, layouts, real_codes, shapes, budget.guidance_scale
+    policy, history["cyclerl"] = _train(
+        "cyclerl", out / "cyclerl", budget.cyclerl, model_name_or_path=str(out / "djo"), **cache
     )
+    policy.eval()
+    # Cycle mIoU of every stage is scored by its own grounder; for CycleRL that is the LoRA policy's.
+    stages["cyclerl"], pictures = _evaluate(policy, policy, tokenizer, layouts, real_codes, shapes, guidance)
     _picture("cyclerl", pictures, layouts, palette, out)
 
-    print("[6/6] baseline: L2I and I2L as two models, the PMTP step budget each")
-    l2i_model = JanusForConditionalGeneration.from_pretrained(ckpt)
-    i2l_model = JanusForConditionalGeneration.from_pretrained(ckpt)
-    _train_pmtp(l2i_model, tokenizer, train, out / "separate-l2i", budget, image_w=1.0, text_w=0.0)
-    _train_pmtp(i2l_model, tokenizer, train, out / "separate-i2l", budget, image_w=0.0, text_w=1.0)
-    stages["separate"], pictures = _evaluate(
-        l2i_model, i2l_model, tokenizer, layouts, real_codes, shapes, budget.guidance_scale
-    )
+    print("[6/6] baseline: L2I and I2L as two models, the PMTP config's steps each")
+    separate = {**budget.pmtp, "model_name_or_path": str(ckpt), **cache}
+    l2i_model, _ = _train("pmtp", out / "separate-l2i", {**separate, "text_loss_weight": 0.0})
+    i2l_model, _ = _train("pmtp", out / "separate-i2l", {**separate, "image_loss_weight": 0.0})
+    stages["separate"], pictures = _evaluate(l2i_model, i2l_model, tokenizer, layouts, real_codes, shapes, guidance)
     _picture("separate", pictures, layouts, palette, out)
 
     cyclerl_rewards = [h["rewards/cycle_iou/mean"] for h in history["cyclerl"] if "rewards/cycle_iou/mean" in h]
@@ -245,6 +186,7 @@ def run_demo(output_dir: str | os.PathLike, overwrite: bool = False, budget: Dem
             "cyclerl": {"cycle_iou_reward_per_log": cyclerl_rewards},
         },
         "budget": asdict(budget),
+        "configs": {stage: str(_shipped(stage)) for stage in ("pmtp", "djo", "cyclerl")},
         "held_out_layouts": len(layouts),
         "seconds": time.perf_counter() - start,
     }

@@ -112,6 +112,10 @@ def cpu_adjustments(arch, stage: str, training_args, model_args) -> dict:
     - `optim: sgd` when the weights, gradients and AdamW's two states of the config's training would not fit in
       70% of this machine's memory (full fine-tuning of Janus-Pro-1B in float32: about 27 GiB). The optimizer step
       then allocates no state; the estimate still counts the config's own optimizer.
+
+    Raises:
+        ValueError: the weights and gradients alone exceed 85% of this machine's memory (there is no adjustment
+            that keeps the config's training), rather than a run killed for memory mid-step.
     """
     if torch.cuda.is_available():
         return {}
@@ -127,9 +131,19 @@ def cpu_adjustments(arch, stage: str, training_args, model_args) -> dict:
         torch.finfo(getattr(torch, str(model_args.dtype))).bits // 8 if model_args.dtype not in (None, "auto") else 4
     )
     reference = stage == "cyclerl" and training_args.beta > 0
-    need = size * (total * (2 if reference else 1) + 3 * trainable)
-    if need > 0.7 * psutil.virtual_memory().total and "sgd" not in str(training_args.optim):
+    weights = size * total * (2 if reference else 1)
+    memory = psutil.virtual_memory().total
+    if weights + 3 * size * trainable > 0.7 * memory and "sgd" not in str(training_args.optim):
         changed["optim"] = "sgd"
+    # Weights and gradients cannot be dropped: where they alone fill the machine, the run would be killed for memory
+    # in its first backward (measured: the full-fine-tuning CycleRL config, policy and reference in float32, at 24 GiB).
+    floor = weights + size * trainable
+    if floor > 0.85 * memory:
+        raise ValueError(
+            f"the weights{' (policy and reference model)' if reference else ''} and gradients alone take "
+            f"{floor / GIB:.1f} GiB, more than 85% of this machine's {memory / GIB:.1f} GiB: a CPU dry run would be "
+            "killed for memory. Run it on a GPU (benchmarks/gpu_dry_run.sh) or a machine with more memory"
+        )
     return changed
 
 
@@ -340,6 +354,8 @@ def run_dry_run(
         model_args.model_name_or_path, model_args.build_tiny_if_missing, config_dirs, architecture
     )
     cpu_changes = cpu_adjustments(arch, stage, training_args, model_args)
+    if work_dir is not None:
+        Path(work_dir).mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="echogen-dry-run-", dir=work_dir))
     try:
         print(f"dry run: random-init checkpoint of {arch.source} in {work}", flush=True)

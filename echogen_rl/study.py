@@ -36,10 +36,10 @@ from PIL import Image, ImageDraw
 from .architectures import SHIPPED_CONFIGS
 from .data.shapes import ShapesConfig, build_shapes_dataset, detect_from_codes
 from .evaluation import (
-    coco_ap,
+    ResampledAP,
     cycle_iou_per_image,
-    evaluate_i2l,
     generate_images,
+    grounding_accuracy,
     mask_iou_per_image,
     write_report,
 )
@@ -64,7 +64,7 @@ COMPARISONS = {
 # Scored per layout (a mean over its entities), so that they get paired bootstrap intervals.
 LAYOUT_METRICS = ("cycle_miou_ref", "cycle_miou_policy", "tolerant_l2i", "strict50", "color", "grounding_miou")
 MODES = {"": 1.0, "_greedy": 0.0}  # metric suffix -> sampling temperature
-AP_RESAMPLES = 200
+AP_RESAMPLES = 1000
 
 
 @dataclass
@@ -201,9 +201,9 @@ def evaluate_model(model, tokenizer, reference, targets, real_codes, config: Sha
         )
         scored = score_codes(codes, targets, policy_grounder, reference_grounder, config)
         result[suffix or "_t1"] = {**scored, "codes": codes.tolist()}
-    grounded = Grounder(model, prompts, 64)(real_codes, [t.phrases for t in targets])
-    result["grounding_miou"] = cycle_iou_per_image([g.layout for g in grounded], targets)
-    result["grounding"] = evaluate_i2l(model, tokenizer, real_codes, targets)
+    grounded = [g.layout for g in policy_grounder(real_codes, [t.phrases for t in targets])]
+    result["grounding_miou"] = cycle_iou_per_image(grounded, targets)
+    result["grounding"] = grounding_accuracy(grounded, targets)
     return result
 
 
@@ -222,29 +222,30 @@ def _scores(evals: list[dict], metric: str) -> np.ndarray:
     return np.array(rows, dtype=np.float64)
 
 
-def _ap(evals: list[dict], targets: list[Layout], mode: str, items: np.ndarray | None = None) -> dict:
-    """COCO AP of the oracle detections pooled over seeds (each seed's images of the chosen layouts)."""
-    items = np.arange(len(targets)) if items is None else items
-    dets = [Layout.from_dict(e[mode]["detections"][i]) for e in evals for i in items]
-    return coco_ap(dets, [targets[i] for _ in evals for i in items])
+def _resampled_ap(evals: list[dict], targets: list[Layout], mode: str) -> ResampledAP:
+    """AP over the oracle detections of every seed's images (image `s * len(targets) + i`: seed s, layout i)."""
+    dets = [Layout.from_dict(d) for e in evals for d in e[mode]["detections"]]
+    return ResampledAP(dets, [t for _ in evals for t in targets])
 
 
-def ap_difference(treatment: list[dict], control: list[dict], targets, mode: str, n_resamples: int, seed=0) -> dict:
-    """AP (and AP50) of treatment minus control, with a percentile interval from resampling layouts (each
-    resample re-runs pycocotools on both arms, hence fewer resamples than the per-layout metrics get)."""
-    rng = np.random.default_rng(seed)
-    point = {k: _ap(treatment, targets, mode)[k] - _ap(control, targets, mode)[k] for k in ("ap", "ap50")}
+def ap_difference(treatment: ResampledAP, control: ResampledAP, seeds: int, items: int, n_resamples: int) -> dict:
+    """AP and AP50 of treatment minus control (each pooled over its seeds), with a percentile interval from
+    resampling seeds and layouts alike in both arms, as [`paired_difference`] does for per-layout metrics."""
+    rng = np.random.default_rng(0)
+    t_all, c_all = treatment.ap(), control.ap()
     draws = {"ap": [], "ap50": []}
     for _ in range(n_resamples):
-        items = rng.integers(0, len(targets), len(targets))
-        t, c = _ap(treatment, targets, mode, items), _ap(control, targets, mode, items)
+        chosen_seeds = rng.integers(0, seeds, seeds) if seeds > 1 else np.zeros(1, dtype=int)
+        chosen_items = rng.integers(0, items, items)
+        images = (chosen_seeds[:, None] * items + chosen_items[None, :]).ravel().tolist()
+        t, c = treatment.ap(images), control.ap(images)
         for k in draws:
             if t[k] is not None and c[k] is not None:
                 draws[k].append(t[k] - c[k])
     out = {}
     for k, values in draws.items():
         low, high = np.quantile(values, [0.025, 0.975])
-        out[k] = {"diff": point[k], "ci_low": float(low), "ci_high": float(high), "resamples": len(values)}
+        out[k] = {"diff": t_all[k] - c_all[k], "ci_low": float(low), "ci_high": float(high), "seeds": seeds}
     return out
 
 
@@ -256,12 +257,10 @@ def summarize(evals: dict[str, list[dict]], targets: list[Layout], budget: Study
         arms[arm] = {m: bootstrap_ci(_scores(arm_evals, m), budget.n_resamples) for m in metrics}
         for suffix in MODES:
             mode = suffix or "_t1"
-            ap = _ap(arm_evals, targets, mode)
-            arms[arm]["ap" + suffix] = {
-                "mean": ap["ap"],
-                "per_seed": [_ap([e], targets, mode)["ap"] for e in arm_evals],
-            }
-            arms[arm]["ap50" + suffix] = {"mean": ap["ap50"]}
+            pooled = _resampled_ap(arm_evals, targets, mode).ap()
+            per_seed = [_resampled_ap([e], targets, mode).ap()["ap"] for e in arm_evals]
+            arms[arm]["ap" + suffix] = {"mean": pooled["ap"], "per_seed": per_seed}
+            arms[arm]["ap50" + suffix] = {"mean": pooled["ap50"]}
     comparisons = {}
     for name, (treat, ctrl) in COMPARISONS.items():
         t_evals, c_evals = evals[treat], evals[ctrl]
@@ -272,7 +271,14 @@ def summarize(evals: dict[str, list[dict]], targets: list[Layout], budget: Study
             for m in metrics
         }
         for suffix in MODES:
-            diff = ap_difference(t_evals, c_evals, targets, suffix or "_t1", min(AP_RESAMPLES, budget.n_resamples))
+            mode = suffix or "_t1"
+            diff = ap_difference(
+                _resampled_ap(t_evals, targets, mode),
+                _resampled_ap(c_evals, targets, mode),
+                len(t_evals),
+                len(targets),
+                min(AP_RESAMPLES, budget.n_resamples),
+            )
             comparisons[name]["ap" + suffix] = diff["ap"]
             comparisons[name]["ap50" + suffix] = diff["ap50"]
     return {"arms": arms, "comparisons": comparisons}
@@ -486,7 +492,7 @@ def run_study(
         "notes": {
             "T=1": "metrics without a suffix score T=1 samples; `_greedy` scores greedy decoding",
             "cycle_miou_ref": "the grounder of the PMTP checkpoint, fixed for every arm",
-            "ap": "COCO AP of the oracle detector; its intervals resample layouts only, "
+            "ap": "COCO AP of the oracle detector, pooled over seeds; its intervals resample seeds and layouts "
             f"{min(AP_RESAMPLES, budget.n_resamples)} times",
             "intervals": "95% percentile bootstrap over seeds and layouts, paired by seed and layout",
         },

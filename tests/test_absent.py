@@ -34,7 +34,9 @@ def test_answer_writes_boxes_in_query_order_and_an_empty_box_for_an_absent_phras
     assert parsed.entities == [BLUE, RED] and parsed.absent == ["green triangle"]
     # The tiny word-level tokenizer decodes "[]" as "[ ]"; an empty <ref> is still a problem.
     assert parse_layout("<grounding><ref>red circle</ref><box>[ ]</box></grounding>")[0].absent == ["red circle"]
-    assert parse_layout("<grounding><ref></ref><box>[]</box></grounding>")[1] == ["entity 0: field 'phrase' is empty: ''"]
+    assert parse_layout("<grounding><ref></ref><box>[]</box></grounding>")[1] == [
+        "entity 0: field 'phrase' is empty: ''"
+    ]
 
 
 def test_layout_json_round_trips_absent_phrases_and_rejects_a_bad_list():

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 from types import SimpleNamespace
 
+import psutil
 import pytest
 import torch
 import yaml
@@ -309,6 +310,15 @@ def test_real_size_dry_run_of_every_gpu_config(config, tmp_path, monkeypatch):
     `cpu_adjustments`). DJO and CycleRL find their architecture through the PMTP / DJO config that makes their start
     checkpoint."""
     monkeypatch.chdir(tmp_path)
+    if (
+        config.name == "janus_pro_1b_full.yaml"
+        and not torch.cuda.is_available()
+        and psutil.virtual_memory().total < 32 * 2**30
+    ):
+        # Policy and reference in float32 plus gradients: 21 GiB before activations (killed for memory at 24 GiB).
+        with pytest.raises(ValueError, match="killed for memory"):
+            run_dry_run(config, steps=1, work_dir=tmp_path)
+        return
     report = run_dry_run(config, steps=1, work_dir=tmp_path)
     _check_report(report, steps=1)
     assert report["measured"]["parameters"]["total"] > 2.0e9
@@ -325,3 +335,19 @@ def test_cpu_adjustments_compute_in_float32_and_drop_adamw_states_only_where_the
     assert cpu_adjustments(big, "cyclerl", full, SimpleNamespace(use_peft=True, dtype="float32")) == {"bf16": False}
     tiny = resolve_architecture("outputs/tiny-janus", build_tiny_if_missing=True)
     assert cpu_adjustments(tiny, "pmtp", SimpleNamespace(bf16=False, beta=0.0, optim="adamw_torch"), fp32) == {}
+
+
+def test_cpu_dry_run_that_cannot_fit_is_refused_before_it_starts(monkeypatch):
+    """Full fine-tuning with a float32 reference model: weights 2 x 7.7 GiB and gradients 5.5 GiB (measured: such a
+    run was killed for memory at 24 GiB)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    big = resolve_architecture("deepseek-community/Janus-Pro-1B")
+    fp32 = SimpleNamespace(use_peft=False, dtype="float32")
+    with_reference = SimpleNamespace(bf16=True, beta=0.04, optim="adamw_torch_fused")
+    memory = SimpleNamespace(total=24 * 2**30)
+    monkeypatch.setattr("echogen_rl.dry_run.psutil.virtual_memory", lambda: memory)
+    with pytest.raises(ValueError, match=r"policy and reference model\) and gradients alone take 21\.\d GiB"):
+        cpu_adjustments(big, "cyclerl", with_reference, fp32)
+    assert cpu_adjustments(big, "cyclerl", SimpleNamespace(bf16=True, beta=0.0, optim="adamw_torch"), fp32)["optim"]
+    memory.total = 32 * 2**30  # enough for both copies and the gradients: adjusted, not refused
+    assert cpu_adjustments(big, "cyclerl", with_reference, fp32) == {"bf16": False, "optim": "sgd"}

@@ -350,3 +350,36 @@ def test_mask_iou_ranks_an_exact_drawing_above_a_filled_box_above_nothing():
     assert mask_iou_per_image([exact], [Layout([Entity("a cat", (0, 0, 1, 1))])], cfg) == [None]
     with pytest.raises(ValueError, match="expected 64 codes"):
         mask_iou_per_image([[0] * 10], [target], cfg)
+
+
+def test_resampled_ap_equals_pycocotools_on_any_multiset_of_images():
+    from echogen_rl.evaluation import ResampledAP
+
+    cfg = ShapesConfig()
+    data = build_shapes_dataset(48, seed=11, config=cfg)
+    targets = [Layout.from_json(t) for t in data["layout"]]
+    rng = np.random.default_rng(0)
+    detections = []
+    for t in targets:  # kept, shifted by whole cells (IoUs at exact thresholds), renamed, dropped or duplicated
+        entities = []
+        for e in t.entities:
+            roll = rng.uniform()
+            dx = int(rng.integers(-2, 3)) / 8
+            box = (max(0.0, e.box[0] + dx), e.box[1], min(1.0, e.box[2] + dx), e.box[3])
+            if roll < 0.5:
+                entities.append(Entity(e.phrase, box if box[2] > box[0] else e.box))
+            elif roll < 0.7:
+                entities.append(Entity(phrase_pool()[int(rng.integers(len(phrase_pool())))], e.box))
+            elif roll < 0.85:
+                entities += [Entity(e.phrase, e.box), Entity(e.phrase, e.box)]
+        detections.append(Layout(entities))
+    fast = ResampledAP(detections, targets)
+    for images in (list(range(48)), rng.integers(0, 48, 48).tolist(), [3, 3, 3, 7], []):
+        ref = coco_ap([detections[i] for i in images], [targets[i] for i in images])
+        got = fast.ap(images)
+        for key in ("ap", "ap50"):
+            assert (got[key] is None and ref[key] is None) or got[key] == pytest.approx(ref[key], abs=1e-12), (
+                images[:5],
+                key,
+            )
+    assert 0.1 < fast.ap()["ap"] < 0.9  # a mix of hits and misses, not a trivial case

@@ -118,7 +118,9 @@ def test_shuffled_rewards_permute_within_the_batch_and_together():
     for _ in range(5):
         x, y = a(None, None), b(None, None)
         assert x[1] is None and sorted(v for v in x if v is not None) == [0.1, 0.3, 0.4, 0.5, 0.6]
-        assert [round(v * 10, 6) for v in x if v is not None] == [v for v in y if v is not None]  # the same permutation
+        assert [round(v * 10, 6) for v in x if v is not None] == [
+            v for v in y if v is not None
+        ]  # the same permutation
         seen.add(tuple(x))
     assert len(seen) > 1  # a new permutation per batch
     assert load_reward("rewards.controls:shuffled_cycle_iou").__name__ == "shuffled_cycle_iou"

@@ -26,14 +26,18 @@ def parse_prompt_text(text: str) -> Layout:
 
 
 def add_prompt_column(dataset: Dataset) -> Dataset:
-    """Adds CycleRL's `prompt` column to a dataset with `caption` and `layout` (JSON) columns."""
+    """Adds CycleRL's `prompt` column to a dataset with `caption` and `layout` (JSON) columns.
+
+    Image columns are dropped: rollouts make the images, and TRL would take an `image` column for a VLM's input.
+    """
 
     def to_prompt(row):
         layout = Layout.from_json(row["layout"])
         layout.caption = row.get("caption") or layout.caption
         return {"prompt": l2i_prompt_text(layout)}
 
-    return dataset.map(to_prompt, desc="prompts")
+    images = [c for c in ("image", "images", "image_codes", "image_path") if c in dataset.column_names]
+    return dataset.remove_columns(images).map(to_prompt, desc="prompts")
 
 
 def random_layout(

@@ -1,0 +1,55 @@
+"""The study end to end on a quick budget: every arm trains from the shipped configs and is scored."""
+
+import json
+
+import pytest
+
+from echogen_rl.study import COMPARISONS, StudyBudget, run_study
+
+
+@pytest.fixture(scope="module")
+def quick_study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study")
+    return out, run_study(out, StudyBudget.quick())
+
+
+def test_study_writes_paired_comparisons_with_intervals(quick_study):
+    out, report = quick_study
+    saved = json.loads((out / "study.json").read_text())
+    assert set(saved["comparisons"]) == set(COMPARISONS)
+    for name in ("djo_vs_pmtp_continued", "cyclerl_vs_sft_continued", "cyclerl_vs_shuffled_reward"):
+        for metric in ("cycle_miou_ref", "tolerant_l2i", "ap", "cycle_miou_ref_greedy", "strict50"):
+            cell = saved["comparisons"][name][metric]
+            assert cell["ci_low"] <= cell["diff"] <= cell["ci_high"], (name, metric, cell)
+    assert saved["seeds"] == 2 and saved["layouts"] == 8
+    assert (out / "study.png").stat().st_size > 1000
+    # Each arm of each seed trained from the shipped config, with the study's changes recorded.
+    assert saved["settings"]["cyclerl_shuffled/seed1"]["reward_funcs"] == [
+        "rewards.controls:shuffled_cycle_iou",
+        "rewards.controls:shuffled_grounding_format",
+    ]
+    assert saved["settings"]["pmtp_continued/seed0"]["learning_rate"] == 5.0e-5  # DJO's restart, from its config
+    assert saved["configs"]["djo"].endswith("recipes/configs/djo/shapes_tiny.yaml")
+
+
+def test_arms_differ_and_the_study_resumes_without_retraining(quick_study, capsys):
+    out, report = quick_study
+    cyclerl = (out / "seed0" / "cyclerl" / "adapter_model.safetensors").read_bytes()
+    sft = (out / "seed0" / "sft_continued" / "adapter_model.safetensors").read_bytes()
+    assert cyclerl != sft  # the SFT control trained its own adapter
+    # The shuffled control logged its own rewards. (After 4 PMTP steps no answer parses, every reward is 0 and
+    # neither GRPO run moves its adapter, so their weights cannot be told apart at this budget.)
+    logged = json.loads((out / "seed0" / "cyclerl_shuffled" / "study_run.json").read_text())["log_history"]
+    assert any("rewards/shuffled_cycle_iou/mean" in h for h in logged)
+    logged = json.loads((out / "seed0" / "cyclerl" / "study_run.json").read_text())["log_history"]
+    assert any("rewards/cycle_iou/mean" in h for h in logged)
+    stamp = (out / "seed1" / "djo" / "study_run.json").stat().st_mtime
+    again = run_study(out, StudyBudget.quick())
+    assert (out / "seed1" / "djo" / "study_run.json").stat().st_mtime == stamp
+    assert "done before, kept" in capsys.readouterr().out
+    assert again["comparisons"] == report["comparisons"]
+
+
+def test_a_study_needs_two_seeds(tmp_path):
+    with pytest.raises(ValueError, match="at least 2 training seeds"):
+        run_study(tmp_path, StudyBudget.quick(), seeds=1)
