@@ -222,30 +222,35 @@ def _scores(evals: list[dict], metric: str) -> np.ndarray:
     return np.array(rows, dtype=np.float64)
 
 
-def _resampled_ap(evals: list[dict], targets: list[Layout], mode: str) -> ResampledAP:
-    """AP over the oracle detections of every seed's images (image `s * len(targets) + i`: seed s, layout i)."""
-    dets = [Layout.from_dict(d) for e in evals for d in e[mode]["detections"]]
-    return ResampledAP(dets, [t for _ in evals for t in targets])
+def _seed_aps(evals: list[dict], targets: list[Layout], mode: str) -> list[ResampledAP]:
+    """One [`ResampledAP`] per seed, over that seed's oracle detections."""
+    return [ResampledAP([Layout.from_dict(d) for d in e[mode]["detections"]], targets) for e in evals]
 
 
-def ap_difference(treatment: ResampledAP, control: ResampledAP, seeds: int, items: int, n_resamples: int) -> dict:
-    """AP and AP50 of treatment minus control (each pooled over its seeds), with a percentile interval from
-    resampling seeds and layouts alike in both arms, as [`paired_difference`] does for per-layout metrics."""
+def ap_difference(treatment: list[ResampledAP], control: list[ResampledAP], n_resamples: int) -> dict:
+    """AP and AP50 of treatment minus control: the mean over seeds of each seed's difference (seed `s` of one arm
+    pairs with seed `s` of the other), with a percentile interval from resampling seeds and layouts alike in both
+    arms, as [`paired_difference`] does for per-layout metrics (AP itself is recomputed on every resample)."""
     rng = np.random.default_rng(0)
-    t_all, c_all = treatment.ap(), control.ap()
+    seeds, items = len(treatment), treatment[0].size
+
+    def mean_difference(chosen_seeds, images):
+        per_seed = {s: (treatment[s].ap(images), control[s].ap(images)) for s in set(chosen_seeds)}
+        return {
+            k: float(np.mean([per_seed[s][0][k] - per_seed[s][1][k] for s in chosen_seeds])) for k in ("ap", "ap50")
+        }
+
+    point = mean_difference(range(seeds), None)
     draws = {"ap": [], "ap50": []}
     for _ in range(n_resamples):
-        chosen_seeds = rng.integers(0, seeds, seeds) if seeds > 1 else np.zeros(1, dtype=int)
-        chosen_items = rng.integers(0, items, items)
-        images = (chosen_seeds[:, None] * items + chosen_items[None, :]).ravel().tolist()
-        t, c = treatment.ap(images), control.ap(images)
+        chosen = rng.integers(0, seeds, seeds) if seeds > 1 else [0]
+        drawn = mean_difference(chosen, rng.integers(0, items, items).tolist())
         for k in draws:
-            if t[k] is not None and c[k] is not None:
-                draws[k].append(t[k] - c[k])
+            draws[k].append(drawn[k])
     out = {}
     for k, values in draws.items():
         low, high = np.quantile(values, [0.025, 0.975])
-        out[k] = {"diff": t_all[k] - c_all[k], "ci_low": float(low), "ci_high": float(high), "seeds": seeds}
+        out[k] = {"diff": point[k], "ci_low": float(low), "ci_high": float(high), "seeds": seeds}
     return out
 
 
@@ -257,10 +262,10 @@ def summarize(evals: dict[str, list[dict]], targets: list[Layout], budget: Study
         arms[arm] = {m: bootstrap_ci(_scores(arm_evals, m), budget.n_resamples) for m in metrics}
         for suffix in MODES:
             mode = suffix or "_t1"
-            pooled = _resampled_ap(arm_evals, targets, mode).ap()
-            per_seed = [_resampled_ap([e], targets, mode).ap()["ap"] for e in arm_evals]
-            arms[arm]["ap" + suffix] = {"mean": pooled["ap"], "per_seed": per_seed}
-            arms[arm]["ap50" + suffix] = {"mean": pooled["ap50"]}
+            per_seed = [ap.ap() for ap in _seed_aps(arm_evals, targets, mode)]
+            for k in ("ap", "ap50"):
+                values = [a[k] for a in per_seed]
+                arms[arm][k + suffix] = {"mean": float(np.mean(values)), "per_seed": values}
     comparisons = {}
     for name, (treat, ctrl) in COMPARISONS.items():
         t_evals, c_evals = evals[treat], evals[ctrl]
@@ -273,10 +278,8 @@ def summarize(evals: dict[str, list[dict]], targets: list[Layout], budget: Study
         for suffix in MODES:
             mode = suffix or "_t1"
             diff = ap_difference(
-                _resampled_ap(t_evals, targets, mode),
-                _resampled_ap(c_evals, targets, mode),
-                len(t_evals),
-                len(targets),
+                _seed_aps(t_evals, targets, mode),
+                _seed_aps(c_evals, targets, mode),
                 min(AP_RESAMPLES, budget.n_resamples),
             )
             comparisons[name]["ap" + suffix] = diff["ap"]
@@ -492,7 +495,7 @@ def run_study(
         "notes": {
             "T=1": "metrics without a suffix score T=1 samples; `_greedy` scores greedy decoding",
             "cycle_miou_ref": "the grounder of the PMTP checkpoint, fixed for every arm",
-            "ap": "COCO AP of the oracle detector, pooled over seeds; its intervals resample seeds and layouts "
+            "ap": "COCO AP of the oracle detector, per seed then averaged; its intervals resample seeds and layouts "
             f"{min(AP_RESAMPLES, budget.n_resamples)} times",
             "intervals": "95% percentile bootstrap over seeds and layouts, paired by seed and layout",
         },
