@@ -352,7 +352,8 @@ def format_arms(summary: dict, metrics=("cycle_miou_ref", "tolerant_l2i", "stric
 def run_study(
     output_dir: str | os.PathLike, budget: StudyBudget | None = None, split: str = "held_out", seeds: int | None = None
 ) -> dict:
-    """Trains and scores every arm (see the module docstring); writes `study.json` and `study.png`.
+    """Trains and scores every arm (see the module docstring); writes `study.json` and `study.png`
+    (`study_validation.*` for the validation split).
 
     A run whose folder holds `study_run.json` is kept, so a stopped study resumes where it stopped.
     """
@@ -500,9 +501,11 @@ def run_study(
             "intervals": "95% percentile bootstrap over seeds and layouts, paired by seed and layout",
         },
     }
-    write_report(report, out / "study.json")
-    plot_study(summary, out / "study.png")
+    # A validation study beside a held-out one writes files of its own, never over the other's.
+    name = "study" if split == "held_out" else f"study_{split}"
+    write_report(report, out / f"{name}.json")
+    plot_study(summary, out / f"{name}.png")
     print(format_arms(summary))
     print(format_comparisons(summary))
-    print(f"study: {out / 'study.json'}, {out / 'study.png'}; {report['seconds']:.0f} s")
+    print(f"study: {out / f'{name}.json'}, {out / f'{name}.png'}; {report['seconds']:.0f} s")
     return report

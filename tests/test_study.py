@@ -50,6 +50,19 @@ def test_arms_differ_and_the_study_resumes_without_retraining(quick_study, capsy
     assert again["comparisons"] == report["comparisons"]
 
 
+def test_a_validation_study_reuses_the_runs_and_keeps_the_held_out_report(quick_study):
+    out, report = quick_study
+    held_out = (out / "study.json").read_text()
+    validation = run_study(out, StudyBudget.quick(), split="validation")
+    assert (out / "study.json").read_text() == held_out
+    assert json.loads((out / "study_validation.json").read_text())["split"] == "validation"
+    # Other layouts, the same trained runs: scores differ, the settings do not.
+    assert validation["settings"] == report["settings"]
+    assert validation["arms"]["pmtp"]["cycle_miou_ref"] != report["arms"]["pmtp"]["cycle_miou_ref"] or (
+        validation["arms"]["pmtp"]["tolerant_l2i"] != report["arms"]["pmtp"]["tolerant_l2i"]
+    )
+
+
 def test_a_study_needs_two_seeds(tmp_path):
     with pytest.raises(ValueError, match="at least 2 training seeds"):
         run_study(tmp_path, StudyBudget.quick(), seeds=1)
