@@ -28,7 +28,7 @@ from .grounding import Grounder
 from .image_tokenizers import PaletteTokenizer
 from .layout import Layout
 from .prompts import PromptBuilder
-from .recipe_runner import run_recipe
+from .recipe_runner import run_recipe, run_settings
 from .tiny import build_tiny_checkpoint
 from .visualize import image_grid, overlay, save_png
 
@@ -63,17 +63,7 @@ def _shipped(stage: str) -> Path:
 
 def _train(stage: str, out: Path, changes: dict, **extra) -> tuple:
     """Runs the stage's shipped shapes config through its recipe with `changes`; returns the model and its log."""
-    settings = {
-        **changes,
-        **extra,
-        "output_dir": str(out),
-        "save_strategy": "no",
-        "eval_strategy": "no",
-        "num_eval_samples": 0,
-        "report_to": "none",
-        "seed": 0,
-    }
-    trainer = run_recipe(stage, _shipped(stage), settings)
+    trainer = run_recipe(stage, _shipped(stage), {**changes, **extra, **run_settings(out)})
     return trainer.model, trainer.state.log_history
 
 

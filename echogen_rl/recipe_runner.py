@@ -54,6 +54,19 @@ def trainer_name(recipe) -> str:
     return next(k for k, v in vars(recipe).items() if isinstance(v, type) and issubclass(v, Trainer))
 
 
+def run_settings(output_dir, seed: int = 0) -> dict:
+    """What a run inside a demo or a study changes besides its budget: where it writes, its seed, and no
+    intermediate saving, evaluation or reporting."""
+    return {
+        "output_dir": str(output_dir),
+        "seed": seed,
+        "save_strategy": "no",
+        "eval_strategy": "no",
+        "num_eval_samples": 0,
+        "report_to": "none",
+    }
+
+
 def run_recipe(stage: str, config: str | Path, overrides: dict | None = None) -> Trainer:
     """Runs `recipes/<stage>.py` on `config` with `overrides` (`{field: value}`) and returns its trainer."""
     config = Path(config)

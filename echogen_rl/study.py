@@ -34,9 +34,10 @@ import yaml
 from PIL import Image, ImageDraw
 
 from .architectures import SHIPPED_CONFIGS
+from .coco_ap import ResampledAP
 from .data.shapes import ShapesConfig, build_shapes_dataset, detect_from_codes
 from .evaluation import (
-    ResampledAP,
+    color_accuracy,
     cycle_iou_per_image,
     generate_images,
     grounding_accuracy,
@@ -47,7 +48,7 @@ from .grounding import Grounder
 from .layout import Layout, iou, match_layouts
 from .loading import load_janus
 from .prompts import PromptBuilder
-from .recipe_runner import run_recipe
+from .recipe_runner import run_recipe, run_settings
 from .stats import bootstrap_ci, paired_difference
 from .visualize import save_png
 
@@ -101,17 +102,7 @@ def _values(stage: str, budget_fields: dict) -> dict:
 
 
 def _run_settings(out: Path, seed: int) -> dict:
-    """What every study run changes besides its budget: where it writes, its seed, and no intermediate work."""
-    return {
-        "output_dir": str(out),
-        "seed": seed,
-        "save_strategy": "no",
-        "eval_strategy": "no",
-        "num_eval_samples": 0,
-        "report_to": "none",
-        "disable_tqdm": True,
-        "logging_steps": 10,
-    }
+    return {**run_settings(out, seed), "disable_tqdm": True, "logging_steps": 10}
 
 
 def _train(stage: str, config_stage: str, out: Path, settings: dict, log: list) -> None:
@@ -164,8 +155,6 @@ def strict_recall50(detections: Sequence[Layout], targets: Sequence[Layout]) -> 
 
 def color_per_layout(codes: torch.Tensor, targets: Sequence[Layout], config: ShapesConfig) -> list[float | None]:
     """Per layout, the share of entities whose box's dominant color is the phrase's (see `color_accuracy`)."""
-    from .evaluation import color_accuracy
-
     return [color_accuracy(codes[i : i + 1], [t], config) for i, t in enumerate(targets)]
 
 

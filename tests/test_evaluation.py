@@ -11,9 +11,9 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from echogen_rl.cli import main
+from echogen_rl.coco_ap import COCO_IMAGE_SIZE
 from echogen_rl.data.shapes import ShapesConfig, build_shapes_dataset, codes_to_image, phrase_pool, render_codes
 from echogen_rl.evaluation import (
-    COCO_IMAGE_SIZE,
     coco_ap,
     color_accuracy,
     cycle_miou,
@@ -353,7 +353,7 @@ def test_mask_iou_ranks_an_exact_drawing_above_a_filled_box_above_nothing():
 
 
 def test_resampled_ap_equals_pycocotools_on_any_multiset_of_images():
-    from echogen_rl.evaluation import ResampledAP
+    from echogen_rl.coco_ap import ResampledAP
 
     cfg = ShapesConfig()
     data = build_shapes_dataset(48, seed=11, config=cfg)
