@@ -179,7 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", required=True)
     p.add_argument("--overwrite", action="store_true", help="replace the report and pictures in OUTPUT_DIR")
     p.add_argument("--seed", type=int, default=0, help="held-out layouts and generation seed")
-    p.add_argument("--guidance-scale", type=float, default=5.0)
+    p.add_argument(
+        "--guidance-scale",
+        type=float,
+        help="CFG scale; defaults to the checkpoint's (1 when it trained no CFG branch)",
+    )
     p.add_argument("--batch-size", type=int, default=16, help="layouts per rollout (changes the sampled images)")
     p.add_argument("--device", help="defaults to cuda when available, else cpu")
     p.set_defaults(func=_eval)
@@ -202,8 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the grid's path, FILE.png; the images are FILE-0.png, ...")
     p.add_argument("--num", type=int, default=4, help="images to sample")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--guidance-scale", type=float, default=5.0)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 decodes greedily")
+    p.add_argument(
+        "--guidance-scale",
+        type=float,
+        help="CFG scale; defaults to the checkpoint's (1 when it trained no CFG branch)",
+    )
+    p.add_argument("--temperature", type=float, help="0 decodes greedily; defaults to the checkpoint's (else 1)")
     p.add_argument("--palette", action="store_true", help="decode with the shapes palette (the tiny checkpoint)")
     p.add_argument("--batch-size", type=int, default=16, help="images per rollout (changes the sampled images)")
     p.add_argument("--device", help="defaults to cuda when available, else cpu")

@@ -25,8 +25,9 @@ class CycleRLConfig(GRPOConfig):
             Reward functions by built-in name (`cycle_iou`, `cycle_giou`, `cycle_l1`, `cycle_center`,
             `grounding_format`), `package.module:function` or `path/to/file.py:function`; weighted by
             `reward_weights`.
-        guidance_scale (`float`, *optional*, defaults to `5.0`):
-            Classifier-free guidance scale `s` of the rollouts: `u + s * (c - u)`; `1.0` disables CFG.
+        guidance_scale (`float`, *optional*):
+            Classifier-free guidance scale `s` of the rollouts: `u + s * (c - u)`; `1.0` disables CFG. By default the
+            one the model's checkpoint records (see `echogen_rl.sampling`: 1 when it trained no unconditional rows).
         logprob_mode (`str`, *optional*, defaults to `"cfg"`):
             Which distribution the policy-gradient log-probs are of: `"cfg"`, the guided distribution the
             rollouts are sampled from (on-policy, as Janus-Pro-R1), or `"cond"`, the conditional branch alone
@@ -64,7 +65,10 @@ class CycleRLConfig(GRPOConfig):
         default_factory=lambda: ["cycle_iou"],
         metadata={"help": "Reward functions: built-in names, module:function or file.py:function."},
     )
-    guidance_scale: float = field(default=5.0, metadata={"help": "CFG scale of the image rollouts (1 disables CFG)."})
+    guidance_scale: float | None = field(
+        default=None,
+        metadata={"help": "CFG scale of the image rollouts (1 disables CFG); defaults to the checkpoint's."},
+    )
     logprob_mode: str = field(
         default="cfg",
         metadata={
@@ -128,7 +132,7 @@ class CycleRLConfig(GRPOConfig):
                 raise ValueError(f"CycleRLConfig.{name} must be one of {choices}, got {getattr(self, name)!r}")
         if self.use_vllm:
             raise ValueError("CycleRLConfig: `use_vllm` is TRL's text generation; set `rollout_engine` instead")
-        if self.guidance_scale < 0:
+        if self.guidance_scale is not None and self.guidance_scale < 0:
             raise ValueError(f"CycleRLConfig.guidance_scale must be >= 0, got {self.guidance_scale}")
         if not 1 <= self.random_min_entities <= self.random_max_entities:
             raise ValueError(

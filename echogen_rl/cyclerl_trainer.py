@@ -18,6 +18,7 @@ from .modeling import check_sharding, freeze_untrained, image_token_logprobs, un
 from .prompts import PromptBuilder, pad_segments
 from .rollout.base import RolloutEngine
 from .rollout.torch_engine import TorchRolloutEngine
+from .sampling import resolve_guidance_scale
 
 
 def is_peft_model(model) -> bool:
@@ -90,6 +91,7 @@ class CycleRLTrainer(GRPOTrainer):
         check_sharding(self)
         freeze_untrained(self.model, text_head=False)  # the loss reads image tokens only
         janus = unwrap_janus(self.model)
+        self.args.guidance_scale = resolve_guidance_scale(janus, args.guidance_scale, "CycleRLConfig.guidance_scale")
         self.layout_prompts = PromptBuilder(processing_class, janus.config.vision_config.num_image_tokens)
         self._special_ids = (self.layout_prompts.bos_id, self.layout_prompts.boi_id, self.layout_prompts.pad_id)
         self.rollout_engine = rollout_engine

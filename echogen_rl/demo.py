@@ -29,6 +29,7 @@ from .image_tokenizers import PaletteTokenizer
 from .layout import Layout
 from .prompts import PromptBuilder
 from .recipe_runner import run_recipe, run_settings
+from .sampling import resolve_guidance_scale
 from .tiny import build_tiny_checkpoint
 from .visualize import image_grid, overlay, save_png
 
@@ -67,9 +68,11 @@ def _train(stage: str, out: Path, changes: dict, **extra) -> tuple:
     return trainer.model, trainer.state.log_history
 
 
-def _evaluate(l2i_model, i2l_model, tokenizer, layouts, real_codes, shapes, guidance_scale) -> tuple[dict, dict]:
+def _evaluate(l2i_model, i2l_model, tokenizer, layouts, real_codes, shapes) -> tuple[dict, dict]:
     """Stage metrics: L2I by `l2i_model` (oracle detector), grounding and the cycle's return trip by `i2l_model`."""
-    l2i = evaluate_l2i(l2i_model, tokenizer, layouts, "oracle", shapes, guidance_scale=guidance_scale, seed=0)
+    # Sampled as the checkpoint records (the shapes configs train no unconditional branch: no CFG).
+    guidance = resolve_guidance_scale(l2i_model, None, "demo")
+    l2i = evaluate_l2i(l2i_model, tokenizer, layouts, "oracle", shapes, guidance_scale=guidance, seed=0)
     i2l = evaluate_i2l(i2l_model, tokenizer, real_codes, layouts)
     recovered = l2i["recovered"]
     if i2l_model is not l2i_model:
@@ -133,22 +136,21 @@ def run_demo(output_dir: str | os.PathLike, overwrite: bool = False, budget: Dem
     save_png(
         image_grid([overlay(im, lay) for im, lay in zip(held_out["image"][:8], layouts[:8])], 4), out / "data.png"
     )
-    guidance = 1.0  # the shapes configs train no unconditional branch (uncond_prob: 0): no CFG
     cache = {"cache_dir": str(out / "cache")}
 
     stages, history = {}, {}
     model = JanusForConditionalGeneration.from_pretrained(ckpt)
     print("[2/6] untrained model")
-    stages["untrained"], pictures = _evaluate(model, model, tokenizer, layouts, real_codes, shapes, guidance)
+    stages["untrained"], pictures = _evaluate(model, model, tokenizer, layouts, real_codes, shapes)
 
     print("[3/6] Stage 1, PMTP")
     model, history["pmtp"] = _train("pmtp", out / "pmtp", budget.pmtp, model_name_or_path=str(ckpt), **cache)
-    stages["pmtp"], pictures = _evaluate(model, model, tokenizer, layouts, real_codes, shapes, guidance)
+    stages["pmtp"], pictures = _evaluate(model, model, tokenizer, layouts, real_codes, shapes)
     _picture("pmtp", pictures, layouts, palette, out)
 
     print("[4/6] Stage 2, DJO")
     model, history["djo"] = _train("djo", out / "djo", budget.djo, model_name_or_path=str(out / "pmtp"), **cache)
-    stages["djo"], pictures = _evaluate(model, model, tokenizer, layouts, real_codes, shapes, guidance)
+    stages["djo"], pictures = _evaluate(model, model, tokenizer, layouts, real_codes, shapes)
     _picture("djo", pictures, layouts, palette, out)
 
     print("[5/6] Stage 3, CycleRL (LoRA)")
@@ -157,14 +159,14 @@ def run_demo(output_dir: str | os.PathLike, overwrite: bool = False, budget: Dem
     )
     policy.eval()
     # Cycle mIoU of every stage is scored by its own grounder; for CycleRL that is the LoRA policy's.
-    stages["cyclerl"], pictures = _evaluate(policy, policy, tokenizer, layouts, real_codes, shapes, guidance)
+    stages["cyclerl"], pictures = _evaluate(policy, policy, tokenizer, layouts, real_codes, shapes)
     _picture("cyclerl", pictures, layouts, palette, out)
 
     print("[6/6] baseline: L2I and I2L as two models, the PMTP config's steps each")
     separate = {**budget.pmtp, "model_name_or_path": str(ckpt), **cache}
     l2i_model, _ = _train("pmtp", out / "separate-l2i", {**separate, "text_loss_weight": 0.0})
     i2l_model, _ = _train("pmtp", out / "separate-i2l", {**separate, "image_loss_weight": 0.0})
-    stages["separate"], pictures = _evaluate(l2i_model, i2l_model, tokenizer, layouts, real_codes, shapes, guidance)
+    stages["separate"], pictures = _evaluate(l2i_model, i2l_model, tokenizer, layouts, real_codes, shapes)
     _picture("separate", pictures, layouts, palette, out)
 
     cyclerl_rewards = [h["rewards/cycle_iou/mean"] for h in history["cyclerl"] if "rewards/cycle_iou/mean" in h]

@@ -40,6 +40,7 @@ from .loading import load_janus
 from .modeling import unwrap_janus
 from .prompts import PromptBuilder, pad_segments
 from .rollout.torch_engine import TorchRolloutEngine
+from .sampling import resolve_guidance_scale
 from .visualize import image_grid, overlay, save_png
 
 DETECTORS = ("oracle", "grounder")
@@ -452,7 +453,7 @@ def run_eval(
     detector: str = "oracle",
     overwrite: bool = False,
     seed: int = 0,
-    guidance_scale: float = 5.0,
+    guidance_scale: float | None = None,
     batch_size: int = 16,
     device: str | None = None,
 ) -> dict:
@@ -471,7 +472,8 @@ def run_eval(
         detector (`str`, *optional*, defaults to `"oracle"`): see [`evaluate_l2i`].
         overwrite (`bool`, *optional*, defaults to `False`): replace the report and pictures in `output_dir`.
         seed (`int`, *optional*, defaults to `0`): shifts the held-out layouts' seed and seeds generation.
-        guidance_scale (`float`, *optional*, defaults to `5.0`): CFG scale of generation.
+        guidance_scale (`float`, *optional*): CFG scale of generation; by default the one the checkpoint records
+            (see `echogen_rl.sampling`).
         batch_size (`int`, *optional*, defaults to `16`): layouts per rollout.
         device (`str`, *optional*): defaults to CUDA when available, else the CPU.
     """
@@ -510,6 +512,7 @@ def run_eval(
     data = build_shapes_dataset(num_layouts, seed=HELD_OUT_SEED + seed, config=config)
     layouts = [Layout.from_json(text) for text in data["layout"]]
 
+    guidance_scale = resolve_guidance_scale(model, guidance_scale, "eval --guidance-scale")
     l2i = evaluate_l2i(model, tokenizer, layouts, detector, config, None, guidance_scale, 1.0, seed, batch_size)
     i2l = evaluate_i2l(model, tokenizer, data["image_codes"], layouts)
     report = {

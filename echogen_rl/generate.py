@@ -26,6 +26,7 @@ from .layout import Entity, Layout, LayoutError, validate_layout
 from .loading import load_janus
 from .modeling import unwrap_janus
 from .prompts import PromptBuilder
+from .sampling import resolve_guidance_scale, resolve_temperature
 from .visualize import RECOVERED_COLOR, draw_layout, image_grid, overlay, save_png
 
 
@@ -115,8 +116,8 @@ def run_generate(
     adapter: str | None = None,
     num_images: int = 4,
     seed: int = 0,
-    guidance_scale: float = 5.0,
-    temperature: float = 1.0,
+    guidance_scale: float | None = None,
+    temperature: float | None = None,
     palette: bool = False,
     batch_size: int = 16,
     device: str | None = None,
@@ -130,8 +131,9 @@ def run_generate(
         adapter (`str`, *optional*): a PEFT adapter directory, merged into the model.
         num_images (`int`, *optional*, defaults to `4`): images sampled.
         seed (`int`, *optional*, defaults to `0`): sampling seed.
-        guidance_scale (`float`, *optional*, defaults to `5.0`): classifier-free guidance scale.
-        temperature (`float`, *optional*, defaults to `1.0`): `0` decodes greedily.
+        guidance_scale (`float`, *optional*): classifier-free guidance scale; by default the one the checkpoint
+            records (see `echogen_rl.sampling`).
+        temperature (`float`, *optional*): `0` decodes greedily; by default the checkpoint's (1 unless recorded).
         palette (`bool`, *optional*, defaults to `False`): decode with the shapes palette tokenizer.
         batch_size (`int`, *optional*, defaults to `16`): images per rollout (changes the sampled images).
         device (`str`, *optional*): defaults to CUDA when available, else the CPU.
@@ -142,9 +144,11 @@ def run_generate(
     grid_path = _png_path(out, "--out")
     if num_images < 1:
         raise ValueError(f"--num must be >= 1, got {num_images}")
-    if temperature < 0:
+    if temperature is not None and temperature < 0:
         raise ValueError(f"--temperature must be >= 0, got {temperature}")
     model, tokenizer = load_model(model_name_or_path, adapter, device)
+    guidance_scale = resolve_guidance_scale(model, guidance_scale, "generate --guidance-scale")
+    temperature = resolve_temperature(model, temperature)
     decoder = image_tokenizer_for(model, palette)
     if not palette and decoder.codebook_size == len(PALETTE):
         print("this model's codebook is the shapes palette: pass --palette to see the shapes")

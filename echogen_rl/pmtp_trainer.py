@@ -19,6 +19,7 @@ from .modeling import (
 )
 from .pmtp_config import PMTPConfig
 from .prompts import PromptBuilder
+from .sampling import record_sampling
 
 
 def pmtp_losses(
@@ -78,6 +79,8 @@ class PMTPTrainer(SFTTrainer):
             AbsentPhrases(args.absent_phrase_prob, dataset_phrases(train_dataset)) if args.absent_phrase_prob else None
         )
         collator = PMTPCollator(prompts, args.max_length, args.pack_segments, args.uncond_prob, tasks, absent)
+        if args.uncond_prob > 0 and "l2i" in tasks:
+            record_sampling(model, unconditional_branch=True)  # saved with every checkpoint: CFG works from here
         kwargs.setdefault("data_collator", collator)
         super().__init__(
             model,

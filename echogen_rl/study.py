@@ -35,7 +35,7 @@ from PIL import Image, ImageDraw
 
 from .architectures import SHIPPED_CONFIGS
 from .coco_ap import ResampledAP
-from .data.shapes import ShapesConfig, build_shapes_dataset, detect_from_codes
+from .data.shapes import ShapesConfig, build_shapes_dataset, detect_from_codes, render_codes, render_filled_boxes
 from .evaluation import (
     color_accuracy,
     cycle_iou_per_image,
@@ -194,6 +194,41 @@ def evaluate_model(model, tokenizer, reference, targets, real_codes, config: Sha
     result["grounding_miou"] = cycle_iou_per_image(grounded, targets)
     result["grounding"] = grounding_accuracy(grounded, targets)
     return result
+
+
+DRAWINGS = ("correct", "filled", "empty")
+REWARD_GROUNDERS = ("pmtp", "djo")  # PMTP's scores `cycle_miou_ref`; each seed's DJO is its CycleRL's reference
+
+
+def reward_check(grounder, targets: Sequence[Layout], config: ShapesConfig) -> dict[str, list[float | None]]:
+    """Per layout, the cycle IoU a grounder gives three drawings of it: `correct` (the shapes as the world draws
+    them), `filled` (each box filled with its color, any kind: the blob a box-IoU reward must not pay for) and
+    `empty` (a black image). The cycle reward sees shape only if `correct` scores above `filled`."""
+    drawings = {
+        "correct": [render_codes(t, config) for t in targets],
+        "filled": [render_filled_boxes(t, config) for t in targets],
+        "empty": [[0] * config.grid_size**2 for _ in targets],
+    }
+    phrases = [t.phrases for t in targets]
+    return {
+        name: cycle_iou_per_image([g.layout for g in grounder(torch.tensor(codes), phrases)], targets)
+        for name, codes in drawings.items()
+    }
+
+
+def summarize_reward_check(evals: dict[str, list[dict]], n_resamples: int) -> dict:
+    """For each grounder that scores rewards (PMTP's, fixed for `cycle_miou_ref`; each seed's DJO, CycleRL's
+    reference): the mean cycle IoU of each drawing, and `correct - filled`, `filled - empty` with intervals."""
+    out = {}
+    for arm in REWARD_GROUNDERS:
+        checks = [e["reward_check"] for e in evals.get(arm, []) if "reward_check" in e]
+        if not checks:
+            continue
+        rows = {d: np.array([[math.nan if v is None else v for v in c[d]] for c in checks]) for d in DRAWINGS}
+        out[arm] = {d: bootstrap_ci(rows[d], n_resamples) for d in DRAWINGS}
+        out[arm]["correct_minus_filled"] = paired_difference(rows["correct"], rows["filled"], n_resamples=n_resamples)
+        out[arm]["filled_minus_empty"] = paired_difference(rows["filled"], rows["empty"], n_resamples=n_resamples)
+    return out
 
 
 def _scores(evals: list[dict], metric: str) -> np.ndarray:
@@ -459,21 +494,25 @@ def run_study(
     ]
     for arm, path, base in runs:
         scores_file = path / f"study_scores_{split}.json"
-        if scores_file.exists():
-            evals[arm].append(json.loads(scores_file.read_text()))
-            continue
-        clock = time.perf_counter()
-        model, tokenizer = load_trained(path, base)
-        result = evaluate_model(model, tokenizer, reference, targets, real_codes, config)
-        scores_file.write_text(json.dumps(result) + "\n")
+        result = json.loads(scores_file.read_text()) if scores_file.exists() else {}
+        checks_rewards = arm in REWARD_GROUNDERS
+        if not result or (checks_rewards and "reward_check" not in result):
+            clock = time.perf_counter()
+            model, tokenizer = load_trained(path, base)
+            result = result or evaluate_model(model, tokenizer, reference, targets, real_codes, config)
+            if checks_rewards:
+                grounder = Grounder(model, PromptBuilder(tokenizer, real_codes.shape[1]), 64)
+                result["reward_check"] = reward_check(grounder, targets, config)
+            write_report(result, scores_file)
+            del model
+            gc.collect()
+            print(f"  scored {path.relative_to(out)}: {time.perf_counter() - clock:.0f} s", flush=True)
         evals[arm].append(result)
-        del model
-        gc.collect()
-        print(f"  scored {path.relative_to(out)}: {time.perf_counter() - clock:.0f} s", flush=True)
 
     summary = summarize(evals, targets, budget)
     report = {
         **summary,
+        "reward_check": summarize_reward_check(evals, budget.n_resamples),
         "split": split,
         "layouts": len(targets),
         "seeds": budget.seeds,
@@ -487,6 +526,7 @@ def run_study(
             "cycle_miou_ref": "the grounder of the PMTP checkpoint, fixed for every arm",
             "ap": "COCO AP of the oracle detector, per seed then averaged; its intervals resample seeds and layouts "
             f"{min(AP_RESAMPLES, budget.n_resamples)} times",
+            "reward_check": "cycle IoU a grounder gives each layout drawn correctly, as filled boxes, and empty",
             "intervals": "95% percentile bootstrap over seeds and layouts, paired by seed and layout",
         },
     }
@@ -496,5 +536,8 @@ def run_study(
     plot_study(summary, out / f"{name}.png")
     print(format_arms(summary))
     print(format_comparisons(summary))
+    for arm, check in report["reward_check"].items():
+        cells = ", ".join(f"{d} {check[d]['mean']:.3f}" for d in DRAWINGS)
+        print(f"reward check, {arm} grounder's cycle IoU: {cells}")
     print(f"study: {out / f'{name}.json'}, {out / f'{name}.png'}; {report['seconds']:.0f} s")
     return report

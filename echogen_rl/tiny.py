@@ -195,12 +195,14 @@ def build_tiny_model(config: TinyJanusConfig, tokenizer: PreTrainedTokenizerFast
 
 
 def janus_generation_config(tokenizer: PreTrainedTokenizerFast) -> GenerationConfig:
-    """Janus-Pro's generation settings (CFG 5, the image starts after `<begin_of_image>`) for `tokenizer`'s ids."""
+    """Janus-Pro's generation settings (the image starts after `<begin_of_image>`) for `tokenizer`'s ids, with no
+    CFG: a fresh model has no unconditional branch until PMTP trains one (see `echogen_rl.sampling`)."""
     return GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        guidance_scale=5.0,
+        guidance_scale=1.0,
+        unconditional_branch=False,
         generation_kwargs={"boi_token_id": tokenizer.convert_tokens_to_ids(BOI_TOKEN)},
     )
 

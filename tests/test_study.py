@@ -2,9 +2,19 @@
 
 import json
 
+import numpy as np
 import pytest
 
-from echogen_rl.study import COMPARISONS, StudyBudget, run_study
+from echogen_rl.data.shapes import (
+    ShapesConfig,
+    build_shapes_dataset,
+    detect_from_codes,
+    render_codes,
+    render_filled_boxes,
+)
+from echogen_rl.grounding import GroundingResult
+from echogen_rl.layout import Layout
+from echogen_rl.study import COMPARISONS, DRAWINGS, StudyBudget, reward_check, run_study
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +40,10 @@ def test_study_writes_paired_comparisons_with_intervals(quick_study):
     ]
     assert saved["settings"]["pmtp_continued/seed0"]["learning_rate"] == 5.0e-5  # DJO's restart, from its config
     assert saved["configs"]["djo"].endswith("recipes/configs/djo/shapes_tiny.yaml")
+    # The reward check of the grounders that give rewards: PMTP's (once) and DJO's (per seed).
+    assert set(saved["reward_check"]) == {"pmtp", "djo"}
+    assert saved["reward_check"]["djo"]["correct_minus_filled"]["seeds"] == 2
+    assert set(DRAWINGS) <= set(saved["reward_check"]["pmtp"])
 
 
 def test_arms_differ_and_the_study_resumes_without_retraining(quick_study, capsys):
@@ -66,3 +80,25 @@ def test_a_validation_study_reuses_the_runs_and_keeps_the_held_out_report(quick_
 def test_a_study_needs_two_seeds(tmp_path):
     with pytest.raises(ValueError, match="at least 2 training seeds"):
         run_study(tmp_path, StudyBudget.quick(), seeds=1)
+
+
+def oracle_grounder(codes, phrases):
+    """A grounder that reads the image exactly (`detect_from_codes`): a blob is no circle."""
+    results = []
+    for row, asked in zip(codes.tolist(), phrases):
+        found = [e for e in detect_from_codes(row).entities if e.phrase in asked]
+        results.append(GroundingResult(Layout(found)))
+    return results
+
+
+def test_reward_check_ranks_a_correct_drawing_above_filled_boxes_above_an_empty_image():
+    targets = [Layout.from_json(t) for t in build_shapes_dataset(64, seed=3)["layout"]]
+    filled = render_filled_boxes(targets[0])
+    assert sum(c > 0 for c in filled) >= sum(c > 0 for c in render_codes(targets[0]))
+    check = {k: np.array(v, dtype=float) for k, v in reward_check(oracle_grounder, targets, ShapesConfig()).items()}
+    assert np.all(check["correct"] == 1.0) and np.all(check["empty"] == 0.0)
+    # A filled box is a square or rectangle: only circles and triangles lose their reward.
+    round_kinds = np.array([any(p.split()[1] in ("circle", "triangle") for p in t.phrases) for t in targets])
+    assert round_kinds.any() and not round_kinds.all()
+    assert np.all(check["filled"][round_kinds] < 1.0) and np.all(check["filled"][~round_kinds] == 1.0)
+    assert check["correct"].mean() > check["filled"].mean() > check["empty"].mean()

@@ -187,19 +187,37 @@ def render_codes(layout: Layout, config: ShapesConfig | None = None) -> list[int
             at its box size (e.g. a circle in a non-square box).
     """
     config = config or ShapesConfig()
-    g = config.grid_size
-    grid = np.zeros((g, g), dtype=np.int64)
+    grid = np.zeros((config.grid_size, config.grid_size), dtype=np.int64)
     for i, entity in enumerate(layout.entities):
-        color, _, kind = entity.phrase.partition(" ")
-        if color not in COLOR_NAMES or kind not in SHAPES:
-            raise ValueError(f"entity {i}: phrase {entity.phrase!r} is not '<color> <kind>'")
-        x1, y1, x2, y2 = _cell_box(entity, g)
-        if not 0 <= x1 < x2 <= g or not 0 <= y1 < y2 <= g:
-            raise ValueError(f"entity {i}: box {entity.box} is empty or outside the {g}x{g} grid")
+        code, kind, (x1, y1, x2, y2) = _drawable(i, entity, config.grid_size)
         mask = shape_mask(kind, x2 - x1, y2 - y1)
         if mask is None:
             raise ValueError(f"entity {i}: a {kind} cannot be drawn in a {x2 - x1}x{y2 - y1} cell box")
-        grid[y1:y2, x1:x2][mask] = COLOR_NAMES.index(color) + 1
+        grid[y1:y2, x1:x2][mask] = code
+    return grid.ravel().tolist()
+
+
+def _drawable(i: int, entity: Entity, grid_size: int) -> tuple[int, str, tuple[int, int, int, int]]:
+    # The entity's palette code, kind and cell box; a ValueError naming entity `i` if it cannot be drawn.
+    color, _, kind = entity.phrase.partition(" ")
+    if color not in COLOR_NAMES or kind not in SHAPES:
+        raise ValueError(f"entity {i}: phrase {entity.phrase!r} is not '<color> <kind>'")
+    x1, y1, x2, y2 = _cell_box(entity, grid_size)
+    if not 0 <= x1 < x2 <= grid_size or not 0 <= y1 < y2 <= grid_size:
+        raise ValueError(f"entity {i}: box {entity.box} is empty or outside the {grid_size}x{grid_size} grid")
+    return COLOR_NAMES.index(color) + 1, kind, (x1, y1, x2, y2)
+
+
+def render_filled_boxes(layout: Layout, config: ShapesConfig | None = None) -> list[int]:
+    """Draws every entity of a layout as its whole box filled with its color, whatever its kind: the "blob" a
+    generator that learned only where and which color paints. Checks the layout as [`render_codes`] does, except that
+    any box size is drawable.
+    """
+    config = config or ShapesConfig()
+    grid = np.zeros((config.grid_size, config.grid_size), dtype=np.int64)
+    for i, entity in enumerate(layout.entities):
+        code, _, (x1, y1, x2, y2) = _drawable(i, entity, config.grid_size)
+        grid[y1:y2, x1:x2] = code
     return grid.ravel().tolist()
 
 
