@@ -61,6 +61,7 @@ COMPARISONS = {
     "cyclerl_vs_shuffled_reward": ("cyclerl", "cyclerl_shuffled"),
     "djo_vs_pmtp": ("djo", "pmtp"),
     "cyclerl_vs_pmtp": ("cyclerl", "pmtp"),
+    "cyclerl_vs_djo": ("cyclerl", "djo"),  # the model CycleRL starts from: does its grounding survive?
 }
 # Scored per layout (a mean over its entities), so that they get paired bootstrap intervals.
 LAYOUT_METRICS = ("cycle_miou_ref", "cycle_miou_policy", "tolerant_l2i", "strict50", "color", "grounding_miou")
