@@ -470,15 +470,28 @@ def boxes_from_pixel_xyxy(box: Box, width: float, height: float) -> Box:
         box, which `validate_layout` rejects.
 
     Raises:
-        `LayoutError`: if `width` or `height` is not positive, or `box` is not 4 numbers.
+        `LayoutError`: if `width` or `height` is not a positive finite number, or `box` is not 4 finite numbers, or
+            has a negative size.
     """
     for name, size in (("width", width), ("height", height)):
-        if not size > 0:  # also catches NaN
-            raise LayoutError(f"image {name} must be positive, got {size!r}")
-    if len(box) != 4:
-        raise LayoutError(f"box must be 4 numbers, got {box!r}")
+        if isinstance(size, bool) or not isinstance(size, (int, float)) or not math.isfinite(size) or size <= 0:
+            raise LayoutError(f"image {name} must be a positive finite number, got {size!r}")
+    _check_box_numbers(box)
+    if box[2] < box[0] or box[3] < box[1]:
+        raise LayoutError(f"box has a negative size (x2 < x1 or y2 < y1): {list(box)!r}")
     x1, y1, x2, y2 = (min(1.0, max(0.0, v / s)) for v, s in zip(box, (width, height, width, height)))
     return x1, y1, x2, y2
+
+
+def _check_box_numbers(box: object) -> None:
+    # Clipping would turn a NaN into 0 silently (max(0.0, nan) is 0.0): every coordinate must be a finite number.
+    if not isinstance(box, (list, tuple)) or len(box) != 4:
+        raise LayoutError(f"box must be 4 numbers, got {box!r}")
+    for i, v in enumerate(box):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise LayoutError(f"box coordinate {i} must be a number, got {v!r}")
+        if not math.isfinite(v):
+            raise LayoutError(f"box coordinate {i} is {v}, not a finite number")
 
 
 def boxes_from_coco_xywh(box: Box, width: float, height: float) -> Box:
@@ -492,7 +505,8 @@ def boxes_from_coco_xywh(box: Box, width: float, height: float) -> Box:
     Returns:
         `tuple[float, float, float, float]`: the normalized xyxy box.
     """
-    if len(box) != 4:
-        raise LayoutError(f"box must be 4 numbers, got {box!r}")
+    _check_box_numbers(box)
     x, y, w, h = box
+    if w < 0 or h < 0:
+        raise LayoutError(f"box size must not be negative, got width {w} and height {h}")
     return boxes_from_pixel_xyxy((x, y, x + w, y + h), width, height)

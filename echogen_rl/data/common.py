@@ -10,16 +10,18 @@ path or embedded bytes. The loaders live in `coco.py` and `layoutsam.py`, the VQ
 from __future__ import annotations
 
 import io
+import math
 import os
 import shutil
 import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import datasets
 from PIL import Image
 
-from echogen_rl.layout import Entity, Layout, validate_layout
+from echogen_rl.layout import Entity, Layout, LayoutError, validate_layout
 
 BAD_SAMPLE_ACTIONS = ("skip", "raise")
 # The columns a loader may store, see `file_backed`.
@@ -57,8 +59,11 @@ class FilterStats:
         rows_in, rows_kept (`int`): rows read (COCO: captioned images) and rows left.
         tiny_boxes_dropped, entities_capped (`int`): entities dropped under `min_box_area` and over `max_entities`.
         empty_layouts_dropped, bad_layouts, bad_images (`int`): rows dropped for having no entity left, for an
-            invalid or unparseable layout, and for an unreadable image.
+            invalid or unparseable layout (a missing, mistyped, non-finite or negative field of the row, its image
+            record or one of its boxes), and for an unreadable image.
         rows_beyond_limit (`int`): rows left out by `num_train_samples` / `num_eval_samples`.
+        bad_records (`int`): records that belong to no row and were skipped for a missing or mistyped field (COCO:
+            a category, a caption, an annotation or image without a usable id).
     """
 
     rows_in: int = 0
@@ -69,6 +74,7 @@ class FilterStats:
     bad_layouts: int = 0
     bad_images: int = 0
     rows_beyond_limit: int = 0
+    bad_records: int = 0
 
     def __add__(self, other: FilterStats) -> FilterStats:
         """The stats of two disjoint sets of rows, e.g. a train and an eval file."""
@@ -79,7 +85,7 @@ class FilterStats:
             f"kept {self.rows_kept} of {self.rows_in} rows; rows dropped: {self.empty_layouts_dropped} empty layouts, "
             f"{self.bad_layouts} bad layouts, {self.bad_images} bad images, {self.rows_beyond_limit} beyond the "
             f"sample limit; entities dropped: {self.tiny_boxes_dropped} tiny boxes, {self.entities_capped} over "
-            "max_entities"
+            f"max_entities; {self.bad_records} bad records skipped"
         )
 
 
@@ -88,6 +94,39 @@ def report_bad(message: str, on_bad_sample: str) -> None:
     if on_bad_sample == "raise":
         raise ValueError(message)
     warnings.warn(f"skipped: {message}", BadSampleWarning, stacklevel=3)
+
+
+def require_field(record: object, key: str, kind: type | tuple[type, ...], what: str) -> Any:
+    """`record[key]`, checked to be of `kind` (a bool is never a number); a `LayoutError` naming `what` and the
+    field when the record is not an object, or the field is missing or of another type."""
+    if not isinstance(record, dict):
+        raise LayoutError(f"{what} must be an object, got {type(record).__name__}")
+    if key not in record:
+        raise LayoutError(f"{what}: field '{key}' is missing")
+    value = record[key]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        names = "a number" if float in kinds else " or ".join(_KIND_NAMES.get(k, k.__name__) for k in kinds)
+        raise LayoutError(f"{what}: field '{key}' must be {names}, got {value!r}")
+    return value
+
+
+_KIND_NAMES = {int: "an integer", str: "a string", list: "a list", dict: "an object"}
+
+
+def finite_numbers(values: object, count: int, what: str) -> list[float]:
+    """`values` as `count` finite floats; a `LayoutError` naming `what` for another length, a non-number (a bool or
+    a string too) or a NaN or infinity."""
+    if not isinstance(values, (list, tuple)) or len(values) != count:
+        raise LayoutError(f"{what} must be a list of {count} numbers, got {values!r}")
+    out = []
+    for i, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise LayoutError(f"{what}: item {i} must be a number, got {v!r}")
+        if not math.isfinite(v):
+            raise LayoutError(f"{what}: item {i} is {v}, not a finite number")
+        out.append(float(v))
+    return out
 
 
 def _area(box: tuple[float, float, float, float]) -> float:

@@ -22,6 +22,7 @@ from echogen_rl.data.common import (
     describe_image,
     file_backed,
     finish_layout,
+    finite_numbers,
     open_image,
     report_bad,
 )
@@ -78,10 +79,8 @@ def _layoutsam_regions(row: dict, metadata: dict) -> list[tuple[object, object]]
 
 
 def _pixel_box(box: object, width: float, height: float, index: int) -> tuple[float, float, float, float]:
-    try:
-        x1, y1, x2, y2 = (float(v) for v in box)
-    except (TypeError, ValueError):
-        raise LayoutError(f"entity {index}: box must be 4 numbers [x1, y1, x2, y2], got {box!r}") from None
+    # A NaN, an infinity, a bool or a string among the numbers is refused, never clipped into the image.
+    x1, y1, x2, y2 = finite_numbers(box, 4, f"entity {index}: box [x1, y1, x2, y2]")
     return boxes_from_pixel_xyxy((x1, y1, x2, y2), width, height)
 
 
@@ -134,7 +133,11 @@ def _read_rows(source: str | os.PathLike | datasets.Dataset, cache_dir: str | os
         elif path.suffix == ".parquet":
             dataset = datasets.Dataset.from_parquet(str(path), cache_dir=str(cache_root(cache_dir)))
         elif path.suffix == ".json" and (text := path.read_text(encoding="utf-8")).lstrip().startswith("["):
-            yield from json.loads(text)
+            try:
+                rows = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}: not valid JSON ({err})") from None
+            yield from rows
             return
         elif path.suffix in (".json", ".jsonl"):
             with path.open(encoding="utf-8") as lines:
