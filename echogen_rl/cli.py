@@ -118,6 +118,7 @@ def _ground(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="echogen-rl", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error, not only its line")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("init-tiny", help="write the offline tiny Janus checkpoint to OUTPUT_DIR")
@@ -235,7 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileExistsError, FileNotFoundError, ValueError) as err:
+    except (FileExistsError, FileNotFoundError, ValueError) as err:  # CheckpointError and bad input among them
+        if args.debug:
+            raise
         print(f"echogen-rl {args.command}: error: {err}", file=sys.stderr)
         return 2
 

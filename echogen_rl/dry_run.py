@@ -3,8 +3,8 @@
     echogen-rl dry-run --config recipes/configs/pmtp/janus_pro_1b_coco.yaml [--steps N] [--batch-size B] [--json F]
     echogen-rl dry-run --config recipes/configs/pmtp/janus_pro_1b_coco.yaml -- --gradient_checkpointing false
 
-The stage's own recipe runs (`recipes/<stage>.py`: its `main`, on its dataclasses parsed by `TrlParser` from the
-YAML plus overrides, so a bad YAML fails as the recipe would). Its model is a random-init checkpoint of the config's
+The stage's own recipe runs (`recipes/<stage>.py`: its `main`, on its dataclasses parsed by `RecipeParser`, TRL's
+parser with type-checked YAML, from the YAML plus overrides, so a bad YAML fails as the recipe would). Its model is a random-init checkpoint of the config's
 architecture with a word-level tokenizer padded to the real vocabulary, written to a temporary folder; its data are
 synthetic rows in the config's format where the config's data paths do not exist. Changed from the config, and
 listed in the output: the output folder, `max_steps`, the per-device batch, no gradient accumulation, evaluation,

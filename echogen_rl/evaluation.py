@@ -36,7 +36,7 @@ from .data.shapes import (
 from .grounding import Grounder
 from .image_tokenizers import JanusVQTokenizer, PaletteTokenizer
 from .layout import Entity, Layout, boxes_from_coco_xywh, match_layouts, matched_box_scores
-from .loading import load_janus
+from .loading import check_checkpoint, load_janus
 from .modeling import unwrap_janus
 from .prompts import PromptBuilder, pad_segments
 from .rollout.torch_engine import TorchRolloutEngine
@@ -500,6 +500,7 @@ def run_eval(
         from peft import PeftModel
 
         # Merged, the adapter costs nothing at generation time.
+        check_checkpoint(adapter)
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
 

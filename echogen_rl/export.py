@@ -26,6 +26,7 @@ from peft.utils import get_peft_model_state_dict, load_peft_weights
 from transformers import AutoTokenizer, JanusForConditionalGeneration
 from transformers.utils import cached_file
 
+from .loading import check_checkpoint, loading_errors
 from .prompts import add_layout_tokens
 
 STAGES = ("pmtp", "djo", "cyclerl")
@@ -59,8 +60,10 @@ def _load_base(base: str, where: str) -> JanusForConditionalGeneration:
     local = base.startswith((".", "/", "~")) or base.count("/") != 1
     if local and not Path(base).expanduser().exists():
         raise FileNotFoundError(f"base model {base} ({where}) does not exist; pass --base DIR to use another path")
+    check_checkpoint(Path(base).expanduser())
     try:
-        return JanusForConditionalGeneration.from_pretrained(base)
+        with loading_errors(f"base model {base} ({where})"):
+            return JanusForConditionalGeneration.from_pretrained(base)
     except OSError as err:
         raise FileNotFoundError(f"base model {base} ({where}) could not be loaded: {err}") from err
 
@@ -81,6 +84,7 @@ def attach_adapter(model: torch.nn.Module, adapter: str | os.PathLike) -> PeftMo
     adapter = Path(adapter)
     if not (adapter / "adapter_config.json").is_file():
         raise FileNotFoundError(f"--adapter {adapter}: no adapter_config.json there")
+    check_checkpoint(adapter)
     try:
         peft_model = PeftModel.from_pretrained(model, adapter)
     except (RuntimeError, ValueError) as err:
@@ -258,6 +262,7 @@ def export_checkpoint(
     """
     checkpoint, out = Path(checkpoint), Path(output)
     kind = checkpoint_kind(checkpoint)
+    check_checkpoint(checkpoint)
     if kind == "model" and merge:
         raise ValueError(f"--merge: {checkpoint} holds a full model, not an adapter; there is nothing to merge")
     if out.resolve() == checkpoint.resolve() or out.resolve() in checkpoint.resolve().parents:
@@ -286,8 +291,9 @@ def export_checkpoint(
             raise FileNotFoundError(
                 f"{checkpoint}: a full model needs its tokenizer beside it (tokenizer_config.json)"
             )
-        model = JanusForConditionalGeneration.from_pretrained(checkpoint)
-        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        with loading_errors(str(checkpoint)):
+            model = JanusForConditionalGeneration.from_pretrained(checkpoint)
+            tokenizer = AutoTokenizer.from_pretrained(checkpoint)
         base = base or _card_base(checkpoint)
 
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import yaml
+from safetensors import safe_open
 from transformers import AutoTokenizer, JanusForConditionalGeneration
 from trl import ModelConfig, get_peft_config
 
@@ -53,6 +56,57 @@ def require_start_checkpoint(path: str, producer: str | os.PathLike) -> None:
         )
 
 
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be read; the message names the file and what is wrong with it."""
+
+
+# The files a loader reads from a checkpoint or adapter folder (other JSON, e.g. trainer_state.json, is not read).
+_CHECKPOINT_JSON = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "adapter_config.json",
+    "model.safetensors.index.json",
+)
+
+
+def check_checkpoint(path: str | os.PathLike) -> None:
+    """Reads every file a load of the folder `path` would read, and raises a [`CheckpointError`] naming the first
+    one that is unreadable (truncated or not JSON, a safetensors file with a broken header or cut short). A path
+    that is not a local folder (a hub id) is left to its loader."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return
+    for name in _CHECKPOINT_JSON:
+        file = folder / name
+        if file.is_file():
+            try:
+                json.loads(file.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise CheckpointError(f"{file}: not valid JSON, the file is truncated or corrupt ({err})") from None
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), "pt"):
+                pass
+        except Exception as err:  # safetensors raises its own SafetensorError, and OSError on unreadable files
+            raise CheckpointError(f"{file}: not a readable safetensors file, truncated or corrupt ({err})") from None
+
+
+@contextmanager
+def loading_errors(what: str):
+    """Turns what `from_pretrained` raises on a bad checkpoint into one [`CheckpointError`] line that names `what`
+    (a missing folder or hub id stays an `OSError` for the caller to name)."""
+    try:
+        yield
+    except (CheckpointError, OSError):
+        raise
+    except Exception as err:  # transformers, huggingface_hub and tokenizers each raise their own kinds
+        detail = " ".join(str(err).split())[:300]
+        raise CheckpointError(f"{what}: cannot be loaded ({type(err).__name__}: {detail})") from err
+
+
 def load_janus(
     model_name_or_path: str,
     dtype: str | torch.dtype | None = None,
@@ -80,8 +134,10 @@ def load_janus(
     kwargs = {"dtype": dtype} if dtype is not None else {}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    model = JanusForConditionalGeneration.from_pretrained(model_name_or_path, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+    check_checkpoint(path)
+    with loading_errors(str(model_name_or_path)):
+        model = JanusForConditionalGeneration.from_pretrained(model_name_or_path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     add_layout_tokens(tokenizer, model)

@@ -9,7 +9,6 @@ Rewards are chosen by name in the YAML (`reward_funcs`, `reward_weights`); your 
 from pathlib import Path
 
 from transformers import set_seed
-from trl import TrlParser
 
 from echogen_rl.cyclerl_config import CycleRLConfig
 from echogen_rl.cyclerl_trainer import CycleRLTrainer
@@ -17,6 +16,7 @@ from echogen_rl.data.random_layouts import add_prompt_column, build_random_layou
 from echogen_rl.data.shapes import phrase_pool
 from echogen_rl.data.sources import LayoutDataArguments, build_layout_datasets
 from echogen_rl.loading import JanusModelConfig, load_janus, lora_config_from, require_start_checkpoint
+from echogen_rl.recipe_runner import RecipeParser
 
 
 def main(script_args: LayoutDataArguments, training_args: CycleRLConfig, model_args: JanusModelConfig):
@@ -61,5 +61,5 @@ def main(script_args: LayoutDataArguments, training_args: CycleRLConfig, model_a
 
 
 if __name__ == "__main__":
-    parser = TrlParser((LayoutDataArguments, CycleRLConfig, JanusModelConfig))
+    parser = RecipeParser((LayoutDataArguments, CycleRLConfig, JanusModelConfig))
     main(*parser.parse_args_and_config())

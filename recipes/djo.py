@@ -9,12 +9,12 @@ named with its command. Any field can be overridden on the command line, e.g. `-
 from pathlib import Path
 
 from transformers import set_seed
-from trl import TrlParser
 
 from echogen_rl.data.sources import LayoutDataArguments, build_layout_datasets, vq_tokenizer_for
 from echogen_rl.djo_config import DJOConfig
 from echogen_rl.djo_trainer import DJOTrainer
 from echogen_rl.loading import JanusModelConfig, load_janus, lora_config_from, require_start_checkpoint
+from echogen_rl.recipe_runner import RecipeParser
 
 
 def main(script_args: LayoutDataArguments, training_args: DJOConfig, model_args: JanusModelConfig):
@@ -43,5 +43,5 @@ def main(script_args: LayoutDataArguments, training_args: DJOConfig, model_args:
 
 
 if __name__ == "__main__":
-    parser = TrlParser((LayoutDataArguments, DJOConfig, JanusModelConfig))
+    parser = RecipeParser((LayoutDataArguments, DJOConfig, JanusModelConfig))
     main(*parser.parse_args_and_config())

@@ -6,12 +6,12 @@ Any field can be overridden on the command line, e.g. `--max_steps 50 --output_d
 """
 
 from transformers import set_seed
-from trl import TrlParser
 
 from echogen_rl.data.sources import LayoutDataArguments, build_layout_datasets, vq_tokenizer_for
 from echogen_rl.loading import JanusModelConfig, load_janus, lora_config_from
 from echogen_rl.pmtp_config import PMTPConfig
 from echogen_rl.pmtp_trainer import PMTPTrainer
+from echogen_rl.recipe_runner import RecipeParser
 
 
 def main(script_args: LayoutDataArguments, training_args: PMTPConfig, model_args: JanusModelConfig):
@@ -39,5 +39,5 @@ def main(script_args: LayoutDataArguments, training_args: PMTPConfig, model_args
 
 
 if __name__ == "__main__":
-    parser = TrlParser((LayoutDataArguments, PMTPConfig, JanusModelConfig))
+    parser = RecipeParser((LayoutDataArguments, PMTPConfig, JanusModelConfig))
     main(*parser.parse_args_and_config())
