@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -102,6 +103,17 @@ def _generate(args: argparse.Namespace) -> int:
         device=args.device,
     )
     print(f"images: {', '.join(str(p) for p in paths[:-1])}; grid with the layout: {paths[-1]}")
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from .observe import plot_runs
+
+    if not args.out.endswith(".png"):
+        raise ValueError(f"--out {args.out}: the plot is a PNG; end the name in .png")
+    if os.path.exists(args.out) and not args.overwrite:
+        raise FileExistsError(f"--out {args.out} exists; pass --overwrite to replace it")
+    print(f"curves of {len(args.runs)} runs: {plot_runs(args.runs, args.out)}")
     return 0
 
 
@@ -229,6 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--palette", action="store_true", help="encode with the shapes palette (the tiny checkpoint)")
     p.add_argument("--device", help="defaults to cuda when available, else cpu")
     p.set_defaults(func=_ground)
+
+    p = sub.add_parser("plot", help="stage curves (loss, reward, cycle mIoU) of several runs on one PNG")
+    p.add_argument("--runs", nargs="+", required=True, help="run folders (trainer output_dir or checkpoint-N)")
+    p.add_argument("--out", required=True, help="the PNG to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    p.set_defaults(func=_plot)
     return parser
 
 

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
+from .observe import SampleLoggingArguments
+
 LOGPROB_MODES = ("cfg", "cond")
 ROLLOUT_ENGINES = ("torch", "vllm")
 PROMPT_SOURCES = ("random", "dataset")
@@ -13,7 +15,7 @@ GROUNDING_MODELS = ("reference", "policy")
 
 
 @dataclass
-class CycleRLConfig(GRPOConfig):
+class CycleRLConfig(GRPOConfig, SampleLoggingArguments):
     r"""
     Configuration for [`CycleRLTrainer`]. Only the new fields are listed; everything else is [`~trl.GRPOConfig`]
     (`num_generations`, `beta`, `loss_type`, `epsilon`, `temperature`, `top_k`, `reward_weights`, ...).
@@ -122,6 +124,7 @@ class CycleRLConfig(GRPOConfig):
         if self.ddp_find_unused_parameters is None:
             self.ddp_find_unused_parameters = False
         super().__post_init__()
+        self.check_sample_logging()
         for name, choices in (
             ("logprob_mode", LOGPROB_MODES),
             ("rollout_engine", ROLLOUT_ENGINES),

@@ -15,6 +15,7 @@ from .cyclerl_config import CycleRLConfig
 from .data.random_layouts import parse_prompt_text
 from .grounding import Grounder
 from .modeling import check_sharding, freeze_untrained, image_token_logprobs, unwrap_janus
+from .observe import attach_sample_logging
 from .prompts import PromptBuilder, pad_segments
 from .rollout.base import RolloutEngine
 from .rollout.torch_engine import TorchRolloutEngine
@@ -89,6 +90,10 @@ class CycleRLTrainer(GRPOTrainer):
                 "or set grounding_model='policy'"
             )
         check_sharding(self)
+        # The latest batch, for the sample and histogram logging (`echogen_rl.observe`); main process's rows first.
+        self.last_rollouts: dict | None = None
+        self.last_rewards: torch.Tensor | None = None
+        attach_sample_logging(self, (eval_dataset, train_dataset))
         freeze_untrained(self.model, text_head=False)  # the loss reads image tokens only
         janus = unwrap_janus(self.model)
         self.args.guidance_scale = resolve_guidance_scale(janus, args.guidance_scale, "CycleRLConfig.guidance_scale")
@@ -161,6 +166,7 @@ class CycleRLTrainer(GRPOTrainer):
         metrics["rollout/images_per_second"].append(len(prompts) / max(rollout_s, 1e-9))
         metrics["grounding/seconds"].append(grounding_s)
 
+        self.last_rollouts = {"codes": rollout.codes.cpu(), "targets": targets, "recovered": recovered}
         extra_fields = {
             "target_layouts": targets,
             "recovered_layouts": recovered,
@@ -170,6 +176,17 @@ class CycleRLTrainer(GRPOTrainer):
         prompt_ids = [s.input_ids for s in segments]
         completions = [g.text for g in grounded]
         return prompt_ids, rollout.codes.tolist(), None, completions, rollout.logprobs.tolist(), extra_fields, None, []
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self.last_rewards = rewards.detach().float().cpu()  # [all processes' completions, reward functions]
+        return rewards
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        if self.last_rollouts is not None:
+            self.last_rollouts["advantages"] = output["advantages"].detach().float().cpu()
+        return output
 
     def _get_per_token_logps_and_entropies(
         self,

@@ -6,11 +6,13 @@ from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
+from .observe import SampleLoggingArguments
+
 TAU_SCHEDULES = ("exponential", "constant")
 
 
 @dataclass
-class DJOConfig(SFTConfig):
+class DJOConfig(SFTConfig, SampleLoggingArguments):
     r"""
     Configuration for [`DJOTrainer`]. Only the new fields are listed; everything else is [`~trl.SFTConfig`].
 
@@ -73,6 +75,7 @@ class DJOConfig(SFTConfig):
         # Evaluation reports the losses; there are no whole-sequence logits to return.
         self.prediction_loss_only = True
         super().__post_init__()
+        self.check_sample_logging()
         if not 0 <= self.absent_phrase_prob <= 1:
             raise ValueError(f"DJOConfig.absent_phrase_prob must be in [0, 1], got {self.absent_phrase_prob}")
         if self.packing or self.padding_free:

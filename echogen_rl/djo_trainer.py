@@ -31,6 +31,7 @@ from .modeling import (
     soft_code_embeddings,
     unwrap_janus,
 )
+from .observe import attach_sample_logging
 from .prompts import IGNORE_INDEX, PromptBuilder
 
 
@@ -165,6 +166,7 @@ class DJOTrainer(SFTTrainer):
         # The loss is a mean per micro-batch, so the Trainer must divide it by the accumulation steps.
         self.model_accepts_loss_kwargs = False
         check_sharding(self)
+        attach_sample_logging(self, (eval_dataset, train_dataset))
         self._last_schedule: dict[str, float] = {}
 
     def schedule(self) -> dict[str, float]:

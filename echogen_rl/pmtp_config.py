@@ -6,9 +6,11 @@ from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
+from .observe import SampleLoggingArguments
+
 
 @dataclass
-class PMTPConfig(SFTConfig):
+class PMTPConfig(SFTConfig, SampleLoggingArguments):
     r"""
     Configuration for [`PMTPTrainer`]. Only the new fields are listed; everything else is [`~trl.SFTConfig`].
 
@@ -63,6 +65,7 @@ class PMTPConfig(SFTConfig):
         # Evaluation reports the losses; there are no whole-sequence logits to return.
         self.prediction_loss_only = True
         super().__post_init__()
+        self.check_sample_logging()
         if not 0 <= self.absent_phrase_prob <= 1:
             raise ValueError(f"PMTPConfig.absent_phrase_prob must be in [0, 1], got {self.absent_phrase_prob}")
         if self.packing or self.padding_free:

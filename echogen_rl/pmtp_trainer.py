@@ -17,6 +17,7 @@ from .modeling import (
     mixed_forward,
     unwrap_janus,
 )
+from .observe import attach_sample_logging
 from .pmtp_config import PMTPConfig
 from .prompts import PromptBuilder
 from .sampling import record_sampling
@@ -93,6 +94,7 @@ class PMTPTrainer(SFTTrainer):
         # The loss is a mean per micro-batch, so the Trainer must divide it by the accumulation steps.
         self.model_accepts_loss_kwargs = False
         check_sharding(self)
+        attach_sample_logging(self, (eval_dataset, train_dataset))
         self._tokens = {"train": 0, "eval": 0}
         self._clock = {"train": time.perf_counter(), "eval": time.perf_counter()}
 
