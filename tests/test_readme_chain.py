@@ -62,4 +62,3 @@ def test_the_readme_chain_as_printed_ends_in_a_model_better_than_untrained(tmp_p
     assert final["guidance_scale"] == 1.0  # as the checkpoint records: the shapes configs train no CFG branch
     assert final["l2i"]["color"] > before["l2i"]["color"] + 0.2, (final["l2i"], before["l2i"])
     assert final["i2l"]["miou"] > before["i2l"]["miou"] + 0.1, (final["i2l"], before["i2l"])
-
