@@ -22,6 +22,8 @@ class CycleRLConfig(GRPOConfig, SampleLoggingArguments):
     `temperature` and `top_k` apply to the image tokens; `max_completion_length` is not used (an image
     is always `num_image_tokens` codes).
 
+    Sample logging (`log_images_steps`, `log_images_count`): see [`~echogen_rl.observe.SampleLoggingArguments`].
+
     Parameters:
         reward_funcs (`list[str]`, *optional*, defaults to `["cycle_iou"]`):
             Reward functions by built-in name (`cycle_iou`, `cycle_giou`, `cycle_l1`, `cycle_center`,

@@ -21,6 +21,8 @@ class DJOConfig(SFTConfig, SampleLoggingArguments):
     of the two sequences of a sample; a longer one is an error naming the sample, never truncated. TRL's `packing`
     and `padding_free` are not used: the collator builds its own rows.
 
+    Sample logging (`log_images_steps`, `log_images_count`): see [`~echogen_rl.observe.SampleLoggingArguments`].
+
     Parameters:
         loop_weight (`float`, *optional*, defaults to `1.0`):
             Weight `lambda` of the loop loss `L_loop`.

@@ -18,6 +18,8 @@ class PMTPConfig(SFTConfig, SampleLoggingArguments):
     averaged over its own targets. `max_length` is the number of tokens per packed row. TRL's own `packing`
     and `padding_free` are not used: PMTP's collator packs whole samples itself (see `pack_segments`).
 
+    Sample logging (`log_images_steps`, `log_images_count`): see [`~echogen_rl.observe.SampleLoggingArguments`].
+
     Parameters:
         image_loss_weight (`float`, *optional*, defaults to `1.0`):
             Weight `w_img` of the L2I image-token cross-entropy.

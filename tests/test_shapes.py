@@ -217,3 +217,22 @@ def test_dataset_columns_rows_and_seeds():
     other = build_shapes_dataset(20, seed=4)["image_codes"]
     assert sum(a == b for a, b in zip(other, ds["image_codes"])) < 5
     assert len(build_shapes_dataset(0)) == 0
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_cyclerl_shapes_prompts_are_drawable_layouts_of_the_world(seed):
+    """The shipped shapes CycleRL config takes its prompts from shapes layouts (`prompt_source: dataset`): every
+    prompt parses back to a layout the world draws (kinds in boxes they fit, distinct colors, the dataset's caption
+    template), and the oracle reads the drawing back as that layout."""
+    from echogen_rl.data.random_layouts import add_prompt_column, parse_prompt_text
+    from echogen_rl.data.shapes import make_caption
+
+    prompts = add_prompt_column(build_shapes_dataset(256, seed=1000 + seed))
+    for text in prompts["prompt"]:
+        layout = parse_prompt_text(text)
+        colors = [p.split()[0] for p in layout.phrases]
+        assert len(set(colors)) == len(colors)
+        assert layout.caption == make_caption(layout.phrases)
+        assert detect_from_codes(render_codes(layout)).entities == sorted(
+            layout.entities, key=lambda e: (e.box[1], e.box[0], e.box[3], e.box[2], e.phrase)
+        )
