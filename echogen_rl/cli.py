@@ -29,7 +29,10 @@ def _study(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import DemoBudget, run_demo
 
-    run_demo(args.output_dir, overwrite=args.overwrite, budget=DemoBudget.quick() if args.quick else None)
+    if args.quick and args.shipped:
+        raise ValueError("--quick and --shipped are alternatives; give one of them")
+    budget = DemoBudget.quick() if args.quick else DemoBudget.shipped() if args.shipped else DemoBudget()
+    run_demo(args.output_dir, overwrite=args.overwrite, budget=budget)
     return 0
 
 
@@ -146,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="outputs/demo")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--quick", action="store_true", help="a few steps per stage: checks the pipeline, learns nothing")
+    p.add_argument("--shipped", action="store_true", help="the shipped configs' full steps (about 25 minutes)")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser(

@@ -58,6 +58,7 @@ def main(script_args: LayoutDataArguments, training_args: CycleRLConfig, model_a
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
+    trainer.save_state()  # trainer_state.json beside the model: `echogen-rl plot` reads its curves
 
 
 if __name__ == "__main__":

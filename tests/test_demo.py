@@ -6,7 +6,7 @@ import pytest
 from echogen_rl.cli import main
 
 STAGES = ("untrained", "pmtp", "djo", "cyclerl", "separate")
-REQUIRED = ("ap", "ap50", "spatial", "color", "cycle_miou", "grounding_acc50")
+REQUIRED = ("ap", "ap50", "spatial", "color", "tolerant_l2i", "cycle_miou", "cycle_miou_ref", "grounding_acc50")
 
 
 def _check_report(out):
@@ -17,6 +17,7 @@ def _check_report(out):
             value = metrics[key]
             assert value is None or math.isfinite(value), (stage, key)
         assert metrics["ap"] is not None and metrics["cycle_miou"] is not None, stage
+        assert metrics["tolerant_l2i"] is not None and metrics["cycle_miou_ref"] is not None, stage
     for stage in ("pmtp", "djo", "cyclerl", "separate"):
         assert (out / "pictures" / f"{stage}.png").stat().st_size > 0
     return report
