@@ -5,7 +5,10 @@ model that learned the unconditional branch (PMTP with `uncond_prob > 0`, or Jan
 that never saw an unconditional row returns noise there, and a scale above 1 floods its images with it. So each
 checkpoint says in `generation_config.json`:
 
-- `guidance_scale`: the scale `generate`, `eval`, the demo and CycleRL's rollouts use when none is given;
+- `sampling_guidance_scale`: the scale `generate`, `eval`, the demo and CycleRL's rollouts use when none is given
+  (a checkpoint without it, Janus-Pro as published, is sampled at its `guidance_scale`). transformers' own
+  `guidance_scale` is left as it is: Janus's `generate(generation_mode="image")` always runs both branches and
+  needs a scale above 1;
 - `unconditional_branch`: whether the model was trained with unconditional rows. A checkpoint without the key
   (Janus-Pro as published) is taken to have one.
 - `temperature`: the sampling temperature `generate` uses when none is given.
@@ -40,9 +43,9 @@ def record_sampling(model: torch.nn.Module, unconditional_branch: bool) -> None:
     config = _generation_config(model)
     config.unconditional_branch = unconditional_branch
     if not unconditional_branch:
-        config.guidance_scale = 1.0
-    elif (config.guidance_scale or 1.0) <= 1.0:
-        config.guidance_scale = JANUS_GUIDANCE_SCALE
+        config.sampling_guidance_scale = 1.0
+    elif _recorded_scale(config) <= 1.0:
+        config.sampling_guidance_scale = JANUS_GUIDANCE_SCALE
 
 
 def resolve_guidance_scale(model: torch.nn.Module, guidance_scale: float | None, where: str) -> float:
@@ -55,8 +58,7 @@ def resolve_guidance_scale(model: torch.nn.Module, guidance_scale: float | None,
         where (`str`): who asks (a command or config field), named in the warning.
     """
     if guidance_scale is None:
-        recorded = getattr(_generation_config(model), "guidance_scale", None)
-        guidance_scale = JANUS_GUIDANCE_SCALE if recorded is None else float(recorded)
+        guidance_scale = _recorded_scale(_generation_config(model))
     if guidance_scale < 0:
         raise ValueError(f"{where}: guidance scale must be >= 0, got {guidance_scale}")
     if guidance_scale > 1 and not has_unconditional_branch(model):
@@ -68,6 +70,14 @@ def resolve_guidance_scale(model: torch.nn.Module, guidance_scale: float | None,
             stacklevel=2,
         )
     return guidance_scale
+
+
+def _recorded_scale(config) -> float:
+    for key in ("sampling_guidance_scale", "guidance_scale"):
+        value = getattr(config, key, None)
+        if value is not None:
+            return float(value)
+    return JANUS_GUIDANCE_SCALE
 
 
 def resolve_temperature(model: torch.nn.Module, temperature: float | None) -> float:

@@ -201,7 +201,8 @@ def janus_generation_config(tokenizer: PreTrainedTokenizerFast) -> GenerationCon
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        guidance_scale=1.0,
+        guidance_scale=5.0,  # transformers' Janus image generation always runs both branches: it needs a scale > 1
+        sampling_guidance_scale=1.0,
         unconditional_branch=False,
         generation_kwargs={"boi_token_id": tokenizer.convert_tokens_to_ids(BOI_TOKEN)},
     )

@@ -53,11 +53,12 @@ def test_pmtp_saves_how_its_model_is_sampled(tiny_model, tiny_tokenizer, tmp_pat
 
 
 def test_recording_keeps_a_scale_above_one_and_drops_it_without_a_branch(tiny_model):
-    tiny_model.generation_config.guidance_scale = 3.0
+    tiny_model.generation_config.sampling_guidance_scale = 3.0
     record_sampling(tiny_model, unconditional_branch=True)
-    assert tiny_model.generation_config.guidance_scale == 3.0
+    assert tiny_model.generation_config.sampling_guidance_scale == 3.0
     record_sampling(tiny_model, unconditional_branch=False)
-    assert tiny_model.generation_config.guidance_scale == 1.0
+    assert tiny_model.generation_config.sampling_guidance_scale == 1.0
+    assert tiny_model.generation_config.guidance_scale == 5.0  # transformers' own, for its image generate
 
 
 def test_cyclerl_rollouts_default_to_the_recorded_scale(tiny_model, tiny_tokenizer, tmp_path):
