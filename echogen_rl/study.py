@@ -352,6 +352,40 @@ def plot_study(summary: dict, path: Path, metrics=("cycle_miou_ref", "tolerant_l
     return save_png(image, path)
 
 
+def plot_differences(
+    summary: dict,
+    path: Path,
+    comparisons=("djo_vs_pmtp_continued", "cyclerl_vs_sft_continued", "cyclerl_vs_shuffled_reward"),
+    metrics=("cycle_miou_ref", "tolerant_l2i", "strict50", "ap", "grounding_miou"),
+) -> Path:
+    """The paired differences of each comparison with their 95% intervals, one panel per comparison, 0 marked: the
+    picture of what a stage adds over its control (the arms' own intervals hide it, being mostly between layouts)."""
+    panel_w, panel_h, pad = 420, 260, 110
+    rows = [(m, summary["comparisons"][c][m]) for c in comparisons for m in metrics]
+    span = max(0.05, max(max(abs(r["ci_low"]), abs(r["ci_high"])) for _, r in rows))
+    image = Image.new("RGB", (panel_w * len(comparisons), panel_h), "white")
+    draw = ImageDraw.Draw(image)
+    for p, name in enumerate(comparisons):
+        x0 = p * panel_w
+        draw.text((x0 + 10, 6), f"{name} (T=1): difference, 95% CI", fill="black")
+        mid = x0 + pad + (panel_w - pad - 20) / 2
+        scale = (panel_w - pad - 20) / 2 / span
+        draw.line([(mid, 28), (mid, panel_h - 24)], fill=(150, 150, 150))
+        draw.text((mid - 4, panel_h - 20), "0", fill="black")
+        draw.text((x0 + pad - 4, panel_h - 20), f"{-span:+.2f}", fill="black")
+        draw.text((x0 + panel_w - 50, panel_h - 20), f"{span:+.2f}", fill="black")
+        for i, metric in enumerate(metrics):
+            cell = summary["comparisons"][name][metric]
+            y = 44 + i * (panel_h - 80) / max(1, len(metrics) - 1)
+            draw.text((x0 + 10, y - 6), metric, fill="black")
+            above = cell["ci_low"] > 0
+            color = (44, 160, 44) if above else (214, 39, 40) if cell["ci_high"] < 0 else (90, 90, 90)
+            draw.line([(mid + cell["ci_low"] * scale, y), (mid + cell["ci_high"] * scale, y)], fill=color, width=3)
+            x = mid + cell["diff"] * scale
+            draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=color)
+    return save_png(image, path)
+
+
 def format_comparisons(summary: dict, metrics=("cycle_miou_ref", "tolerant_l2i", "strict50", "ap", "color")) -> str:
     """The comparisons as a table of `diff [ci_low, ci_high]`."""
     width = max(len(n) for n in summary["comparisons"])
@@ -535,6 +569,7 @@ def run_study(
     name = "study" if split == "held_out" else f"study_{split}"
     write_report(report, out / f"{name}.json")
     plot_study(summary, out / f"{name}.png")
+    plot_differences(summary, out / f"{name}_differences.png")
     print(format_arms(summary))
     print(format_comparisons(summary))
     for arm, check in report["reward_check"].items():

@@ -32,7 +32,7 @@ def test_study_writes_paired_comparisons_with_intervals(quick_study):
             cell = saved["comparisons"][name][metric]
             assert cell["ci_low"] <= cell["diff"] <= cell["ci_high"], (name, metric, cell)
     assert saved["seeds"] == 2 and saved["layouts"] == 8
-    assert (out / "study.png").stat().st_size > 1000
+    assert (out / "study.png").stat().st_size > 1000 and (out / "study_differences.png").stat().st_size > 1000
     # Each arm of each seed trained from the shipped config, with the study's changes recorded.
     assert saved["settings"]["cyclerl_shuffled/seed1"]["reward_funcs"] == [
         "rewards.controls:shuffled_cycle_iou",
