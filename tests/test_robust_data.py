@@ -105,7 +105,7 @@ def test_non_finite_numbers_are_never_clipped_into_a_box():
 
 
 # What a property test may do to a record: delete a field, change its type, a NaN or an infinity, a negative size.
-def _corruptions(rng: random.Random):
+def _corruptions():
     return [
         ("delete", lambda r, k: r.pop(k)),
         ("string", lambda r, k: r.__setitem__(k, str(r[k]))),
@@ -123,7 +123,7 @@ def test_random_corruption_of_a_coco_file_is_counted_record_by_record(tmp_path, 
     corrupted = rng.sample(range(NUM_IMAGES), rng.randint(1, 6))
     expected = FilterStats(rows_in=NUM_IMAGES)
     for i in corrupted:
-        kind, corrupt = rng.choice(_corruptions(rng))
+        kind, corrupt = rng.choice(_corruptions())
         if rng.random() < 0.5:  # the image record
             record, key = instances["images"][i], rng.choice(["width", "height"])
         else:  # one of its annotations
@@ -131,7 +131,7 @@ def test_random_corruption_of_a_coco_file_is_counted_record_by_record(tmp_path, 
             if kind == "negative" and key == "category_id":
                 key = "bbox"
         if kind == "nan" and key == "category_id":
-            kind, corrupt = "string", _corruptions(rng)[1][1]
+            kind, corrupt = "string", _corruptions()[1][1]
         corrupt(record, key)
         expected.bad_layouts += 1
     expected.rows_kept = NUM_IMAGES - len(corrupted)
