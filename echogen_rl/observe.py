@@ -112,14 +112,6 @@ def writers(callbacks) -> list[tuple[str, object]]:
     return out
 
 
-def caption_tile(tile: Image.Image, text: str) -> Image.Image:
-    """`tile` with `text` on a white band under it."""
-    out = Image.new("RGB", (tile.width, tile.height + 16), "white")
-    out.paste(tile, (0, 0))
-    ImageDraw.Draw(out).text((4, tile.height + 2), text, fill="black")
-    return out
-
-
 class SampleImagesCallback(TrainerCallback):
     """Logs sample grids and reward histograms of a stage's trainer (see the module docstring).
 
@@ -132,6 +124,7 @@ class SampleImagesCallback(TrainerCallback):
         self.trainer = trainer
         self.layouts = list(layouts)
         self.seconds: list[float] = []  # wall time of each image logging step, for the record
+        self._decoder = None  # the model's image decoder, built on first use (reading its VQ model is not free)
 
     def _emit(self, what: str, log) -> None:
         sinks = writers(self.trainer.callback_handler.callbacks)
@@ -180,7 +173,6 @@ class SampleImagesCallback(TrainerCallback):
     def sample_grid(self) -> Image.Image:
         """The fixed layouts drawn by the model now, with target and recovered boxes."""
         from .evaluation import generate_images
-        from .generate import image_tokenizer_for
         from .grounding import Grounder
         from .modeling import unwrap_janus
         from .prompts import PromptBuilder
@@ -198,38 +190,38 @@ class SampleImagesCallback(TrainerCallback):
             recovered = [g.layout for g in Grounder(model, prompts)(codes, [t.phrases for t in self.layouts])]
         finally:
             model.train(was_training)
-        decoder = _decoder(model, image_tokenizer_for)
-        images = decoder.decode(codes)
+        images = self._decode(model, codes)
         tiles = [overlay(im, t, r) for im, t, r in zip(images, self.layouts, recovered)]
         return image_grid(tiles, columns=min(4, len(tiles)))
 
     def rollout_group(self) -> Image.Image | None:
-        """The first group of the latest CycleRL batch: each image with its reward and advantage."""
-        from .generate import image_tokenizer_for
+        """The first group of the latest CycleRL batch: each image with its reward and advantage as its title."""
         from .modeling import unwrap_janus
 
         rollouts, rewards = self.trainer.last_rollouts, self.trainer.last_rewards
         if rollouts is None or rewards is None:
             return None
         g = self.trainer.num_generations
-        weights = self.trainer.reward_weights.cpu()
-        totals = (rewards[:g] * weights).nansum(dim=1)
+        totals = (rewards[:g] * self.trainer.reward_weights.cpu()).nansum(dim=1)
+        advantages = rollouts.get("advantages")
         model = unwrap_janus(self.trainer.accelerator.unwrap_model(self.trainer.model))
-        images = _decoder(model, image_tokenizer_for).decode(rollouts["codes"][:g])
-        tiles = []
-        for k, image in enumerate(images):
-            tile = overlay(image, rollouts["targets"][k], rollouts["recovered"][k])
-            advantage = float(rollouts["advantages"][k]) if rollouts.get("advantages") is not None else math.nan
-            tiles.append(caption_tile(tile, f"reward {float(totals[k]):.3f}  advantage {advantage:+.2f}"))
-        return image_grid(tiles, columns=min(4, len(tiles)))
+        images = self._decode(model, rollouts["codes"][:g])
+        tiles = [overlay(im, rollouts["targets"][k], rollouts["recovered"][k]) for k, im in enumerate(images)]
+        titles = [
+            f"r {float(totals[k]):.3f} A {float(advantages[k]) if advantages is not None else math.nan:+.2f}"
+            for k in range(len(tiles))
+        ]
+        return image_grid(tiles, columns=min(4, len(tiles)), titles=titles)
 
+    def _decode(self, model, codes) -> list[Image.Image]:
+        if self._decoder is None:
+            from .data.palette import PALETTE
+            from .generate import image_tokenizer_for
 
-def _decoder(model, image_tokenizer_for):
-    from .data.palette import PALETTE
-
-    vq = image_tokenizer_for(model)
-    # The tiny checkpoint's codebook is the shapes palette: draw its codes as the shapes world does.
-    return image_tokenizer_for(model, palette=True) if vq.codebook_size == len(PALETTE) else vq
+            vq = image_tokenizer_for(model)
+            # The tiny checkpoint's codebook is the shapes palette: draw its codes as the shapes world does.
+            self._decoder = image_tokenizer_for(model, palette=True) if vq.codebook_size == len(PALETTE) else vq
+        return self._decoder.decode(codes)
 
 
 def _log_image(sink: str, writer, tag: str, image: Image.Image, step: int) -> None:
