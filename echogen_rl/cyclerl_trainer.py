@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 
 import torch
@@ -66,7 +67,9 @@ class CycleRLTrainer(GRPOTrainer):
         if processing_class is None:
             raise ValueError("CycleRLTrainer needs the model's tokenizer as `processing_class`")
         if args.rollout_engine == "vllm" and rollout_engine is None:
-            raise ValueError("rollout_engine='vllm' needs a vLLM engine instance; none ships yet, use 'torch'")
+            from .rollout.vllm_engine import import_vllm
+
+            import_vllm()  # fail now, with the install command, not at the first rollout
         if args.mask_truncated_completions:
             raise ValueError("CycleRLConfig: mask_truncated_completions does not apply to images (no EOS)")
         for name, dataset in (("train", train_dataset), ("eval", eval_dataset)):
@@ -90,6 +93,13 @@ class CycleRLTrainer(GRPOTrainer):
                 "or set grounding_model='policy'"
             )
         check_sharding(self)
+        if args.rollout_engine == "vllm" and self.is_deepspeed_enabled:
+            plugin = self.accelerator.state.deepspeed_plugin
+            if plugin is not None and plugin.zero_stage == 3:
+                raise ValueError(
+                    "rollout_engine='vllm' does not support DeepSpeed ZeRO-3 (its weights are sharded where the engine "
+                    "reads them); use recipes/accelerate_configs/zero2.yaml or ddp.yaml, or rollout_engine='torch'"
+                )
         # The latest batch, for the sample and histogram logging (`echogen_rl.observe`); main process's rows first.
         self.last_rollouts: dict | None = None
         self.last_rewards: torch.Tensor | None = None
@@ -106,15 +116,48 @@ class CycleRLTrainer(GRPOTrainer):
         # Built on first use: the accelerator has wrapped the model by then, and we generate with its inner module.
         if self.rollout_engine is None:
             policy = self.accelerator.unwrap_model(self.model)
-            self.rollout_engine = TorchRolloutEngine(
-                policy, self.layout_prompts.num_image_tokens, *self._special_ids, compile=self.args.rollout_compile
-            )
+            if self.args.rollout_engine == "vllm":
+                self.rollout_engine = self._build_vllm_engine(policy)
+            else:
+                self.rollout_engine = TorchRolloutEngine(
+                    policy, self.layout_prompts.num_image_tokens, *self._special_ids, compile=self.args.rollout_compile
+                )
         if self.grounder is None:
             if self.args.grounding_model == "reference" and self.ref_model is not None:
                 grounding = self.accelerator.unwrap_model(self.ref_model)
             else:  # the policy, or under PEFT the policy with its adapter disabled (see `_ground`)
                 grounding = self.accelerator.unwrap_model(self.model)
             self.grounder = Grounder(grounding, self.layout_prompts, self.args.grounding_batch_size)
+
+    def _build_vllm_engine(self, policy):
+        from trl.trainer.utils import ensure_master_addr_port
+
+        from .rollout.vllm_engine import VLLMRolloutEngine
+
+        accelerator = self.accelerator
+        distributed = accelerator.num_processes > 1
+        if distributed:  # one engine per process over the launcher's process group, as TRL's colocate mode
+            os.environ["RANK"] = str(accelerator.process_index)
+            os.environ["LOCAL_RANK"] = str(accelerator.local_process_index)
+            os.environ["WORLD_SIZE"] = str(accelerator.num_processes)
+            ensure_master_addr_port()
+        engine = VLLMRolloutEngine(
+            policy,
+            self.layout_prompts.num_image_tokens,
+            *self._special_ids,
+            cfg=self.args.guidance_scale != 1.0,
+            dtype=torch.bfloat16 if self.args.bf16 else None,
+            max_model_len=self.args.vllm_max_model_length,
+            max_num_seqs=max(self.args.generation_batch_size // accelerator.num_processes, 1),
+            gpu_memory_utilization=self.args.vllm_gpu_memory_utilization,
+            kv_cache_gib=self.args.vllm_kv_cache_gib,
+            enforce_eager=self.args.vllm_enforce_eager,
+            seed=self.args.seed + accelerator.process_index,
+            distributed=distributed,
+            step=self.state.global_step,
+        )
+        accelerator.wait_for_everyone()
+        return engine
 
     def _ground(self, codes: torch.Tensor, phrases: list[list[str]]):
         model = self.accelerator.unwrap_model(self.model)
@@ -127,7 +170,9 @@ class CycleRLTrainer(GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         device = self.accelerator.device
         self._ensure_engines()
-        self.rollout_engine.sync_weights(self.accelerator.unwrap_model(self.model))
+        start = time.perf_counter()
+        self.rollout_engine.sync_weights(self.accelerator.unwrap_model(self.model), step=self.state.global_step)
+        sync_s = time.perf_counter() - start
         targets = [parse_prompt_text(p) for p in prompts]
         segments = [self.layout_prompts.l2i_prompt(t) for t in targets]
         batch = pad_segments(segments, self.layout_prompts.pad_id, "left")
@@ -165,6 +210,7 @@ class CycleRLTrainer(GRPOTrainer):
         metrics["grounding/parse_failure_rate"].append((gathered[2] / gathered[1]).item())
         metrics["rollout/images_per_second"].append(len(prompts) / max(rollout_s, 1e-9))
         metrics["grounding/seconds"].append(grounding_s)
+        metrics["rollout/weight_sync_seconds"].append(sync_s)
 
         self.last_rollouts = {"codes": rollout.codes.cpu(), "targets": targets, "recovered": recovered}
         extra_fields = {

@@ -9,6 +9,8 @@ Text is read out by `lm_head`, codes by `generation_head`, and only at the posit
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import os
 import warnings
 from typing import NamedTuple
@@ -21,6 +23,41 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .prompts import IGNORE_INDEX
+
+
+def _cache_keyword() -> str:
+    """The language model's KV-cache keyword: `cache` from transformers 5.20, `past_key_values` before."""
+    from transformers.models.llama.modeling_llama import LlamaModel
+
+    return "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+
+
+CACHE_KEYWORD = _cache_keyword()
+
+
+def cache_kwargs(cache) -> dict:
+    """`{keyword: cache, "use_cache": True}` under the installed transformers' keyword.
+
+    Passed under the wrong name, the cache is swallowed by `**kwargs` and decoding silently runs without it.
+    """
+    return {CACHE_KEYWORD: cache, "use_cache": True}
+
+
+@contextlib.contextmanager
+def cached_decoding(janus):
+    """Turns gradient checkpointing off in the language model's layers for a no-grad decoding loop.
+
+    Before transformers 5.20 a checkpointed layer in training mode drops the KV cache even under `torch.no_grad`
+    (later versions check `torch.is_grad_enabled()`), and decoding then breaks on the mask's shape.
+    """
+    layers = [m for m in janus.model.language_model.modules() if getattr(m, "gradient_checkpointing", False)]
+    for layer in layers:
+        layer.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.gradient_checkpointing = True
 
 
 def unwrap_janus(model: torch.nn.Module) -> JanusForConditionalGeneration:
@@ -427,9 +464,10 @@ def prefill(
     """
     janus = unwrap_janus(model)
     cache = DynamicCache(config=janus.config.text_config)
-    out = janus.model.language_model(
-        inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True
-    )
+    with cached_decoding(janus):
+        out = janus.model.language_model(
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, **cache_kwargs(cache)
+        )
     return out.last_hidden_state, cache
 
 
@@ -443,7 +481,8 @@ def decode_step(
 ) -> torch.Tensor:
     """One cached decoding step: `embeds` [B, 1, H] -> last hidden state [B, H]."""
     janus = unwrap_janus(model)
-    out = janus.model.language_model(
-        inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True
-    )
+    with cached_decoding(janus):
+        out = janus.model.language_model(
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, **cache_kwargs(cache)
+        )
     return out.last_hidden_state[:, -1]

@@ -63,6 +63,8 @@ class TinyJanusConfig:
         hidden_size (`int`, *optional*, defaults to `128`): width of the Llama and of the image embeddings.
         num_layers (`int`, *optional*, defaults to `4`): Llama decoder layers.
         num_heads (`int`, *optional*, defaults to `4`): attention heads.
+        num_key_value_heads (`int`, *optional*): key/value heads (grouped-query attention when fewer than
+            `num_heads`); defaults to `num_heads`.
         intermediate_size (`int`, *optional*, defaults to `256`): Llama MLP width.
         grid_size (`int`, *optional*, defaults to `8`): image codes per side.
         patch_size (`int`, *optional*, defaults to `4`): pixels per code side (VQ downsampling factor).
@@ -74,6 +76,7 @@ class TinyJanusConfig:
     hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 4
+    num_key_value_heads: int | None = None
     intermediate_size: int = 256
     grid_size: int = 8
     patch_size: int = 4
@@ -87,6 +90,13 @@ class TinyJanusConfig:
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"TinyJanusConfig.hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
+            )
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_heads
+        if self.num_key_value_heads < 1 or self.num_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"TinyJanusConfig.num_key_value_heads ({self.num_key_value_heads}) must divide num_heads "
+                f"({self.num_heads})"
             )
 
 
@@ -146,7 +156,7 @@ def build_tiny_model(config: TinyJanusConfig, tokenizer: PreTrainedTokenizerFast
         intermediate_size=config.intermediate_size,
         num_hidden_layers=config.num_layers,
         num_attention_heads=config.num_heads,
-        num_key_value_heads=config.num_heads,
+        num_key_value_heads=config.num_key_value_heads,
         max_position_embeddings=config.max_position_embeddings,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

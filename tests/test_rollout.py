@@ -47,6 +47,19 @@ def test_padded_prompt_gives_the_same_codes_as_alone(noisy_model, prompts):
         assert torch.equal(batched[i], alone[0]), i
 
 
+def test_rollouts_of_a_checkpointed_model_in_training_mode_keep_their_cache(noisy_model, prompts):
+    """A trainer's model generates in training mode with gradient checkpointing on (the full GPU config): before
+    transformers 5.20 its layers then dropped the KV cache, even under no_grad."""
+    ids, mask = _batch(prompts, LAYOUTS)
+    expected = _engine(noisy_model, prompts).generate(ids, mask, temperature=0).codes
+    noisy_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    noisy_model.train()
+    codes = _engine(noisy_model, prompts).generate(ids, mask, temperature=0).codes
+    assert torch.equal(codes, expected)
+    layers = noisy_model.model.language_model.layers
+    assert all(layer.gradient_checkpointing for layer in layers)  # restored after the rollout
+
+
 def test_sampling_is_seeded(noisy_model, prompts):
     engine = _engine(noisy_model, prompts)
     ids, mask = _batch(prompts, LAYOUTS)

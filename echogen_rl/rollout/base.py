@@ -50,5 +50,10 @@ class RolloutEngine(ABC):
             generator (`torch.Generator`, *optional*): seeds the sampling.
         """
 
-    def sync_weights(self, model: torch.nn.Module) -> None:  # noqa: B027 - engines sharing the module need nothing
-        """Makes the engine generate with the current weights of `model` (a no-op when it shares them)."""
+    def sync_weights(self, model: torch.nn.Module, step: int | None = None) -> bool:
+        """Makes the engine generate with the current weights of `model`; returns whether weights were copied.
+
+        `step` is the trainer's optimizer step: an engine holding a copy may skip the copy when it already holds that
+        step's weights. An engine that generates with the module itself (the torch engine) copies nothing.
+        """
+        return False

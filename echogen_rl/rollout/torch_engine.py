@@ -5,7 +5,15 @@ from __future__ import annotations
 import torch
 from transformers import StaticCache
 
-from ..modeling import embed_codes, image_logits, position_ids_from_mask, sampling_logprobs, unwrap_janus
+from ..modeling import (
+    cache_kwargs,
+    cached_decoding,
+    embed_codes,
+    image_logits,
+    position_ids_from_mask,
+    sampling_logprobs,
+    unwrap_janus,
+)
 from ..modeling import uncond_prompt_ids as make_uncond
 from .base import RolloutEngine, RolloutOutput
 
@@ -87,8 +95,7 @@ class TorchRolloutEngine(RolloutEngine):
             inputs_embeds=embeds,
             attention_mask=mask,
             position_ids=positions,
-            cache=cache,
-            use_cache=True,
+            **cache_kwargs(cache),
         )
         return token, logp, out.last_hidden_state[:, -1]
 
@@ -102,6 +109,10 @@ class TorchRolloutEngine(RolloutEngine):
         top_k: int | None = None,
         generator: torch.Generator | None = None,
     ) -> RolloutOutput:
+        with cached_decoding(unwrap_janus(self.model)):
+            return self._generate(prompt_ids, prompt_mask, guidance_scale, temperature, top_k, generator)
+
+    def _generate(self, prompt_ids, prompt_mask, guidance_scale, temperature, top_k, generator) -> RolloutOutput:
         janus = unwrap_janus(self.model)
         B, N = prompt_ids.shape[0], self.num_image_tokens
         ids, mask = prompt_ids, prompt_mask.long()
@@ -122,8 +133,7 @@ class TorchRolloutEngine(RolloutEngine):
             inputs_embeds=janus.get_input_embeddings()(ids),
             attention_mask=full_mask,
             position_ids=positions,
-            cache=cache,
-            use_cache=True,
+            **cache_kwargs(cache),
         )
         hidden = out.last_hidden_state[:, -1]
         positions = positions[:, -1:] + 1

@@ -16,6 +16,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("out_dir", help="where each rank writes rank{i}.pt")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    parser.add_argument("--rollout_engine", default="torch", help="CycleRL's rollout engine")
     return parser.parse_args()
 
 

@@ -45,6 +45,9 @@ def main():
         num_generations=4,
         beta=0.04,  # the reference is the disabled adapter
         grounding_model="reference",
+        rollout_engine=args.rollout_engine,
+        vllm_kv_cache_gib=0.05,
+        vllm_enforce_eager=True,
     )
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=DEFAULT_LORA_TARGETS)
     trainer = RecordingCycleRLTrainer(
@@ -57,7 +60,10 @@ def main():
     )
     before = trainable(trainer.model)
     trainer.train()
-    write_rank(trainer, args.out_dir, before, **RECORD)
+    sync_count = getattr(trainer.rollout_engine, "sync_count", None)
+    write_rank(
+        trainer, args.out_dir, before, engine=type(trainer.rollout_engine).__name__, sync_count=sync_count, **RECORD
+    )
 
 
 if __name__ == "__main__":
