@@ -195,3 +195,15 @@ def test_bad_reward_length_and_bad_config_are_named(tiny_model, tiny_tokenizer, 
             train_dataset=prompts_ds.remove_columns(["prompt"]),
             processing_class=tiny_tokenizer,
         )
+
+
+def test_vllm_engine_without_vllm_says_how_to_install(tiny_model, tiny_tokenizer, prompts_ds, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` raises ImportError, installed or not
+    args = _config(tmp_path, rollout_engine="vllm")
+    with pytest.raises(ImportError, match=r"rollout_engine='vllm' needs vLLM: .*make install-vllm") as err:
+        CycleRLTrainer(tiny_model, ["cycle_iou"], args, train_dataset=prompts_ds, processing_class=tiny_tokenizer)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="vllm_kv_cache_gib must be > 0"):
+        _config(tmp_path, rollout_engine="vllm", vllm_kv_cache_gib=0)

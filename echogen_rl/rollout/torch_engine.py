@@ -84,13 +84,11 @@ class TorchRolloutEngine(RolloutEngine):
         return token, logp.gather(-1, token[:, None]).squeeze(-1)
 
     @classmethod
-    def _advance(cls, janus, hidden, noise, mask, positions, cache, n_rows, guidance_scale, temperature, top_k):
+    def _advance(cls, janus, hidden, noise, mask, positions, cache, n_rows, guidance_scale, temperature, top_k, dtype):
         """Samples the next code from `hidden` and runs the language model one step on it."""
         token, logp = cls._select(janus, hidden, noise, n_rows, guidance_scale, temperature, top_k)
         step = torch.cat([token, token]) if guidance_scale != 1.0 else token
-        # In the dtype of the prompt's text embeddings: under autocast the aligner returns bf16, and the rotary
-        # embeddings (hence the keys written to the cache) follow the input's dtype.
-        embeds = embed_codes(janus, step[:, None]).to(janus.get_input_embeddings().weight.dtype)
+        embeds = embed_codes(janus, step[:, None]).to(dtype)
         out = janus.model.language_model(
             inputs_embeds=embeds,
             attention_mask=mask,
@@ -129,8 +127,15 @@ class TorchRolloutEngine(RolloutEngine):
         full_mask = torch.cat([mask, mask.new_zeros(R, N)], dim=1)
         # A preallocated cache: a growing one copies every layer's keys and values at every step.
         cache = StaticCache(config=janus.config.text_config, max_cache_len=T + N)
+        # The language model's inputs in the compute dtype: under autocast, so that keys (rotary embeddings follow
+        # the input's dtype) and values (the projection's bf16 output) reach the cache in one dtype; before
+        # transformers 5.20 a static cache holds both in the first keys' dtype.
+        device = ids.device.type
+        dtype = janus.get_input_embeddings().weight.dtype
+        if torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
         out = janus.model.language_model(
-            inputs_embeds=janus.get_input_embeddings()(ids),
+            inputs_embeds=janus.get_input_embeddings()(ids).to(dtype),
             attention_mask=full_mask,
             position_ids=positions,
             **cache_kwargs(cache),
@@ -153,7 +158,7 @@ class TorchRolloutEngine(RolloutEngine):
             if graphs:
                 torch.compiler.cudagraph_mark_step_begin()
             codes[:, i], logprobs[:, i], hidden = advance(
-                janus, hidden, noise, full_mask, positions, cache, B, guidance_scale, temperature, top_k
+                janus, hidden, noise, full_mask, positions, cache, B, guidance_scale, temperature, top_k, dtype
             )
             if graphs:
                 hidden = hidden.clone()
