@@ -244,3 +244,17 @@ def test_cyclerl_trains_with_the_vllm_engine(tiny_checkpoint, tmp_path):
         assert all(torch.isfinite(torch.tensor(h[key])) for h in logs), key
     assert any(h["reward_std"] > 0 for h in logs)
     trainer.rollout_engine.close()
+
+
+def test_cyclerl_on_two_processes_with_one_engine_each(tiny_checkpoint, tmp_path):
+    """`accelerate launch --num_processes 2`: each process has its own colocated engine (vLLM's external launcher
+    over the trainer's process group); the ranks sample their own images and end with equal weights."""
+    from test_distributed import _assert_ranks_agree_after_training, _launch
+
+    ranks = _launch("dist_cyclerl.py", tiny_checkpoint, tmp_path, "--steps", "2", "--rollout_engine", "vllm")
+    assert [r["engine"] for r in ranks] == ["VLLMRolloutEngine"] * 2
+    assert [r["sync_count"] for r in ranks] == [2, 2]
+    _assert_ranks_agree_after_training(ranks)
+    for step in range(2):
+        halves = [torch.tensor(r["rewards"][step]) for r in ranks]
+        assert not torch.equal(halves[0], halves[1])
