@@ -62,9 +62,11 @@ def bench_vllm(model, prompts, ids, mask, n_codes, batch_size, repeats, referenc
     }
 
 
-def bench_config(name: str, root: Path, batch_size: int, repeats: int, engines: list[str], compile: bool) -> dict:
+def bench_config(
+    name: str, root: Path, batch_size: int, repeats: int, engines: list[str], compile: bool, dtype: str | None
+) -> dict:
     path = checkpoint(name, root)
-    dtype = DTYPES.get(name, torch.float32)
+    dtype = getattr(torch, dtype) if dtype else DTYPES.get(name, torch.float32)
     model = randomize_(JanusForConditionalGeneration.from_pretrained(path)).eval().to(dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)
     n_codes = model.config.vision_config.num_image_tokens
@@ -131,6 +133,7 @@ def main():
         help="engines compared with the torch engine (default: hf, and vllm where installed)",
     )
     parser.add_argument("--no-compile", action="store_true", help="time the eager torch engine only")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: per config")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -139,7 +142,9 @@ def main():
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as root:
         configs = {
-            name: bench_config(name, Path(root), args.batch_size, args.repeats, args.engines, not args.no_compile)
+            name: bench_config(
+                name, Path(root), args.batch_size, args.repeats, args.engines, not args.no_compile, args.dtype
+            )
             for name in args.configs
         }
     write_json({"benchmark": "rollout", "environment": environment(), "configs": configs}, args.out)

@@ -8,10 +8,10 @@ import torch
 
 vllm = pytest.importorskip("vllm")
 
+from conftest import randomize_  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import AutoTokenizer, JanusForConditionalGeneration  # noqa: E402
 
-from echogen_rl.cyclerl_config import CycleRLConfig  # noqa: E402
 from echogen_rl.cyclerl_trainer import CycleRLTrainer  # noqa: E402
 from echogen_rl.data.random_layouts import build_random_layout_dataset  # noqa: E402
 from echogen_rl.data.shapes import phrase_pool  # noqa: E402
@@ -41,15 +41,6 @@ LAYOUTS = [
 ENGINE_KW = dict(dtype=torch.float32, enforce_eager=True, kv_cache_gib=0.05, max_num_seqs=8)
 
 
-def _randomize_(model, std=0.2, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim > 1:
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
-    return model
-
-
 def _batch(prompts, layouts=LAYOUTS):
     b = pad_segments([prompts.l2i_prompt(lay) for lay in layouts], prompts.pad_id, "left")
     return b["input_ids"], b["attention_mask"]
@@ -75,7 +66,7 @@ class Setup:
 
     def model(self, noisy=True):
         model = JanusForConditionalGeneration.from_pretrained(self.path).eval()
-        return _randomize_(model) if noisy else model
+        return randomize_(model) if noisy else model
 
 
 @pytest.fixture(scope="module")
@@ -212,22 +203,15 @@ def test_engine_without_cfg_stream_refuses_a_guidance_scale(tiny):
 def test_cyclerl_trains_with_the_vllm_engine(tiny_checkpoint, tmp_path):
     model = JanusForConditionalGeneration.from_pretrained(tiny_checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
-    args = CycleRLConfig(
-        output_dir=str(tmp_path / "out"),
-        max_steps=2,
-        per_device_train_batch_size=8,
-        num_generations=4,
-        learning_rate=1e-3,
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
+    from test_cyclerl import _config
+
+    args = _config(
+        tmp_path,
         beta=0.04,
         grounding_model="reference",
         rollout_engine="vllm",
         vllm_kv_cache_gib=0.05,
         vllm_enforce_eager=True,
-        seed=0,
     )
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=DEFAULT_LORA_TARGETS)
     funcs = ["cycle_iou", "recipes/examples/custom_reward.py:box_fill"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -234,8 +235,16 @@ class VLLMRolloutEngine(RolloutEngine):
         self.model = model
         start = time.perf_counter()
         runner = self.llm.llm_engine.model_executor.driver_worker.worker.model_runner
-        with torch.no_grad():
-            runner.reload_weights(weights_iterator=((n, w.detach()) for n, w in generation_weights(model)))
+        # The rotary embeddings hold a computed cache, no weights: vLLM warns at every reload that it "failed to
+        # load" them and keeps them as they are, which is right.
+        layerwise = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+        level = layerwise.level
+        layerwise.setLevel(logging.ERROR)
+        try:
+            with torch.no_grad():
+                runner.reload_weights(weights_iterator=((n, w.detach()) for n, w in generation_weights(model)))
+        finally:
+            layerwise.setLevel(level)
         self._synced_step = step
         self.sync_count += 1
         self.last_sync_s = time.perf_counter() - start
