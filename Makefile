@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 # engine's parity tests) on the oldest.
 VLLM_VENV ?= .venv-vllm
 VPY := $(VLLM_VENV)/bin/python
-VLLM_TESTS ?= tests/test_vllm_engine.py tests/test_rollout.py tests/test_precision.py
+VLLM_TESTS ?= tests/test_vllm_engine.py tests/test_rollout.py tests/test_precision.py::test_bf16_autocast_over_fp32_weights_trains
 # The CPU build of torch used by the offline demo, the tests and CI. On a GPU machine, install your
 # CUDA build of torch into the venv first (or set TORCH_SPEC): an already-installed torch is kept.
 TORCH_SPEC ?= torch==2.13.0
