@@ -48,7 +48,8 @@ class CycleRLTrainer(GRPOTrainer):
         args (`CycleRLConfig`): the configuration.
         train_dataset (`datasets.Dataset`): a `prompt` column of L2I user texts (caption + layout text).
         processing_class (`PreTrainedTokenizerBase`): the model's tokenizer.
-        rollout_engine (`RolloutEngine`, *optional*): defaults to the torch engine on the training model.
+        rollout_engine (`RolloutEngine`, *optional*): an engine instance; by default the one `args.rollout_engine`
+            names, built at the first rollout: the torch engine on the training model, or a colocated vLLM engine.
     """
 
     _tag_names = ["trl", "grpo", "echogen-rl", "cyclerl"]
