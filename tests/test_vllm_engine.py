@@ -10,6 +10,7 @@ vllm = pytest.importorskip("vllm")
 
 from conftest import randomize_  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
+from test_rollout import _batch, _special  # noqa: E402
 from transformers import AutoTokenizer, JanusForConditionalGeneration  # noqa: E402
 
 from echogen_rl.cyclerl_trainer import CycleRLTrainer  # noqa: E402
@@ -18,7 +19,7 @@ from echogen_rl.data.shapes import phrase_pool  # noqa: E402
 from echogen_rl.layout import Entity, Layout  # noqa: E402
 from echogen_rl.loading import DEFAULT_LORA_TARGETS  # noqa: E402
 from echogen_rl.modeling import image_token_logprobs  # noqa: E402
-from echogen_rl.prompts import PromptBuilder, pad_segments  # noqa: E402
+from echogen_rl.prompts import PromptBuilder  # noqa: E402
 from echogen_rl.rollout.torch_engine import TorchRolloutEngine  # noqa: E402
 from echogen_rl.rollout.vllm_engine import VLLMRolloutEngine, generation_weights  # noqa: E402
 from echogen_rl.tiny import TinyJanusConfig, build_tiny_checkpoint  # noqa: E402
@@ -39,15 +40,6 @@ LAYOUTS = [
     ),
 ]
 ENGINE_KW = dict(dtype=torch.float32, enforce_eager=True, kv_cache_gib=0.05, max_num_seqs=8)
-
-
-def _batch(prompts, layouts=LAYOUTS):
-    b = pad_segments([prompts.l2i_prompt(lay) for lay in layouts], prompts.pad_id, "left")
-    return b["input_ids"], b["attention_mask"]
-
-
-def _special(prompts):
-    return prompts.bos_id, prompts.boi_id, prompts.pad_id
 
 
 def _torch_codes(model, prompts, guidance_scale, ids, mask):
@@ -94,7 +86,7 @@ def test_greedy_codes_equal_the_torch_engine_in_padded_batches(request, arch, gu
     setup = request.getfixturevalue(arch)
     model = setup.model()
     setup.engine.sync_weights(model)
-    ids, mask = _batch(setup.prompts)
+    ids, mask = _batch(setup.prompts, LAYOUTS)
     assert not mask.all() and len(set(mask.sum(1).tolist())) == 3  # mixed lengths, left-padded
     ours = setup.engine.generate(ids, mask, guidance_scale=guidance_scale, temperature=0).codes
     expected = _torch_codes(model, setup.prompts, guidance_scale, ids, mask)
@@ -106,7 +98,7 @@ def test_greedy_codes_equal_the_torch_engine_in_padded_batches(request, arch, gu
 def test_sampled_logprobs_equal_teacher_forced_recomputation(tiny, guidance_scale, temperature, top_k):
     model = tiny.model(noisy=False)
     tiny.engine.sync_weights(model)
-    ids, mask = _batch(tiny.prompts)
+    ids, mask = _batch(tiny.prompts, LAYOUTS)
     out = tiny.engine.generate(ids, mask, guidance_scale, temperature, top_k, torch.Generator().manual_seed(0))
     assert len(set(out.codes.flatten().tolist())) > 3
     with torch.no_grad():
@@ -119,7 +111,7 @@ def test_sampled_logprobs_equal_teacher_forced_recomputation(tiny, guidance_scal
 
 def test_sampling_is_seeded_by_the_generator(tiny):
     tiny.engine.sync_weights(tiny.model(noisy=False))
-    ids, mask = _batch(tiny.prompts)
+    ids, mask = _batch(tiny.prompts, LAYOUTS)
     a, b, c = (
         tiny.engine.generate(ids, mask, 5.0, 1.0, None, torch.Generator().manual_seed(seed)).codes
         for seed in (1, 1, 2)
@@ -132,7 +124,7 @@ def _train_step(model, prompts, lr):
     """One AdamW step that raises the log-prob of some codes: every trainable weight moves."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr)
-    ids, mask = _batch(prompts)
+    ids, mask = _batch(prompts, LAYOUTS)
     codes = torch.arange(ids.shape[0] * prompts.num_image_tokens).view(ids.shape[0], -1) % 5
     loss = -image_token_logprobs(model, ids, mask, codes, _special(prompts), 5.0, 1.0, None).mean()
     loss.backward()
@@ -143,7 +135,7 @@ def test_sync_after_full_finetuning_step_follows_the_new_weights(tiny):
     model = tiny.model()
     # The prompt embeddings are read from the model at each call; frozen here, so that a stale engine shows.
     model.get_input_embeddings().weight.requires_grad_(False)
-    ids, mask = _batch(tiny.prompts)
+    ids, mask = _batch(tiny.prompts, LAYOUTS)
     assert tiny.engine.sync_weights(model, step=0)
     assert not tiny.engine.sync_weights(model, step=0)  # the same step's weights: nothing pushed
     before = tiny.engine.generate(ids, mask, guidance_scale=5.0, temperature=0).codes
@@ -166,7 +158,7 @@ def test_sync_merges_lora_without_touching_the_model(tiny):
     names = dict(generation_weights(model))
     assert "model.language_model.layers.0.self_attn.q_proj.weight" in names  # PEFT's names mapped back
     assert not any("lora_" in n or "base_layer" in n for n in names)
-    ids, mask = _batch(tiny.prompts)
+    ids, mask = _batch(tiny.prompts, LAYOUTS)
     ours = tiny.engine.generate(ids, mask, guidance_scale=5.0, temperature=0).codes
     expected = _torch_codes(model, tiny.prompts, 5.0, ids, mask)
     with model.disable_adapter():
@@ -177,7 +169,7 @@ def test_sync_merges_lora_without_touching_the_model(tiny):
 
 def test_bad_requests_are_refused_with_the_row(tiny, gqa):
     tiny.engine.sync_weights(tiny.model())
-    ids, mask = _batch(tiny.prompts)
+    ids, mask = _batch(tiny.prompts, LAYOUTS)
     mask = mask.clone()
     mask[1] = 0
     with pytest.raises(ValueError, match="prompt row 1 is empty"):
@@ -191,7 +183,7 @@ def test_engine_without_cfg_stream_refuses_a_guidance_scale(tiny):
     model = tiny.model()
     engine = VLLMRolloutEngine(model, 64, *_special(tiny.prompts), cfg=False, **ENGINE_KW)
     try:
-        ids, mask = _batch(tiny.prompts)
+        ids, mask = _batch(tiny.prompts, LAYOUTS)
         codes = engine.generate(ids, mask, guidance_scale=1.0, temperature=0).codes
         assert torch.equal(codes, _torch_codes(model, tiny.prompts, 1.0, ids, mask))
         with pytest.raises(ValueError, match="needs the unconditional stream"):

@@ -221,8 +221,9 @@ class VLLMRolloutEngine(RolloutEngine):
         self.start_s = time.perf_counter() - start
         self.sync_weights(model, step)
 
-    def _worker_model(self):
-        return self.llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
+    def _runner(self):
+        """vLLM's model runner, in this process (the engine is in-process)."""
+        return self.llm.llm_engine.model_executor.driver_worker.worker.model_runner
 
     def sync_weights(self, model: torch.nn.Module, step: int | None = None) -> bool:
         """Pushes the model's weights to the engine; returns whether it did.
@@ -234,7 +235,7 @@ class VLLMRolloutEngine(RolloutEngine):
             return False
         self.model = model
         start = time.perf_counter()
-        runner = self.llm.llm_engine.model_executor.driver_worker.worker.model_runner
+        runner = self._runner()
         # The rotary embeddings hold a computed cache, no weights: vLLM warns at every reload that it "failed to
         # load" them and keeps them as they are, which is right.
         layerwise = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
@@ -288,7 +289,7 @@ class VLLMRolloutEngine(RolloutEngine):
             raise ValueError(
                 f"guidance_scale={guidance_scale} needs the unconditional stream: build the engine with cfg=True"
             )
-        janus_model = self._worker_model()
+        janus_model = self._runner().model
         janus_model.guidance_scale = float(guidance_scale)
         requests = self._requests(prompt_ids, prompt_mask, unwrap_janus(self.model))
         B, N = len(requests), self.num_image_tokens
