@@ -22,7 +22,10 @@ def _init_tiny(args: argparse.Namespace) -> int:
 def _study(args: argparse.Namespace) -> int:
     from .study import StudyBudget, run_study
 
-    run_study(args.output_dir, StudyBudget.quick() if args.quick else None, split=args.split, seeds=args.seeds)
+    budget = StudyBudget.quick() if args.quick else StudyBudget()
+    if args.layouts is not None:
+        budget.layouts = args.layouts
+    run_study(args.output_dir, budget, split=args.split, seeds=args.seeds, workers=args.jobs)
     return 0
 
 
@@ -179,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="outputs/study", help="runs, scores, study.json and study.png")
     p.add_argument("--seeds", type=int, default=None, help="training seeds per stage (default 3)")
     p.add_argument("--split", choices=("held_out", "validation"), default="held_out", help="layouts to score")
+    p.add_argument("--layouts", type=int, default=None, help="layouts scored (default 512)")
+    p.add_argument("--jobs", type=int, default=None, help="runs side by side (default: one per core, at most 4)")
     p.add_argument("--quick", action="store_true", help="a few steps per run: a pipeline check")
     p.set_defaults(func=_study)
 

@@ -140,35 +140,54 @@ class ResampledAP:
                 per_category[name] = (matched, len(g))
             self.images.append(per_category)
         self.categories = sorted({phrase_key(e.phrase) for t in targets for e in t.entities})
+        # The same as arrays `[categories, images]`: where each image's match columns begin in `_columns`
+        # (category-major, then image), how many there are, and its ground-truth count. `ap` then gathers a
+        # resample's columns in one indexing and scores every category at once.
+        names = sorted({name for image in self.images for name in image})
+        empty = (np.zeros((len(self._THRESHOLDS), 0), dtype=bool), 0)
+        parts = [image.get(name, empty) for name in names for image in self.images]
+        shape = (len(names), self.size)
+        self._lengths = np.array([m.shape[1] for m, _ in parts], dtype=np.int64).reshape(shape)
+        self._starts = (np.cumsum(self._lengths) - self._lengths.ravel()).reshape(shape)
+        self._gts = np.array([n for _, n in parts], dtype=np.int64).reshape(shape)
+        self._columns = np.concatenate([empty[0]] + [m for m, _ in parts], axis=1)
 
     def ap(self, images: Sequence[int] | None = None) -> dict:
         """`{"ap": AP@[.5:.95], "ap50": AP@.5}` over `images` (indices, repeats allowed; default all, in order);
         `None` values when those images hold no target entity."""
-        images = range(self.size) if images is None else images
-        per_category: dict[str, list] = {}
-        totals: dict[str, int] = {}
-        for i in images:
-            for name, (matched, n_gt) in self.images[i].items():
-                per_category.setdefault(name, []).append(matched)
-                totals[name] = totals.get(name, 0) + n_gt
-        precisions = []  # [categories with ground truth] of [T, R]
-        for name, parts in per_category.items():
-            if totals[name] == 0:
-                continue  # a category without ground truth in these images is not averaged (COCO's -1)
-            tps = np.concatenate(parts, axis=1)
-            tp, fp = np.cumsum(tps, axis=1, dtype=np.float64), np.cumsum(~tps, axis=1, dtype=np.float64)
-            table = np.zeros((len(self._THRESHOLDS), len(self._RECALLS)))
-            for t in range(len(self._THRESHOLDS)):
-                if not tps.shape[1]:
-                    continue
-                recall = tp[t] / totals[name]
-                precision = tp[t] / (tp[t] + fp[t] + np.spacing(1))
-                precision = np.maximum.accumulate(precision[::-1])[::-1]  # COCOeval's right-to-left envelope
-                where = np.searchsorted(recall, self._RECALLS, side="left")
-                valid = where < len(precision)
-                table[t, valid] = precision[where[valid]]
-            precisions.append(table)
-        if not precisions:
+        images = np.arange(self.size) if images is None else np.asarray(images, dtype=np.int64)
+        totals = self._gts[:, images].sum(axis=1)
+        kept = np.flatnonzero(totals > 0)  # a category without ground truth in these images is not averaged
+        if not kept.size:
             return {"ap": None, "ap50": None}
-        stacked = np.stack(precisions)
+        n_thresholds, n_kept = len(self._THRESHOLDS), len(kept)
+        counts = self._lengths[kept][:, images]
+        segment_lengths = counts.sum(axis=1)  # detections per category: a segment of the columns each
+        n = int(segment_lengths.sum())
+        if not n:
+            return {"ap": 0.0, "ap50": 0.0}
+        # The chosen images' columns, category by category, each in image order (equal scores, stable sort).
+        flat = counts.ravel()
+        before = np.cumsum(flat) - flat
+        tps = self._columns[:, np.repeat(self._starts[kept][:, images].ravel() - before, flat) + np.arange(n)]
+        segment = np.repeat(np.arange(n_kept), segment_lengths)
+        segment_start = np.cumsum(segment_lengths) - segment_lengths
+        ranked = np.arange(n) - segment_start[segment] + 1.0  # tp + fp at each column, within its category
+        cumulative = np.cumsum(tps, axis=1)
+        offset = np.where(segment_start > 0, cumulative[:, np.maximum(segment_start - 1, 0)], 0)
+        tp = (cumulative - offset[:, segment]).astype(np.float64)
+        recall = tp / totals[kept][segment]
+        precision = tp / (tp + (ranked - tp) + np.spacing(1))
+        # Per category, COCOeval's right-to-left envelope and its recall lookup, all categories in one call each:
+        # complex numbers compare (real, imaginary) in order, so a real part naming the category (and threshold)
+        # keeps each running maximum and each search inside its own category.
+        backwards = (n_kept - 1 - segment)[::-1] + 1j * precision[:, ::-1]
+        precision = np.maximum.accumulate(backwards, axis=1).imag[:, ::-1]
+        rows = np.arange(n_thresholds)[:, None] * n_kept
+        keys = (rows + segment + 1j * recall).ravel()
+        queries = rows[:, :, None] + np.arange(n_kept)[None, :, None] + 1j * self._RECALLS  # [T, K, R]
+        where = np.searchsorted(keys, queries.ravel(), side="left").reshape(queries.shape)
+        within = where - (np.arange(n_thresholds)[:, None, None] * n + segment_start[None, :, None])
+        picked = precision.ravel()[np.minimum(where, precision.size - 1)]
+        stacked = np.where(within < segment_lengths[None, :, None], picked, 0.0).transpose(1, 0, 2)  # [K, T, R]
         return {"ap": float(stacked.mean()), "ap50": float(stacked[:, 0].mean())}

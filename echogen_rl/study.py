@@ -45,6 +45,7 @@ from .evaluation import (
     write_report,
 )
 from .grounding import Grounder
+from .jobs import Job, default_workers, run_jobs
 from .layout import Layout, iou, match_layouts
 from .loading import load_janus
 from .prompts import PromptBuilder
@@ -74,7 +75,7 @@ class StudyBudget:
     """What a study changes in the shipped shapes configs, per stage (`{field: value}`), and its sizes."""
 
     seeds: int = 3
-    layouts: int = 256
+    layouts: int = 512
     pmtp: dict = field(default_factory=dict)
     djo: dict = field(default_factory=dict)
     cyclerl: dict = field(default_factory=dict)
@@ -106,12 +107,12 @@ def _run_settings(out: Path, seed: int) -> dict:
     return {**run_settings(out, seed), "disable_tqdm": True, "logging_steps": 10}
 
 
-def _train(stage: str, config_stage: str, out: Path, settings: dict, log: list) -> None:
-    """Runs one recipe unless `out` holds its finished checkpoint (a study resumes where it stopped)."""
-    done = out / "study_run.json"
-    if done.exists():
-        print(f"  {out.name}: done before, kept", flush=True)
-        return
+def train_run(stage: str, config_stage: str, out: str, settings: dict) -> dict:
+    """Runs one recipe (a study job, see [`echogen_rl.jobs`]) and records it in `out/study_run.json`, written last:
+    a folder holding it is a finished run that a resumed study keeps."""
+    out = Path(out)
+    for stale in out.glob("study_scores_*.json"):  # scores of an unfinished earlier run in this folder
+        stale.unlink()
     clock = time.perf_counter()
     trainer = run_recipe(stage, _config(config_stage), settings)
     history = trainer.state.log_history
@@ -120,10 +121,8 @@ def _train(stage: str, config_stage: str, out: Path, settings: dict, log: list) 
     record["log_history"] = history
     del trainer
     gc.collect()
-    done.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    last = next((h for h in reversed(history) if "loss" in h), {})
-    print(f"  {out.name}: {seconds:.0f} s, last loss {last.get('loss', float('nan')):.4g}", flush=True)
-    log.append({"run": str(out), "seconds": seconds})
+    (out / "study_run.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    return {"run": str(out), "seconds": seconds}
 
 
 def load_trained(path: Path, base: Path | None = None):
@@ -230,6 +229,44 @@ def summarize_reward_check(evals: dict[str, list[dict]], n_resamples: int) -> di
         out[arm]["correct_minus_filled"] = paired_difference(rows["correct"], rows["filled"], n_resamples=n_resamples)
         out[arm]["filled_minus_empty"] = paired_difference(rows["filled"], rows["empty"], n_resamples=n_resamples)
     return out
+
+
+def study_layouts(split: str, layouts: int) -> tuple[list[Layout], torch.Tensor]:
+    """The layouts a study scores (with their captions) and their real images' codes."""
+    data = build_shapes_dataset(layouts, seed=HELD_OUT_SEED if split == "held_out" else VALIDATION_SEED)
+    targets = [Layout.from_json(t) for t in data["layout"]]
+    for t, caption in zip(targets, data["caption"]):
+        t.caption = caption
+    return targets, torch.tensor(data["image_codes"])
+
+
+def scores_path(path: Path, split: str) -> Path:
+    return Path(path) / f"study_scores_{split}.json"
+
+
+def has_scores(path: Path, split: str, layouts: int, checks_rewards: bool) -> bool:
+    """Whether `path` holds scores of this split's `layouts` (a study rerun with more layouts rescores)."""
+    file = scores_path(path, split)
+    if not file.exists():
+        return False
+    result = json.loads(file.read_text())
+    return len(result.get("grounding_miou", ())) == layouts and (not checks_rewards or "reward_check" in result)
+
+
+def score_run(path: str, base: str | None, reference: str, split: str, layouts: int, checks_rewards: bool) -> float:
+    """Scores one trained run (a study job): [`evaluate_model`] against the `reference` grounder, plus
+    [`reward_check`] for the grounders that give rewards; writes `study_scores_<split>.json`; returns seconds."""
+    clock = time.perf_counter()
+    targets, real_codes = study_layouts(split, layouts)
+    config = ShapesConfig()
+    reference_model, _ = load_trained(Path(reference))
+    model, tokenizer = load_trained(Path(path), Path(base) if base else None)
+    result = evaluate_model(model, tokenizer, reference_model, targets, real_codes, config)
+    if checks_rewards:
+        grounder = Grounder(model, PromptBuilder(tokenizer, real_codes.shape[1]), 64)
+        result["reward_check"] = reward_check(grounder, targets, config)
+    write_report(result, scores_path(Path(path), split))
+    return time.perf_counter() - clock
 
 
 def _scores(evals: list[dict], metric: str) -> np.ndarray:
@@ -409,12 +446,18 @@ def format_arms(summary: dict, metrics=("cycle_miou_ref", "tolerant_l2i", "stric
 
 
 def run_study(
-    output_dir: str | os.PathLike, budget: StudyBudget | None = None, split: str = "held_out", seeds: int | None = None
+    output_dir: str | os.PathLike,
+    budget: StudyBudget | None = None,
+    split: str = "held_out",
+    seeds: int | None = None,
+    workers: int | None = None,
 ) -> dict:
     """Trains and scores every arm (see the module docstring); writes `study.json` and `study.png`
     (`study_validation.*` for the validation split).
 
-    A run whose folder holds `study_run.json` is kept, so a stopped study resumes where it stopped.
+    Runs go side by side, `workers` at a time ([`echogen_rl.jobs.run_jobs`]; default one per core, at most 4),
+    each as soon as the run it starts from has ended; each run's output goes to `train.log` in its folder. A run
+    whose folder holds `study_run.json` is kept, so a stopped study resumes where it stopped.
     """
     budget = budget or StudyBudget()
     if seeds is not None:
@@ -425,23 +468,24 @@ def run_study(
         raise ValueError(f"a study needs at least 2 training seeds, got {budget.seeds}")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    start, log = time.perf_counter(), []
+    start = time.perf_counter()
     cache = str(out / "cache")
     tiny = out / "tiny-janus"
 
-    print("[study] PMTP (once)", flush=True)
     pmtp_settings = {
         **budget.pmtp,
         "model_name_or_path": str(tiny),
         "cache_dir": cache,
         **_run_settings(out / "pmtp", 0),
     }
-    _train("pmtp", "pmtp", out / "pmtp", pmtp_settings, log)
     djo_values = _values("djo", budget.djo)
     rl_values = _values("cyclerl", budget.cyclerl)
     settings: dict[str, dict] = {"pmtp": pmtp_settings}
+    # (name, stage, config stage, settings, the run it starts from); listed in order of preference: the runs
+    # that others wait for, then the long ones.
+    runs = [("pmtp", "pmtp", "pmtp", pmtp_settings, None)]
+    later = []
     for s in range(budget.seeds):
-        print(f"[study] seed {s + 1}/{budget.seeds}", flush=True)
         root = out / f"seed{s}"
         djo = {
             **budget.djo,
@@ -505,44 +549,67 @@ def run_study(
                 **_run_settings(root / "sft_continued", s),
             }
         )
-        for arm, stage, config_stage, arm_settings in (
-            ("djo", "djo", "djo", djo),
-            ("pmtp_continued", "pmtp", "pmtp", pmtp_cont),
-            ("cyclerl", "cyclerl", "cyclerl", rl),
-            ("sft_continued", "pmtp", "pmtp", sft),
-            ("cyclerl_shuffled", "cyclerl", "cyclerl", shuffled),
+        runs.append((f"seed{s}/djo", "djo", "djo", djo, "pmtp"))
+        later += [
+            (f"seed{s}/cyclerl", "cyclerl", "cyclerl", rl, f"seed{s}/djo"),
+            (f"seed{s}/cyclerl_shuffled", "cyclerl", "cyclerl", shuffled, f"seed{s}/djo"),
+            (f"seed{s}/pmtp_continued", "pmtp", "pmtp", pmtp_cont, "pmtp"),
+            (f"seed{s}/sft_continued", "pmtp", "pmtp", sft, f"seed{s}/djo"),
+        ]
+        for arm, arm_settings in (
+            ("djo", djo),
+            ("pmtp_continued", pmtp_cont),
+            ("cyclerl", rl),
+            ("sft_continued", sft),
+            ("cyclerl_shuffled", shuffled),
         ):
-            _train(stage, config_stage, root / arm, arm_settings, log)
             settings[f"{arm}/seed{s}"] = arm_settings
+    runs += later
 
-    print(f"[study] scoring on {budget.layouts} {split} layouts, greedy and T=1", flush=True)
-    config = ShapesConfig()
-    data = build_shapes_dataset(budget.layouts, seed=HELD_OUT_SEED if split == "held_out" else VALIDATION_SEED)
-    targets = [Layout.from_json(t) for t in data["layout"]]
-    for t, caption in zip(targets, data["caption"]):
-        t.caption = caption
-    real_codes = torch.tensor(data["image_codes"])
-    reference, _ = load_trained(out / "pmtp")
+    jobs = []
+    for name, stage, config_stage, arm_settings, starts_from in runs:
+        if (out / name / "study_run.json").exists():
+            print(f"[study] {name}: done before, kept", flush=True)
+            continue
+        after = (f"train {starts_from}",) if starts_from else ()
+        jobs.append(
+            Job(
+                f"train {name}",
+                train_run,
+                {"stage": stage, "config_stage": config_stage, "out": str(out / name), "settings": arm_settings},
+                after,
+                out / name / "train.log",
+            )
+        )
+    trained = {j.name for j in jobs}
+    # Every run is scored on the same layouts; a run that grounds rewards also gets the reward check.
+    scored = [("pmtp", None)] + [(f"seed{s}/{arm}", f"seed{s}/djo") for s in range(budget.seeds) for arm in ARMS]
+    for name, base in scored:
+        arm = name.rsplit("/", 1)[-1]
+        checks = arm in REWARD_GROUNDERS
+        if has_scores(out / name, split, budget.layouts, checks):
+            continue
+        after = tuple(f"train {n}" for n in {name, "pmtp", base or "pmtp"} if f"train {n}" in trained)
+        kwargs = {
+            "path": str(out / name),
+            "base": str(out / base) if base else None,
+            "reference": str(out / "pmtp"),
+            "split": split,
+            "layouts": budget.layouts,
+            "checks_rewards": checks,
+        }
+        jobs.append(Job(f"score {name}", score_run, kwargs, after, out / name / f"score_{split}.log"))
+    print(
+        f"[study] {len(trained)} runs to train, {len(jobs) - len(trained)} to score on {budget.layouts} {split} "
+        f"layouts (greedy and T=1); logs in each run's folder",
+        flush=True,
+    )
+    run_jobs(jobs, workers, prefix="[study]")
+
+    targets, _ = study_layouts(split, budget.layouts)
     evals: dict[str, list[dict]] = {"pmtp": [], **{a: [] for a in ARMS}}
-    runs = [("pmtp", out / "pmtp", None)] + [
-        (arm, out / f"seed{s}" / arm, out / f"seed{s}" / "djo") for s in range(budget.seeds) for arm in ARMS
-    ]
-    for arm, path, base in runs:
-        scores_file = path / f"study_scores_{split}.json"
-        result = json.loads(scores_file.read_text()) if scores_file.exists() else {}
-        checks_rewards = arm in REWARD_GROUNDERS
-        if not result or (checks_rewards and "reward_check" not in result):
-            clock = time.perf_counter()
-            model, tokenizer = load_trained(path, base)
-            result = result or evaluate_model(model, tokenizer, reference, targets, real_codes, config)
-            if checks_rewards:
-                grounder = Grounder(model, PromptBuilder(tokenizer, real_codes.shape[1]), 64)
-                result["reward_check"] = reward_check(grounder, targets, config)
-            write_report(result, scores_file)
-            del model
-            gc.collect()
-            print(f"  scored {path.relative_to(out)}: {time.perf_counter() - clock:.0f} s", flush=True)
-        evals[arm].append(result)
+    for name, _ in scored:
+        evals[name.rsplit("/", 1)[-1]].append(json.loads(scores_path(out / name, split).read_text()))
 
     summary = summarize(evals, targets, budget)
     report = {
@@ -554,8 +621,12 @@ def run_study(
         "budget": asdict(budget),
         "settings": settings,
         "configs": {stage: str(_config(stage)) for stage in ("pmtp", "djo", "cyclerl")},
-        "training_seconds": {r["run"]: r["seconds"] for r in log},
+        "training_seconds": {
+            name: json.loads((out / name / "study_run.json").read_text())["seconds"] for name, *_ in runs
+        },
+        "workers": workers or default_workers(),
         "seconds": time.perf_counter() - start,
+        "seconds_note": "this invocation's wall time: runs kept from an earlier one are not in it",
         "notes": {
             "T=1": "metrics without a suffix score T=1 samples; `_greedy` scores greedy decoding",
             "cycle_miou_ref": "the grounder of the PMTP checkpoint, fixed for every arm",

@@ -1,0 +1,169 @@
+"""Runs that do not depend on each other, side by side: a small pool of worker processes for the study and the demo.
+
+The shapes world's model is tiny, and torch spreads its small matrix products over cores poorly: on 2 cores, two
+CycleRL runs of one thread each finished in 55 s together where one run of two threads took 46 s alone (1.66x the
+work per second). So a job gets a share of the cores, never more in all than there are, and jobs wait for the jobs
+they start from (`after`).
+
+Each job's output goes to its own log file; the pool prints one line as each job ends. When a job fails, the jobs
+already running finish (their results are saved, and a study resumes from them), the rest are not started, and the
+error names the job and its log.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import multiprocessing
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class Job:
+    """One unit of work: `fn(**kwargs)` in a worker, after the jobs named in `after` have ended.
+
+    Args:
+        name (`str`): names the job in progress lines and errors; unique in a pool.
+        fn (`Callable`): a module-level function (workers are spawned: it must pickle by name).
+        kwargs (`dict`): its arguments, picklable.
+        after (`tuple[str, ...]`, *optional*): jobs that must end first.
+        log (`Path`, *optional*): where the job's standard output and error go; the terminal when unset.
+    """
+
+    name: str
+    fn: Callable
+    kwargs: dict = field(default_factory=dict)
+    after: tuple[str, ...] = ()
+    log: Path | None = None
+
+
+class JobError(RuntimeError):
+    """A job raised; the message names it and its log."""
+
+
+def default_workers() -> int:
+    """One worker per core, at most 4: the tiny model's runs gain little from a second thread (module docstring)."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def _run(fn: Callable, kwargs: dict, threads: int, log: str | None):
+    """In a worker: `fn(**kwargs)` on `threads` torch threads, its output (Python's and C's) appended to `log`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        if log is None:
+            return fn(**kwargs)
+        Path(log).parent.mkdir(parents=True, exist_ok=True)
+        sys.stdout.flush(), sys.stderr.flush()
+        saved = os.dup(1), os.dup(2)
+        with open(log, "a") as sink:
+            os.dup2(sink.fileno(), 1), os.dup2(sink.fileno(), 2)
+            try:
+                return fn(**kwargs)
+            finally:
+                sys.stdout.flush(), sys.stderr.flush()
+                os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+                os.close(saved[0]), os.close(saved[1])
+    finally:
+        torch.set_num_threads(before)
+
+
+def _ordered(jobs: Sequence[Job]) -> list[Job]:
+    """`jobs` in an order that runs each after the jobs it waits for, otherwise as listed; a clear error for a
+    repeated name, an unknown dependency or a cycle."""
+    names = [j.name for j in jobs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"job names repeat: {sorted(n for n in set(names) if names.count(n) > 1)}")
+    for job in jobs:
+        unknown = [a for a in job.after if a not in names]
+        if unknown:
+            raise ValueError(f"job {job.name!r} waits for unknown jobs {unknown}")
+    order: list[Job] = []
+    pending = list(jobs)
+    while pending:
+        done = {j.name for j in order}
+        job = next((j for j in pending if set(j.after) <= done), None)
+        if job is None:
+            raise ValueError(f"jobs wait for each other in a cycle: {[j.name for j in pending]}")
+        order.append(job)
+        pending.remove(job)
+    return order
+
+
+def run_jobs(
+    jobs: Sequence[Job], workers: int | None = None, cores: int | None = None, prefix: str = "", quiet: bool = False
+) -> dict:
+    """Runs `jobs`, each when the jobs it waits for have ended, at most `workers` at a time; returns `{name: result}`.
+
+    Args:
+        jobs (`Sequence[Job]`): in order of preference: of the jobs ready to start, the first listed starts first.
+        workers (`int`, *optional*, defaults to [`default_workers`]): jobs at a time. With 1, jobs run one after
+            another in this process (no workers are spawned) and on every core.
+        cores (`int`, *optional*, defaults to `os.cpu_count()`): torch threads shared out among the jobs running:
+            a job starts with `free cores // jobs that could start now` threads (at least 1), and only when that
+            many are free.
+        prefix (`str`, *optional*): begins each progress line, e.g. `"[study]"`.
+        quiet (`bool`, *optional*): no progress lines.
+
+    Raises:
+        `JobError`: a job raised. Jobs running then end first; jobs not started are not started.
+    """
+    jobs = _ordered(jobs)
+    workers = workers or default_workers()
+    cores = cores or os.cpu_count() or 1
+    say = (lambda line: None) if quiet else (lambda line: print(f"{prefix} {line}".strip(), flush=True))
+    results: dict = {}
+    if workers == 1:
+        for job in jobs:
+            clock = time.perf_counter()
+            try:
+                results[job.name] = _run(job.fn, job.kwargs, cores, str(job.log) if job.log else None)
+            except Exception as err:
+                raise JobError(f"job {job.name} failed: {err}" + (f" (log: {job.log})" if job.log else "")) from err
+            say(f"{len(results)}/{len(jobs)} {job.name}: {time.perf_counter() - clock:.0f} s")
+        return results
+
+    pending, running, failures = list(jobs), {}, []
+    free = cores
+    context = multiprocessing.get_context("spawn")  # forking a process that has run torch's threads can hang
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        while pending or running:
+            ready = [j for j in pending if set(j.after) <= set(results)] if not failures else []
+            while ready and len(running) < workers:
+                threads = max(1, free // min(len(ready), workers - len(running)))
+                if threads > free:
+                    break
+                job = ready.pop(0)
+                pending.remove(job)
+                log = str(job.log) if job.log else None
+                future = pool.submit(_run, job.fn, job.kwargs, threads, log)
+                running[future] = (job, threads, time.perf_counter())
+                free -= threads
+            if not running:
+                break
+            finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in finished:
+                job, threads, clock = running.pop(future)
+                free += threads
+                try:
+                    results[job.name] = future.result()
+                except Exception as err:
+                    failures.append((job, err))
+                    say(f"{job.name} FAILED: {err}" + (f" (log: {job.log})" if job.log else ""))
+                    continue
+                others = ", ".join(j.name for j, _, _ in running.values())
+                say(
+                    f"{len(results)}/{len(jobs)} {job.name}: {time.perf_counter() - clock:.0f} s on {threads} "
+                    f"thread{'s' if threads > 1 else ''}" + (f" (running: {others})" if others else "")
+                )
+    if failures:
+        job, err = failures[0]
+        skipped = f"; {len(pending)} jobs not started" if pending else ""
+        raise JobError(f"job {job.name} failed: {err}" + (f" (log: {job.log})" if job.log else "") + skipped) from err
+    return results
