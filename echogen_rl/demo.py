@@ -26,6 +26,7 @@ from .data.shapes import ShapesConfig, build_shapes_dataset
 from .evaluation import cycle_miou, evaluate_i2l, evaluate_l2i, mask_iou
 from .grounding import Grounder
 from .image_tokenizers import PaletteTokenizer
+from .jobs import Job, default_workers, run_jobs
 from .layout import Layout
 from .prompts import PromptBuilder
 from .recipe_runner import run_recipe, run_settings
@@ -79,29 +80,62 @@ def _shipped(stage: str) -> Path:
     return SHIPPED_CONFIGS / stage / "shapes_tiny.yaml"
 
 
-def _train(stage: str, out: Path, changes: dict, **extra) -> tuple:
-    """Runs the stage's shipped shapes config through its recipe with `changes`; returns the model and its log."""
-    trainer = run_recipe(stage, _shipped(stage), {**changes, **extra, **run_settings(out)})
-    return trainer.model, trainer.state.log_history
+def train_stage(stage: str, out: str, changes: dict) -> list[dict]:
+    """Runs the stage's shipped shapes config through its recipe with `changes` (a demo job); returns its log."""
+    trainer = run_recipe(stage, _shipped(stage), {**changes, **run_settings(out)})
+    return trainer.state.log_history
 
 
-def _evaluate(l2i_model, i2l_model, tokenizer, layouts, real_codes, shapes) -> tuple[dict, dict]:
-    """Stage metrics: L2I by `l2i_model` (oracle detector), grounding and the cycle's return trip by `i2l_model`."""
+def _load(path: Path, base: Path | None = None):
+    """A trained stage: a full checkpoint, or `base` with the stage's LoRA adapter merged in."""
+    model = JanusForConditionalGeneration.from_pretrained(base or path)
+    if (path / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    return model.eval()
+
+
+def evaluate_stage(out: str, stage: str, l2i: str, i2l: str, base: str | None, eval_layouts: int) -> dict:
+    """Scores one stage on the held-out layouts (a demo job) and draws its picture (the untrained model gets none):
+    L2I by the model at `l2i` (the oracle detector), grounding and the cycle's return trip by the one at `i2l`, and
+    `cycle_miou_ref`, the return trip by PMTP's grounder, fixed for every stage."""
+    out = Path(out)
+    tokenizer = AutoTokenizer.from_pretrained(out / "tiny-janus")
+    shapes = ShapesConfig()
+    layouts, real_codes = _held_out(eval_layouts, shapes)
+    l2i_model = _load(Path(l2i), Path(base) if base else None)
+    i2l_model = l2i_model if i2l == l2i else _load(Path(i2l))
     # Sampled as the checkpoint records (the shapes configs train no unconditional branch: no CFG).
     guidance = resolve_guidance_scale(l2i_model, None, "demo")
-    l2i = evaluate_l2i(l2i_model, tokenizer, layouts, "oracle", shapes, guidance_scale=guidance, seed=0)
-    i2l = evaluate_i2l(i2l_model, tokenizer, real_codes, layouts)
-    recovered = l2i["recovered"]
+    l2i_result = evaluate_l2i(l2i_model, tokenizer, layouts, "oracle", shapes, guidance_scale=guidance, seed=0)
+    i2l_result = evaluate_i2l(i2l_model, tokenizer, real_codes, layouts)
+    codes, phrases = l2i_result["codes"], [lay.phrases for lay in layouts]
+    prompts = PromptBuilder(tokenizer, real_codes.shape[1])
+    recovered = l2i_result["recovered"]
     if i2l_model is not l2i_model:
-        prompts = PromptBuilder(tokenizer, real_codes.shape[1])
-        recovered = [g.layout for g in Grounder(i2l_model, prompts)(l2i["codes"], [lay.phrases for lay in layouts])]
-    metrics = {k: l2i["metrics"].get(k) for k in ("ap", "ap50", "ap75", "spatial", "color")}
-    metrics["tolerant_l2i"] = mask_iou(l2i["codes"], layouts, shapes)
+        recovered = [g.layout for g in Grounder(i2l_model, prompts)(codes, phrases)]
+    metrics = {k: l2i_result["metrics"].get(k) for k in ("ap", "ap50", "ap75", "spatial", "color")}
+    metrics["tolerant_l2i"] = mask_iou(codes, layouts, shapes)
     metrics["cycle_miou"] = cycle_miou(recovered, layouts)
-    metrics["grounding_acc50"] = i2l["acc50"]
-    metrics["grounding_miou"] = i2l["miou"]
-    metrics["grounding_parse_failure_rate"] = i2l["parse_failure_rate"]
-    return metrics, {"codes": l2i["codes"], "recovered": recovered}
+    metrics["grounding_acc50"] = i2l_result["acc50"]
+    metrics["grounding_miou"] = i2l_result["miou"]
+    metrics["grounding_parse_failure_rate"] = i2l_result["parse_failure_rate"]
+    # A stage cannot raise `cycle_miou_ref` by changing its own grounder.
+    reference = Grounder(_load(out / "pmtp"), prompts)
+    metrics["cycle_miou_ref"] = cycle_miou([g.layout for g in reference(codes, phrases)], layouts)
+    if stage != "untrained":
+        palette = PaletteTokenizer(shapes.grid_size, shapes.patch_size)
+        _picture(stage, {"codes": codes, "recovered": recovered}, layouts, palette, out)
+    return metrics
+
+
+def _held_out(n: int, shapes: ShapesConfig) -> tuple[list[Layout], torch.Tensor]:
+    held_out = build_shapes_dataset(n, seed=HELD_OUT_SEED, config=shapes)
+    layouts = [Layout.from_json(s) for s in held_out["layout"]]
+    for layout, caption in zip(layouts, held_out["caption"]):
+        layout.caption = caption
+    return layouts, torch.tensor(held_out["image_codes"])
 
 
 def _picture(stage: str, pictures: dict, layouts, palette: PaletteTokenizer, out: Path, n: int = 8) -> Path:
@@ -129,8 +163,18 @@ def _last(history: list[dict], key: str):
     return values[-1] if values else None
 
 
-def run_demo(output_dir: str | os.PathLike, overwrite: bool = False, budget: DemoBudget | None = None) -> dict:
-    """Runs the demo; writes `report.json`, `data.png` and `pictures/<stage>.png` to `output_dir`."""
+def run_demo(
+    output_dir: str | os.PathLike,
+    overwrite: bool = False,
+    budget: DemoBudget | None = None,
+    workers: int | None = None,
+) -> dict:
+    """Runs the demo; writes `report.json`, `data.png` and `pictures/<stage>.png` to `output_dir`.
+
+    The stages train in order, and the separate baseline beside them, `workers` runs at a time
+    ([`echogen_rl.jobs.run_jobs`]; default one per core, at most 4); each stage is scored as soon as it has trained.
+    Each run's output goes to a log in its folder.
+    """
     budget = budget or DemoBudget()
     out = Path(output_dir)
     if out.exists() and any(out.iterdir()):
@@ -141,64 +185,52 @@ def run_demo(output_dir: str | os.PathLike, overwrite: bool = False, budget: Dem
     start = time.perf_counter()
     torch.manual_seed(0)
 
-    print("[1/6] tiny Janus checkpoint and shapes data")
     ckpt = build_tiny_checkpoint(out / "tiny-janus")
-    tokenizer = AutoTokenizer.from_pretrained(ckpt)
     shapes = ShapesConfig()
-    palette = PaletteTokenizer(shapes.grid_size, shapes.patch_size)
     held_out = build_shapes_dataset(budget.eval_layouts, seed=HELD_OUT_SEED, config=shapes)
-    layouts = [Layout.from_json(s) for s in held_out["layout"]]
-    for layout, caption in zip(layouts, held_out["caption"]):
-        layout.caption = caption
-    real_codes = torch.tensor(held_out["image_codes"])
-    save_png(
-        image_grid([overlay(im, lay) for im, lay in zip(held_out["image"][:8], layouts[:8])], 4), out / "data.png"
-    )
+    layouts = [Layout.from_json(s) for s in held_out["layout"][:8]]
+    save_png(image_grid([overlay(im, lay) for im, lay in zip(held_out["image"][:8], layouts)], 4), out / "data.png")
     cache = {"cache_dir": str(out / "cache")}
-
-    stages, history, images = {}, {}, {}
-    model = JanusForConditionalGeneration.from_pretrained(ckpt)
-    print("[2/6] untrained model")
-    stages["untrained"], pictures = _evaluate(model, model, tokenizer, layouts, real_codes, shapes)
-    images["untrained"] = pictures["codes"]
-
-    print("[3/6] Stage 1, PMTP")
-    model, history["pmtp"] = _train("pmtp", out / "pmtp", budget.pmtp, model_name_or_path=str(ckpt), **cache)
-    stages["pmtp"], pictures = _evaluate(model, model, tokenizer, layouts, real_codes, shapes)
-    images["pmtp"] = pictures["codes"]
-    _picture("pmtp", pictures, layouts, palette, out)
-
-    print("[4/6] Stage 2, DJO")
-    model, history["djo"] = _train("djo", out / "djo", budget.djo, model_name_or_path=str(out / "pmtp"), **cache)
-    stages["djo"], pictures = _evaluate(model, model, tokenizer, layouts, real_codes, shapes)
-    images["djo"] = pictures["codes"]
-    _picture("djo", pictures, layouts, palette, out)
-
-    print("[5/6] Stage 3, CycleRL (LoRA)")
-    policy, history["cyclerl"] = _train(
-        "cyclerl", out / "cyclerl", budget.cyclerl, model_name_or_path=str(out / "djo"), **cache
-    )
-    policy.eval()
-    # `cycle_miou` of every stage is scored by its own grounder (for CycleRL the LoRA policy's); `cycle_miou_ref`
-    # by PMTP's, below.
-    stages["cyclerl"], pictures = _evaluate(policy, policy, tokenizer, layouts, real_codes, shapes)
-    images["cyclerl"] = pictures["codes"]
-    _picture("cyclerl", pictures, layouts, palette, out)
-
-    print("[6/6] baseline: L2I and I2L as two models, the PMTP config's steps each")
     separate = {**budget.pmtp, "model_name_or_path": str(ckpt), **cache}
-    l2i_model, _ = _train("pmtp", out / "separate-l2i", {**separate, "text_loss_weight": 0.0})
-    i2l_model, _ = _train("pmtp", out / "separate-i2l", {**separate, "image_loss_weight": 0.0})
-    stages["separate"], pictures = _evaluate(l2i_model, i2l_model, tokenizer, layouts, real_codes, shapes)
-    images["separate"] = pictures["codes"]
-    _picture("separate", pictures, layouts, palette, out)
-
-    # Cycle mIoU of every stage by one fixed grounder, PMTP's: a stage cannot raise it by changing its own grounder.
-    reference = JanusForConditionalGeneration.from_pretrained(out / "pmtp").eval()
-    reference_grounder = Grounder(reference, PromptBuilder(tokenizer, real_codes.shape[1]))
-    for stage, codes in images.items():
-        recovered = [g.layout for g in reference_grounder(codes, [lay.phrases for lay in layouts])]
-        stages[stage]["cycle_miou_ref"] = cycle_miou(recovered, layouts)
+    runs = {  # stage: (config stage, changes, the stage it starts from)
+        "pmtp": ("pmtp", {**budget.pmtp, "model_name_or_path": str(ckpt), **cache}, None),
+        "djo": ("djo", {**budget.djo, "model_name_or_path": str(out / "pmtp"), **cache}, "pmtp"),
+        "cyclerl": ("cyclerl", {**budget.cyclerl, "model_name_or_path": str(out / "djo"), **cache}, "djo"),
+        # The baseline: L2I and I2L as two models, the PMTP config's steps each, no joint packing.
+        "separate-l2i": ("pmtp", {**separate, "text_loss_weight": 0.0}, None),
+        "separate-i2l": ("pmtp", {**separate, "image_loss_weight": 0.0}, None),
+    }
+    jobs = [
+        Job(
+            f"train {name}",
+            train_stage,
+            {"stage": stage, "out": str(out / name), "changes": changes},
+            (f"train {after}",) if after else (),
+            out / name / "train.log",
+        )
+        for name, (stage, changes, after) in runs.items()
+    ]
+    evaluations = {  # stage: (L2I model, I2L model, base of a LoRA adapter, trained runs it needs)
+        "untrained": (ckpt, ckpt, None, ("pmtp",)),
+        "pmtp": (out / "pmtp", out / "pmtp", None, ("pmtp",)),
+        "djo": (out / "djo", out / "djo", None, ("pmtp", "djo")),
+        "cyclerl": (out / "cyclerl", out / "cyclerl", out / "djo", ("pmtp", "cyclerl")),
+        "separate": (out / "separate-l2i", out / "separate-i2l", None, ("pmtp", "separate-l2i", "separate-i2l")),
+    }
+    for stage, (l2i, i2l, base, needs) in evaluations.items():
+        kwargs = {
+            "out": str(out),
+            "stage": stage,
+            "l2i": str(l2i),
+            "i2l": str(i2l),
+            "eval_layouts": budget.eval_layouts,
+        }
+        kwargs["base"] = str(base) if base else None
+        jobs.append(Job(f"score {stage}", evaluate_stage, kwargs, tuple(f"train {n}" for n in needs)))
+    print(f"[demo] {len(runs)} runs to train, {len(evaluations)} stages to score; logs in each run's folder")
+    done = run_jobs(jobs, workers, prefix="[demo]")
+    stages = {stage: done[f"score {stage}"] for stage in evaluations}
+    history = {name: done[f"train {name}"] for name in ("pmtp", "djo", "cyclerl")}
 
     cyclerl_rewards = [h["rewards/cycle_iou/mean"] for h in history["cyclerl"] if "rewards/cycle_iou/mean" in h]
     report = {
@@ -210,7 +242,8 @@ def run_demo(output_dir: str | os.PathLike, overwrite: bool = False, budget: Dem
         },
         "budget": asdict(budget),
         "configs": {stage: str(_shipped(stage)) for stage in ("pmtp", "djo", "cyclerl")},
-        "held_out_layouts": len(layouts),
+        "held_out_layouts": budget.eval_layouts,
+        "workers": workers or default_workers(),
         "seconds": time.perf_counter() - start,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -13,6 +13,7 @@ error names the job and its log.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import multiprocessing
 import os
 import sys
@@ -62,7 +63,9 @@ def _run(fn: Callable, kwargs: dict, threads: int, log: str | None):
         Path(log).parent.mkdir(parents=True, exist_ok=True)
         sys.stdout.flush(), sys.stderr.flush()
         saved = os.dup(1), os.dup(2)
-        with open(log, "a") as sink:
+        # Both the file descriptors (C and subprocess output) and Python's streams, which a caller (pytest, a
+        # notebook) may have replaced.
+        with open(log, "a") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
             os.dup2(sink.fileno(), 1), os.dup2(sink.fileno(), 2)
             try:
                 return fn(**kwargs)

@@ -51,6 +51,7 @@ from .loading import load_janus
 from .prompts import PromptBuilder
 from .recipe_runner import run_recipe, run_settings
 from .stats import bootstrap_ci, paired_difference
+from .tiny import TinyJanusConfig, ensure_tiny_checkpoint
 from .visualize import save_png
 
 VALIDATION_SEED = 4_000_037
@@ -70,9 +71,18 @@ MODES = {"": 1.0, "_greedy": 0.0}  # metric suffix -> sampling temperature
 AP_RESAMPLES = 1000
 
 
+HEADROOM_PMTP_STEPS = 500
+STAGE_ARMS = {"djo": ("djo", "pmtp_continued"), "cyclerl": ("cyclerl", "sft_continued", "cyclerl_shuffled")}
+
+
 @dataclass
 class StudyBudget:
-    """What a study changes in the shipped shapes configs, per stage (`{field: value}`), and its sizes."""
+    """What a study changes in the shipped shapes configs, per stage (`{field: value}`), and its sizes.
+
+    `world` changes the shapes world for every run and for scoring (`grid_size`, `max_shapes`; a grid other than 8
+    gets a tiny checkpoint of its own); `stages` names the stages compared with their controls (`djo`, `cyclerl`;
+    CycleRL starts from DJO, which is always trained).
+    """
 
     seeds: int = 3
     layouts: int = 512
@@ -80,6 +90,33 @@ class StudyBudget:
     djo: dict = field(default_factory=dict)
     cyclerl: dict = field(default_factory=dict)
     n_resamples: int = 4000
+    world: dict = field(default_factory=dict)
+    stages: tuple[str, ...] = ("djo", "cyclerl")
+
+    def __post_init__(self):
+        unknown = set(self.world) - {"grid_size", "max_shapes"}
+        if unknown:
+            raise ValueError(f"StudyBudget.world: only grid_size and max_shapes can change, got {sorted(unknown)}")
+        ShapesConfig(**self.world)  # a world that cannot be drawn fails here, before any run
+        if not self.stages or set(self.stages) - set(STAGE_ARMS):
+            raise ValueError(f"StudyBudget.stages: a non-empty subset of {tuple(STAGE_ARMS)}, got {self.stages}")
+
+    @classmethod
+    def headroom(cls) -> StudyBudget:
+        """DJO against its control in a world with more to learn: a 16 x 16 grid with up to 5 shapes (smaller, at
+        2-4 cells a side, and more of them), where PMTP does not draw almost every cell right from the first try."""
+        return cls(
+            layouts=256,
+            world={"grid_size": 16, "max_shapes": 5},
+            stages=("djo",),
+            pmtp={"max_steps": HEADROOM_PMTP_STEPS},
+        )
+
+    def shapes(self) -> ShapesConfig:
+        return ShapesConfig(**self.world)
+
+    def arms(self) -> tuple[str, ...]:
+        return tuple(arm for stage in STAGE_ARMS if stage in self.stages for arm in STAGE_ARMS[stage])
 
     @classmethod
     def quick(cls) -> StudyBudget:
@@ -231,9 +268,10 @@ def summarize_reward_check(evals: dict[str, list[dict]], n_resamples: int) -> di
     return out
 
 
-def study_layouts(split: str, layouts: int) -> tuple[list[Layout], torch.Tensor]:
+def study_layouts(split: str, layouts: int, config: ShapesConfig) -> tuple[list[Layout], torch.Tensor]:
     """The layouts a study scores (with their captions) and their real images' codes."""
-    data = build_shapes_dataset(layouts, seed=HELD_OUT_SEED if split == "held_out" else VALIDATION_SEED)
+    seed = HELD_OUT_SEED if split == "held_out" else VALIDATION_SEED
+    data = build_shapes_dataset(layouts, seed=seed, config=config)
     targets = [Layout.from_json(t) for t in data["layout"]]
     for t, caption in zip(targets, data["caption"]):
         t.caption = caption
@@ -253,12 +291,14 @@ def has_scores(path: Path, split: str, layouts: int, checks_rewards: bool) -> bo
     return len(result.get("grounding_miou", ())) == layouts and (not checks_rewards or "reward_check" in result)
 
 
-def score_run(path: str, base: str | None, reference: str, split: str, layouts: int, checks_rewards: bool) -> float:
+def score_run(
+    path: str, base: str | None, reference: str, split: str, layouts: int, checks_rewards: bool, world: dict
+) -> float:
     """Scores one trained run (a study job): [`evaluate_model`] against the `reference` grounder, plus
     [`reward_check`] for the grounders that give rewards; writes `study_scores_<split>.json`; returns seconds."""
     clock = time.perf_counter()
-    targets, real_codes = study_layouts(split, layouts)
-    config = ShapesConfig()
+    config = ShapesConfig(**world)
+    targets, real_codes = study_layouts(split, layouts, config)
     reference_model, _ = load_trained(Path(reference))
     model, tokenizer = load_trained(Path(path), Path(base) if base else None)
     result = evaluate_model(model, tokenizer, reference_model, targets, real_codes, config)
@@ -330,6 +370,8 @@ def summarize(evals: dict[str, list[dict]], targets: list[Layout], budget: Study
                 arms[arm][k + suffix] = {"mean": float(np.mean(values)), "per_seed": values}
     comparisons = {}
     for name, (treat, ctrl) in COMPARISONS.items():
+        if not (evals.get(treat) and evals.get(ctrl)):
+            continue  # a stage the study did not compare
         t_evals, c_evals = evals[treat], evals[ctrl]
         if len(c_evals) == 1 and len(t_evals) > 1:  # PMTP was trained once: every seed starts from it
             c_evals = c_evals * len(t_evals)
@@ -351,7 +393,7 @@ def summarize(evals: dict[str, list[dict]], targets: list[Layout], budget: Study
 
 def plot_study(summary: dict, path: Path, metrics=("cycle_miou_ref", "tolerant_l2i", "strict50", "color")) -> Path:
     """Bars of each arm's mean with its 95% interval, one panel per metric (T=1 sampling)."""
-    arms = ["pmtp", *ARMS]
+    arms = ["pmtp", *(arm for arm in ARMS if arm in summary["arms"])]
     colors = {
         "pmtp": (120, 120, 120),
         "djo": (31, 119, 180),
@@ -398,6 +440,7 @@ def plot_differences(
     """The paired differences of each comparison with their 95% intervals, one panel per comparison, 0 marked: the
     picture of what a stage adds over its control (the arms' own intervals hide it, being mostly between layouts)."""
     panel_w, panel_h, pad = 420, 260, 110
+    comparisons = [c for c in comparisons if c in summary["comparisons"]]
     rows = [(m, summary["comparisons"][c][m]) for c in comparisons for m in metrics]
     span = max(0.05, max(max(abs(r["ci_low"]), abs(r["ci_high"])) for _, r in rows))
     image = Image.new("RGB", (panel_w * len(comparisons), panel_h), "white")
@@ -431,6 +474,39 @@ def format_comparisons(summary: dict, metrics=("cycle_miou_ref", "tolerant_l2i",
         cells = [f"{row[m]['diff']:+.3f} [{row[m]['ci_low']:+.3f}, {row[m]['ci_high']:+.3f}]" for m in metrics]
         lines.append(f"{name:<{width}}  " + "  ".join(f"{c:>24}" for c in cells))
     return "\n".join(lines)
+
+
+MARKDOWN_METRICS = (
+    "cycle_miou_ref",
+    "tolerant_l2i",
+    "strict50",
+    "ap",
+    "color",
+    "grounding_miou",
+    "cycle_miou_ref_greedy",
+    "tolerant_l2i_greedy",
+    "ap_greedy",
+)
+
+
+def format_markdown(report: dict, metrics: Sequence[str] = MARKDOWN_METRICS) -> str:
+    """`study.md`: the arms' means and the paired differences as Markdown tables, with their 95% intervals."""
+    metrics = [m for m in metrics if all(m in row for row in report["arms"].values())]
+    header = " | ".join(metrics)
+    rule = "| --- " * (len(metrics) + 1) + "|"
+    lines = [f"| arm ({report['seeds']} seeds; PMTP 1) | {header} |", rule]
+    for arm, row in report["arms"].items():
+        cells = [
+            f"{row[m]['mean']:.3f}"
+            + (f" [{row[m]['ci_low']:.3f}, {row[m]['ci_high']:.3f}]" if "ci_low" in row[m] else "")
+            for m in metrics
+        ]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    lines += ["", f"| paired difference, 95% CI | {header} |", rule]
+    for name, row in report["comparisons"].items():
+        cells = [f"{row[m]['diff']:+.3f} [{row[m]['ci_low']:+.3f}, {row[m]['ci_high']:+.3f}]" for m in metrics]
+        lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def format_arms(summary: dict, metrics=("cycle_miou_ref", "tolerant_l2i", "strict50", "ap", "color")) -> str:
@@ -471,9 +547,16 @@ def run_study(
     start = time.perf_counter()
     cache = str(out / "cache")
     tiny = out / "tiny-janus"
+    shapes = budget.shapes()
+    # Every run draws the study's world; one of another grid starts from a tiny checkpoint of that grid.
+    world = {"shapes_grid_size": shapes.grid_size, "shapes_max_shapes": shapes.max_shapes} if budget.world else {}
+    if shapes.grid_size != ShapesConfig().grid_size:
+        ensure_tiny_checkpoint(tiny, TinyJanusConfig(grid_size=shapes.grid_size, patch_size=shapes.patch_size))
+    arms = budget.arms()
 
     pmtp_settings = {
         **budget.pmtp,
+        **world,
         "model_name_or_path": str(tiny),
         "cache_dir": cache,
         **_run_settings(out / "pmtp", 0),
@@ -489,6 +572,7 @@ def run_study(
         root = out / f"seed{s}"
         djo = {
             **budget.djo,
+            **world,
             "model_name_or_path": str(out / "pmtp"),
             "cache_dir": cache,
             **_run_settings(root / "djo", s),
@@ -506,11 +590,13 @@ def run_study(
             "optim",
         )
         pmtp_cont = {k: djo_values[k] for k in shared if k in djo_values}
+        pmtp_cont.update(world)
         pmtp_cont.update(
             {"model_name_or_path": str(out / "pmtp"), "cache_dir": cache, **_run_settings(root / "pmtp_continued", s)}
         )
         rl = {
             **budget.cyclerl,
+            **world,
             "model_name_or_path": str(root / "djo"),
             "cache_dir": cache,
             **_run_settings(root / "cyclerl", s),
@@ -542,6 +628,7 @@ def run_study(
         }
         sft.update(
             {
+                **world,
                 "dataset": rl_values.get("dataset", "shapes"),
                 "per_device_train_batch_size": prompts_per_step,
                 "model_name_or_path": str(root / "djo"),
@@ -563,8 +650,9 @@ def run_study(
             ("sft_continued", sft),
             ("cyclerl_shuffled", shuffled),
         ):
-            settings[f"{arm}/seed{s}"] = arm_settings
-    runs += later
+            if arm in arms:
+                settings[f"{arm}/seed{s}"] = arm_settings
+    runs += [run for run in later if run[0].rsplit("/", 1)[-1] in arms]
 
     jobs = []
     for name, stage, config_stage, arm_settings, starts_from in runs:
@@ -583,7 +671,7 @@ def run_study(
         )
     trained = {j.name for j in jobs}
     # Every run is scored on the same layouts; a run that grounds rewards also gets the reward check.
-    scored = [("pmtp", None)] + [(f"seed{s}/{arm}", f"seed{s}/djo") for s in range(budget.seeds) for arm in ARMS]
+    scored = [("pmtp", None)] + [(f"seed{s}/{arm}", f"seed{s}/djo") for s in range(budget.seeds) for arm in arms]
     for name, base in scored:
         arm = name.rsplit("/", 1)[-1]
         checks = arm in REWARD_GROUNDERS
@@ -597,6 +685,7 @@ def run_study(
             "split": split,
             "layouts": budget.layouts,
             "checks_rewards": checks,
+            "world": budget.world,
         }
         jobs.append(Job(f"score {name}", score_run, kwargs, after, out / name / f"score_{split}.log"))
     print(
@@ -606,8 +695,8 @@ def run_study(
     )
     run_jobs(jobs, workers, prefix="[study]")
 
-    targets, _ = study_layouts(split, budget.layouts)
-    evals: dict[str, list[dict]] = {"pmtp": [], **{a: [] for a in ARMS}}
+    targets, _ = study_layouts(split, budget.layouts, shapes)
+    evals: dict[str, list[dict]] = {"pmtp": [], **{a: [] for a in arms}}
     for name, _ in scored:
         evals[name.rsplit("/", 1)[-1]].append(json.loads(scores_path(out / name, split).read_text()))
 
@@ -621,6 +710,7 @@ def run_study(
         "budget": asdict(budget),
         "settings": settings,
         "configs": {stage: str(_config(stage)) for stage in ("pmtp", "djo", "cyclerl")},
+        "world": asdict(shapes),
         "training_seconds": {
             name: json.loads((out / name / "study_run.json").read_text())["seconds"] for name, *_ in runs
         },
@@ -641,6 +731,9 @@ def run_study(
     write_report(report, out / f"{name}.json")
     plot_study(summary, out / f"{name}.png")
     plot_differences(summary, out / f"{name}_differences.png")
+    markdown = out / f".{name}.md.tmp"  # renamed into place, as `write_report` does: never half-written
+    markdown.write_text(format_markdown(report))
+    markdown.replace(out / f"{name}.md")
     print(format_arms(summary))
     print(format_comparisons(summary))
     for arm, check in report["reward_check"].items():

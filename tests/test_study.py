@@ -33,6 +33,9 @@ def test_study_writes_paired_comparisons_with_intervals(quick_study):
             assert cell["ci_low"] <= cell["diff"] <= cell["ci_high"], (name, metric, cell)
     assert saved["seeds"] == 2 and saved["layouts"] == 8
     assert (out / "study.png").stat().st_size > 1000 and (out / "study_differences.png").stat().st_size > 1000
+    table = (out / "study.md").read_text()  # the same numbers as Markdown tables
+    cell = saved["comparisons"]["cyclerl_vs_sft_continued"]["cycle_miou_ref"]
+    assert f"| `cyclerl_vs_sft_continued` | {cell['diff']:+.3f} [{cell['ci_low']:+.3f}, {cell['ci_high']:+.3f}]" in table
     # Each arm of each seed trained from the shipped config, with the study's changes recorded.
     assert saved["settings"]["cyclerl_shuffled/seed1"]["reward_funcs"] == [
         "rewards.controls:shuffled_cycle_iou",
@@ -80,6 +83,30 @@ def test_a_validation_study_reuses_the_runs_and_keeps_the_held_out_report(quick_
 def test_a_study_needs_two_seeds(tmp_path):
     with pytest.raises(ValueError, match="at least 2 training seeds"):
         run_study(tmp_path, StudyBudget.quick(), seeds=1)
+
+
+def test_a_study_of_another_world_compares_only_the_stages_asked(tmp_path):
+    quick = StudyBudget.quick()
+    budget = StudyBudget(**{**quick.__dict__, "world": {"grid_size": 12, "max_shapes": 4}, "stages": ("djo",)})
+    report = run_study(tmp_path, budget)
+    # The runs drew the 12 x 12 world, from a tiny checkpoint of that grid.
+    assert json.loads((tmp_path / "tiny-janus" / "tiny_janus.json").read_text())["grid_size"] == 12
+    assert report["settings"]["djo/seed1"]["shapes_grid_size"] == 12
+    assert report["settings"]["pmtp_continued/seed0"]["shapes_max_shapes"] == 4
+    scores = json.loads((tmp_path / "seed0" / "djo" / "study_scores_held_out.json").read_text())
+    assert {len(row) for row in scores["_greedy"]["codes"]} == {144}
+    assert report["world"]["grid_size"] == 12
+    assert set(report["comparisons"]) == {"djo_vs_pmtp_continued", "djo_vs_pmtp"}
+    assert not (tmp_path / "seed0" / "cyclerl").exists()
+
+
+def test_a_study_refuses_a_world_or_stage_it_cannot_run():
+    with pytest.raises(ValueError, match="only grid_size and max_shapes"):
+        StudyBudget(world={"patch_size": 8})
+    with pytest.raises(ValueError, match="max_shapes"):
+        StudyBudget(world={"max_shapes": 99})
+    with pytest.raises(ValueError, match="stages"):
+        StudyBudget(stages=("pmtp",))
 
 
 def oracle_grounder(codes, phrases):

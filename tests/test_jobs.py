@@ -1,0 +1,69 @@
+"""The pool that runs a study's and a demo's runs side by side: order, threads, logs and failures."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from echogen_rl.jobs import Job, JobError, run_jobs
+
+
+def record(path: str, needs: str | None = None) -> dict:
+    """Writes what it saw (its threads, the file it waits for) to `path`, prints a line, returns the same."""
+    seen = {"threads": torch.get_num_threads(), "needed": Path(needs).read_text() if needs else None}
+    print(f"recorded {path}")
+    Path(path).write_text(json.dumps(seen))
+    return seen
+
+
+def fail(message: str) -> None:
+    print("about to fail")
+    raise ValueError(message)
+
+
+def test_jobs_run_after_what_they_wait_for_on_a_share_of_the_cores(tmp_path):
+    a, b, c = (str(tmp_path / n) for n in "abc")
+    jobs = [
+        Job("b", record, {"path": b, "needs": a}, after=("a",)),  # listed first, must still wait for a
+        Job("a", record, {"path": a}, log=tmp_path / "logs" / "a.log"),
+        Job("c", record, {"path": c}),
+    ]
+    results = run_jobs(jobs, workers=2, cores=2, quiet=True)
+    assert results["b"]["needed"] == Path(a).read_text()
+    # a and c were ready together: one core each; never more threads than cores.
+    assert results["a"]["threads"] == 1 and results["c"]["threads"] == 1
+    assert "recorded" in (tmp_path / "logs" / "a.log").read_text()
+    # One job alone gets every core.
+    assert run_jobs([Job("a", record, {"path": a})], workers=2, cores=2, quiet=True)["a"]["threads"] == 2
+
+
+def test_in_process_jobs_keep_the_order_and_restore_the_threads(tmp_path):
+    before = torch.get_num_threads()
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    jobs = [Job("b", record, {"path": b, "needs": a}, after=("a",)), Job("a", record, {"path": a})]
+    results = run_jobs(jobs, workers=1, cores=1, quiet=True)
+    assert results["b"]["needed"] is not None and results["a"]["threads"] == 1
+    assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_failing_job_is_named_with_its_log_and_what_waits_for_it_never_starts(tmp_path, workers):
+    log = tmp_path / "bad.log"
+    jobs = [
+        Job("bad", fail, {"message": "no such layout"}, log=log),
+        Job("after-bad", record, {"path": str(tmp_path / "never")}, after=("bad",)),
+    ]
+    with pytest.raises(JobError, match=r"job bad failed: no such layout \(log: .*bad.log\)"):
+        run_jobs(jobs, workers=workers, cores=2, quiet=True)
+    assert "about to fail" in log.read_text()
+    assert not (tmp_path / "never").exists()
+
+
+def test_unknown_dependencies_repeated_names_and_cycles_are_refused():
+    with pytest.raises(ValueError, match="unknown jobs"):
+        run_jobs([Job("a", record, {"path": "x"}, after=("b",))], quiet=True)
+    with pytest.raises(ValueError, match="repeat"):
+        run_jobs([Job("a", record), Job("a", record)], quiet=True)
+    with pytest.raises(ValueError, match="cycle"):
+        run_jobs([Job("a", record, after=("b",)), Job("b", record, after=("a",))], quiet=True)
