@@ -226,7 +226,8 @@ def run_demo(
             "eval_layouts": budget.eval_layouts,
         }
         kwargs["base"] = str(base) if base else None
-        jobs.append(Job(f"score {stage}", evaluate_stage, kwargs, tuple(f"train {n}" for n in needs)))
+        log = out / "logs" / f"score_{stage}.log"
+        jobs.append(Job(f"score {stage}", evaluate_stage, kwargs, tuple(f"train {n}" for n in needs), log, light=True))
     print(f"[demo] {len(runs)} runs to train, {len(evaluations)} stages to score; logs in each run's folder")
     done = run_jobs(jobs, workers, prefix="[demo]")
     stages = {stage: done[f"score {stage}"] for stage in evaluations}

@@ -33,6 +33,9 @@ class Job:
         kwargs (`dict`): its arguments, picklable.
         after (`tuple[str, ...]`, *optional*): jobs that must end first.
         log (`Path`, *optional*): where the job's standard output and error go; the terminal when unset.
+        light (`bool`, *optional*, defaults to `False`): a short job (seconds: scoring a model). It runs on one
+            thread and takes no cores from the long jobs that could start with it: a stage waiting on the critical
+            path gets every free core, and the light jobs run when a core is free.
     """
 
     name: str
@@ -40,6 +43,7 @@ class Job:
     kwargs: dict = field(default_factory=dict)
     after: tuple[str, ...] = ()
     log: Path | None = None
+    light: bool = False
 
 
 class JobError(RuntimeError):
@@ -109,8 +113,8 @@ def run_jobs(
         workers (`int`, *optional*, defaults to [`default_workers`]): jobs at a time. With 1, jobs run one after
             another in this process (no workers are spawned) and on every core.
         cores (`int`, *optional*, defaults to `os.cpu_count()`): torch threads shared out among the jobs running:
-            a job starts with `free cores // jobs that could start now` threads (at least 1), and only when that
-            many are free.
+            a long job starts with `free cores // long jobs that could start now` threads (at least 1), a light one
+            with 1, and each only when that many are free.
         prefix (`str`, *optional*): begins each progress line, e.g. `"[study]"`.
         quiet (`bool`, *optional*): no progress lines.
 
@@ -139,10 +143,12 @@ def run_jobs(
         while pending or running:
             ready = [j for j in pending if set(j.after) <= set(results)] if not failures else []
             while ready and len(running) < workers:
-                threads = max(1, free // min(len(ready), workers - len(running)))
+                job = ready[0]
+                long_ready = sum(not j.light for j in ready)
+                threads = 1 if job.light else max(1, free // min(long_ready, workers - len(running)))
                 if threads > free:
                     break
-                job = ready.pop(0)
+                ready.pop(0)
                 pending.remove(job)
                 log = str(job.log) if job.log else None
                 future = pool.submit(_run, job.fn, job.kwargs, threads, log)

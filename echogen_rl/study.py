@@ -687,7 +687,7 @@ def run_study(
             "checks_rewards": checks,
             "world": budget.world,
         }
-        jobs.append(Job(f"score {name}", score_run, kwargs, after, out / name / f"score_{split}.log"))
+        jobs.append(Job(f"score {name}", score_run, kwargs, after, out / name / f"score_{split}.log", light=True))
     print(
         f"[study] {len(trained)} runs to train, {len(jobs) - len(trained)} to score on {budget.layouts} {split} "
         f"layouts (greedy and T=1); logs in each run's folder",

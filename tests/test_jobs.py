@@ -34,8 +34,11 @@ def test_jobs_run_after_what_they_wait_for_on_a_share_of_the_cores(tmp_path):
     # a and c were ready together: one core each; never more threads than cores.
     assert results["a"]["threads"] == 1 and results["c"]["threads"] == 1
     assert "recorded" in (tmp_path / "logs" / "a.log").read_text()
-    # One job alone gets every core.
+    # One job alone gets every core; a light job (scoring) takes none from a long one ready with it.
     assert run_jobs([Job("a", record, {"path": a})], workers=2, cores=2, quiet=True)["a"]["threads"] == 2
+    jobs = [Job("long", record, {"path": a}), Job("light", record, {"path": b}, light=True)]
+    results = run_jobs(jobs, workers=2, cores=2, quiet=True)
+    assert results["long"]["threads"] == 2 and results["light"]["threads"] == 1
 
 
 def test_in_process_jobs_keep_the_order_and_restore_the_threads(tmp_path):
