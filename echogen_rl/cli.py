@@ -22,9 +22,7 @@ def _init_tiny(args: argparse.Namespace) -> int:
 def _study(args: argparse.Namespace) -> int:
     from .study import StudyBudget, run_study
 
-    if args.quick and args.headroom:
-        raise ValueError("--quick and --headroom are alternatives; give one of them")
-    budget = StudyBudget.quick() if args.quick else StudyBudget.headroom() if args.headroom else StudyBudget()
+    budget = StudyBudget.quick() if args.quick else StudyBudget()
     if args.layouts is not None:
         budget.layouts = args.layouts
     run_study(args.output_dir, budget, split=args.split, seeds=args.seeds, workers=args.jobs)
@@ -188,7 +186,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layouts", type=int, default=None, help="layouts scored (default 512)")
     p.add_argument("--jobs", type=int, default=None, help="runs side by side (default: one per core, at most 4)")
     p.add_argument("--quick", action="store_true", help="a few steps per run: a pipeline check")
-    p.add_argument("--headroom", action="store_true", help="DJO against its control on a 16 x 16 world, 5 shapes")
     p.set_defaults(func=_study)
 
     p = sub.add_parser("eval", help="evaluate L2I and I2L on held-out layouts; writes eval.json and eval.png")

@@ -71,7 +71,6 @@ MODES = {"": 1.0, "_greedy": 0.0}  # metric suffix -> sampling temperature
 AP_RESAMPLES = 1000
 
 
-HEADROOM_PMTP_STEPS = 500
 STAGE_ARMS = {"djo": ("djo", "pmtp_continued"), "cyclerl": ("cyclerl", "sft_continued", "cyclerl_shuffled")}
 
 
@@ -100,17 +99,6 @@ class StudyBudget:
         ShapesConfig(**self.world)  # a world that cannot be drawn fails here, before any run
         if not self.stages or set(self.stages) - set(STAGE_ARMS):
             raise ValueError(f"StudyBudget.stages: a non-empty subset of {tuple(STAGE_ARMS)}, got {self.stages}")
-
-    @classmethod
-    def headroom(cls) -> StudyBudget:
-        """DJO against its control in a world with more to learn: a 16 x 16 grid with up to 5 shapes (smaller, at
-        2-4 cells a side, and more of them), where PMTP does not draw almost every cell right from the first try."""
-        return cls(
-            layouts=256,
-            world={"grid_size": 16, "max_shapes": 5},
-            stages=("djo",),
-            pmtp={"max_steps": HEADROOM_PMTP_STEPS},
-        )
 
     def shapes(self) -> ShapesConfig:
         return ShapesConfig(**self.world)

@@ -1,6 +1,10 @@
 """The pool that runs a study's and a demo's runs side by side: order, threads, logs and failures."""
 
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -61,6 +65,41 @@ def test_a_failing_job_is_named_with_its_log_and_what_waits_for_it_never_starts(
         run_jobs(jobs, workers=workers, cores=2, quiet=True)
     assert "about to fail" in log.read_text()
     assert not (tmp_path / "never").exists()
+
+
+def sleep_and_report(path: str) -> None:
+    Path(path).write_text(str(os.getpid()))
+    time.sleep(60)
+
+
+def test_workers_end_when_the_pool_process_is_killed(tmp_path):
+    pid_file = tmp_path / "worker.pid"
+    script = (
+        "from echogen_rl.jobs import Job, run_jobs\n"
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        "from test_jobs import sleep_and_report\n"
+        "if __name__ == '__main__':\n"
+        f"    run_jobs([Job('sleep', sleep_and_report, {{'path': {str(pid_file)!r}}})], workers=2, quiet=True)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script, str(Path(__file__).parent)])
+    deadline = time.monotonic() + 60
+    while not pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    worker = int(pid_file.read_text())
+    parent.kill()  # SIGKILL: no cleanup runs in the pool's process
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while _alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(worker), "the worker outlived its pool"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split()[2]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
 
 
 def test_unknown_dependencies_repeated_names_and_cycles_are_refused():
