@@ -121,8 +121,9 @@ def run_jobs(
     Args:
         jobs (`Sequence[Job]`): in order of preference: of the jobs ready to start, the first listed starts first.
         workers (`int`, *optional*, defaults to [`default_workers`]): jobs at a time. With 1, jobs run one after
-            another in this process (no workers are spawned) and on every core.
-        cores (`int`, *optional*, defaults to `os.cpu_count()`): torch threads shared out among the jobs running:
+            another in this process (no workers are spawned), each on `cores` threads.
+        cores (`int`, *optional*, defaults to `torch.get_num_threads()`): torch threads shared out among the jobs
+            running (torch's default is the machine's physical cores; a caller that set fewer keeps to them):
             a long job starts with `free cores // long jobs that could start now` threads (at least 1), a light one
             with 1, and each only when that many are free.
         prefix (`str`, *optional*): begins each progress line, e.g. `"[study]"`.
@@ -133,7 +134,10 @@ def run_jobs(
     """
     jobs = _ordered(jobs)
     workers = workers or default_workers()
-    cores = cores or os.cpu_count() or 1
+    if cores is None:
+        import torch
+
+        cores = torch.get_num_threads()
     say = (lambda line: None) if quiet else (lambda line: print(f"{prefix} {line}".strip(), flush=True))
     results: dict = {}
     if workers == 1:

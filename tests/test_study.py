@@ -35,7 +35,9 @@ def test_study_writes_paired_comparisons_with_intervals(quick_study):
     assert (out / "study.png").stat().st_size > 1000 and (out / "study_differences.png").stat().st_size > 1000
     table = (out / "study.md").read_text()  # the same numbers as Markdown tables
     cell = saved["comparisons"]["cyclerl_vs_sft_continued"]["cycle_miou_ref"]
-    assert f"| `cyclerl_vs_sft_continued` | {cell['diff']:+.3f} [{cell['ci_low']:+.3f}, {cell['ci_high']:+.3f}]" in table
+    assert (
+        f"| `cyclerl_vs_sft_continued` | {cell['diff']:+.3f} [{cell['ci_low']:+.3f}, {cell['ci_high']:+.3f}]" in table
+    )
     # Each arm of each seed trained from the shipped config, with the study's changes recorded.
     assert saved["settings"]["cyclerl_shuffled/seed1"]["reward_funcs"] == [
         "rewards.controls:shuffled_cycle_iou",
@@ -70,7 +72,9 @@ def test_arms_differ_and_the_study_resumes_without_retraining(quick_study, capsy
 def test_a_validation_study_reuses_the_runs_and_keeps_the_held_out_report(quick_study):
     out, report = quick_study
     held_out = (out / "study.json").read_text()
-    validation = run_study(out, StudyBudget.quick(), split="validation")
+    validation = run_study(
+        out, StudyBudget.quick(), split="validation", workers=1
+    )  # in-process: the fixture ran the pool
     assert (out / "study.json").read_text() == held_out
     assert json.loads((out / "study_validation.json").read_text())["split"] == "validation"
     # Other layouts, the same trained runs: scores differ, the settings do not.
@@ -88,7 +92,7 @@ def test_a_study_needs_two_seeds(tmp_path):
 def test_a_study_of_another_world_compares_only_the_stages_asked(tmp_path):
     quick = StudyBudget.quick()
     budget = StudyBudget(**{**quick.__dict__, "world": {"grid_size": 12, "max_shapes": 4}, "stages": ("djo",)})
-    report = run_study(tmp_path, budget)
+    report = run_study(tmp_path, budget, workers=1)
     # The runs drew the 12 x 12 world, from a tiny checkpoint of that grid.
     assert json.loads((tmp_path / "tiny-janus" / "tiny_janus.json").read_text())["grid_size"] == 12
     assert report["settings"]["djo/seed1"]["shapes_grid_size"] == 12
