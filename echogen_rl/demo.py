@@ -52,8 +52,8 @@ class DemoBudget:
     """What the demo changes in the shipped shapes configs (`recipes/configs/<stage>/shapes_tiny.yaml`), per stage
     as `{field: value}`, and how many held-out layouts it scores.
 
-    The default takes about 12 minutes on 2 cores (runs side by side; the aim is 10): PMTP and the separate baselines train half the shipped
-    steps (500), CycleRL half its steps (60); DJO runs as shipped. `DemoBudget.shipped()` changes nothing but where
+    The default takes about 12 minutes on 2 cores, running side by side (the aim is 10): PMTP and the separate
+    baselines train half the shipped steps (500), CycleRL half its steps (60); DJO runs as shipped. `DemoBudget.shipped()` changes nothing but where
     runs write (about 25 minutes); `DemoBudget.quick()` is the smoke-test budget.
     """
 
