@@ -91,6 +91,10 @@ def _run(fn: Callable, kwargs: dict, threads: int, log: str | None):
         torch.set_num_threads(before)
 
 
+def _failed(job: Job, err: Exception) -> str:
+    return f"job {job.name} failed: {err}" + (f" (log: {job.log})" if job.log else "")
+
+
 def _ordered(jobs: Sequence[Job]) -> list[Job]:
     """`jobs` in an order that runs each after the jobs it waits for, otherwise as listed; a clear error for a
     repeated name, an unknown dependency or a cycle."""
@@ -146,7 +150,7 @@ def run_jobs(
             try:
                 results[job.name] = _run(job.fn, job.kwargs, cores, str(job.log) if job.log else None)
             except Exception as err:
-                raise JobError(f"job {job.name} failed: {err}" + (f" (log: {job.log})" if job.log else "")) from err
+                raise JobError(_failed(job, err)) from err
             say(f"{len(results)}/{len(jobs)} {job.name}: {time.perf_counter() - clock:.0f} s")
         return results
 
@@ -178,7 +182,7 @@ def run_jobs(
                     results[job.name] = future.result()
                 except Exception as err:
                     failures.append((job, err))
-                    say(f"{job.name} FAILED: {err}" + (f" (log: {job.log})" if job.log else ""))
+                    say(_failed(job, err))
                     continue
                 others = ", ".join(j.name for j, _, _ in running.values())
                 say(
@@ -188,5 +192,5 @@ def run_jobs(
     if failures:
         job, err = failures[0]
         skipped = f"; {len(pending)} jobs not started" if pending else ""
-        raise JobError(f"job {job.name} failed: {err}" + (f" (log: {job.log})" if job.log else "") + skipped) from err
+        raise JobError(_failed(job, err) + skipped) from err
     return results
