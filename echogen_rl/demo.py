@@ -29,7 +29,7 @@ from .image_tokenizers import PaletteTokenizer
 from .jobs import Job, default_workers, run_jobs
 from .layout import Layout
 from .prompts import PromptBuilder
-from .recipe_runner import run_recipe, run_settings
+from .recipe_runner import FollowThreadShare, run_recipe, run_settings
 from .sampling import resolve_guidance_scale
 from .tiny import build_tiny_checkpoint
 from .visualize import image_grid, overlay, save_png
@@ -52,15 +52,15 @@ class DemoBudget:
     """What the demo changes in the shipped shapes configs (`recipes/configs/<stage>/shapes_tiny.yaml`), per stage
     as `{field: value}`, and how many held-out layouts it scores.
 
-    The default takes about 12 minutes on 2 cores, running side by side (the aim is 10): PMTP and the separate
-    baselines train half the shipped steps (500), CycleRL half its steps (60); DJO runs as shipped. `DemoBudget.shipped()` changes nothing but where
-    runs write (about 25 minutes); `DemoBudget.quick()` is the smoke-test budget.
+    The default fits 10 minutes on 2 cores, running side by side: PMTP and each separate baseline train 450 steps
+    (the config's 1000), DJO 100 (200) and CycleRL 50 (120). `DemoBudget.shipped()` changes nothing but where runs
+    write (about 25 minutes); `DemoBudget.quick()` is the smoke-test budget.
     """
 
     eval_layouts: int = 64
-    pmtp: dict = field(default_factory=lambda: {"max_steps": 500})
-    djo: dict = field(default_factory=dict)
-    cyclerl: dict = field(default_factory=lambda: {"max_steps": 60})
+    pmtp: dict = field(default_factory=lambda: {"max_steps": 450})
+    djo: dict = field(default_factory=lambda: {"max_steps": 100})
+    cyclerl: dict = field(default_factory=lambda: {"max_steps": 50})
 
     @classmethod
     def shipped(cls) -> DemoBudget:
@@ -82,7 +82,7 @@ def _shipped(stage: str) -> Path:
 
 def train_stage(stage: str, out: str, changes: dict) -> list[dict]:
     """Runs the stage's shipped shapes config through its recipe with `changes` (a demo job); returns its log."""
-    trainer = run_recipe(stage, _shipped(stage), {**changes, **run_settings(out)})
+    trainer = run_recipe(stage, _shipped(stage), {**changes, **run_settings(out)}, [FollowThreadShare()])
     return trainer.state.log_history
 
 
@@ -108,7 +108,9 @@ def evaluate_stage(out: str, stage: str, l2i: str, i2l: str, base: str | None, e
     i2l_model = l2i_model if i2l == l2i else _load(Path(i2l))
     # Sampled as the checkpoint records (the shapes configs train no unconditional branch: no CFG).
     guidance = resolve_guidance_scale(l2i_model, None, "demo")
-    l2i_result = evaluate_l2i(l2i_model, tokenizer, layouts, "oracle", shapes, guidance_scale=guidance, seed=0)
+    l2i_result = evaluate_l2i(
+        l2i_model, tokenizer, layouts, "oracle", shapes, guidance_scale=guidance, seed=0, batch_size=len(layouts)
+    )
     i2l_result = evaluate_i2l(i2l_model, tokenizer, real_codes, layouts)
     codes, phrases = l2i_result["codes"], [lay.phrases for lay in layouts]
     prompts = PromptBuilder(tokenizer, real_codes.shape[1])

@@ -5,6 +5,12 @@ CycleRL runs of one thread each finished in 55 s together where one run of two t
 work per second). So a job gets a share of the cores, never more in all than there are, and jobs wait for the jobs
 they start from (`after`).
 
+A long job's share can change while it runs: when a core falls free and no job waits for it, a running long job
+gets it; when a job is ready and no core is free, a long job holding more than one gives one back. A job takes up
+its share between steps by calling [`follow_thread_share`] (a training run does so through
+[`echogen_rl.recipe_runner.FollowThreadShare`]); one that never calls it keeps the threads it started with
+(and a core it gave back is then shared until it ends).
+
 Each job's output goes to its own log file; the pool prints one line as each job ends. When a job fails, the jobs
 already running finish (their results are saved, and a study resumes from them), the rest are not started, and the
 error names the job and its log.
@@ -34,8 +40,8 @@ class Job:
         after (`tuple[str, ...]`, *optional*): jobs that must end first.
         log (`Path`, *optional*): where the job's standard output and error go; the terminal when unset.
         light (`bool`, *optional*, defaults to `False`): a short job (seconds: scoring a model). It runs on one
-            thread and takes no cores from the long jobs that could start with it: a stage waiting on the critical
-            path gets every free core, and the light jobs run when a core is free.
+            thread, and long jobs that could start with it start first, with every free core; it then takes a core
+            back from a long job running on more than one (see the module docstring).
     """
 
     name: str
@@ -55,6 +61,29 @@ def default_workers() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
+# In a worker: the pool's thread shares (one slot per job running) and the slot of the job running here.
+_SHARES = None
+_SLOT: int | None = None
+
+
+def follow_thread_share() -> int:
+    """In a job: takes up the threads the pool now gives it, and returns the count. Outside a pool's worker, or in a
+    job run in-process, the threads stay as they are."""
+    import torch
+
+    if _SHARES is not None and _SLOT is not None:
+        share = _SHARES[_SLOT]
+        if share > 0 and share != torch.get_num_threads():
+            torch.set_num_threads(share)
+    return torch.get_num_threads()
+
+
+def _start_worker(shares) -> None:
+    global _SHARES
+    _SHARES = shares
+    _end_with_parent()
+
+
 def _end_with_parent() -> None:
     """In a worker, as it starts: end when the pool's process ends (Linux). A study stopped with a signal would
     otherwise leave its workers training on, unseen, and slowing whatever runs next."""
@@ -65,12 +94,15 @@ def _end_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def _run(fn: Callable, kwargs: dict, threads: int, log: str | None):
-    """In a worker: `fn(**kwargs)` on `threads` torch threads, its output (Python's and C's) appended to `log`."""
+def _run(fn: Callable, kwargs: dict, threads: int, log: str | None, slot: int | None = None):
+    """In a worker: `fn(**kwargs)` on `threads` torch threads (then on the share of `slot`, see
+    [`follow_thread_share`]), its output (Python's and C's) appended to `log`."""
     import torch
 
+    global _SLOT
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
+    _SLOT = slot
     try:
         if log is None:
             return fn(**kwargs)
@@ -88,6 +120,7 @@ def _run(fn: Callable, kwargs: dict, threads: int, log: str | None):
                 os.dup2(saved[0], 1), os.dup2(saved[1], 2)
                 os.close(saved[0]), os.close(saved[1])
     finally:
+        _SLOT = None
         torch.set_num_threads(before)
 
 
@@ -129,7 +162,8 @@ def run_jobs(
         cores (`int`, *optional*, defaults to `torch.get_num_threads()`): torch threads shared out among the jobs
             running (torch's default is the machine's physical cores; a caller that set fewer keeps to them):
             a long job starts with `free cores // long jobs that could start now` threads (at least 1), a light one
-            with 1, and each only when that many are free.
+            with 1, and each only when that many are free; long jobs' shares then follow what falls free and what
+            waits (module docstring).
         prefix (`str`, *optional*): begins each progress line, e.g. `"[study]"`.
         quiet (`bool`, *optional*): no progress lines.
 
@@ -155,9 +189,14 @@ def run_jobs(
         return results
 
     pending, running, failures = list(jobs), {}, []
-    free = cores
+    free, slots = cores, list(range(workers))
     context = multiprocessing.get_context("spawn")  # forking a process that has run torch's threads can hang
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_end_with_parent) as pool:
+    shares = context.Array("i", workers, lock=False)  # written here, read by the jobs (one int per slot)
+    most: dict[str, int] = {}  # the most threads each job was given
+    pool = concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_start_worker, initargs=(shares,)
+    )
+    with pool:
         while pending or running:
             ready = [j for j in pending if set(j.after) <= set(results)] if not failures else []
             while ready and len(running) < workers:
@@ -165,19 +204,37 @@ def run_jobs(
                 long_ready = sum(not j.light for j in ready)
                 threads = 1 if job.light else max(1, free // min(long_ready, workers - len(running)))
                 if threads > free:
-                    break
+                    # A long job running on more than one thread gives one back (at its next step).
+                    donors = [s for j, s, _ in running.values() if not j.light and shares[s] > 1]
+                    if not donors:
+                        break
+                    shares[max(donors, key=lambda s: shares[s])] -= 1
+                    free += 1
+                    continue
                 ready.pop(0)
                 pending.remove(job)
+                slot = slots.pop(0)
+                shares[slot] = most[job.name] = threads
                 log = str(job.log) if job.log else None
-                future = pool.submit(_run, job.fn, job.kwargs, threads, log)
-                running[future] = (job, threads, time.perf_counter())
+                future = pool.submit(_run, job.fn, job.kwargs, threads, log, slot)
+                running[future] = (job, slot, time.perf_counter())
                 free -= threads
+            # Cores no job can start on go to the long jobs running, fewest threads first.
+            takers = [s for j, s, _ in running.values() if not j.light]
+            while free > 0 and takers:
+                slot = min(takers, key=lambda s: shares[s])
+                shares[slot] += 1
+                free -= 1
+            for job, slot, _ in running.values():
+                most[job.name] = max(most[job.name], shares[slot])
             if not running:
                 break
             finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
             for future in finished:
-                job, threads, clock = running.pop(future)
-                free += threads
+                job, slot, clock = running.pop(future)
+                free += shares[slot]
+                slots.append(slot)
+                threads = most[job.name]
                 try:
                     results[job.name] = future.result()
                 except Exception as err:
@@ -186,8 +243,8 @@ def run_jobs(
                     continue
                 others = ", ".join(j.name for j, _, _ in running.values())
                 say(
-                    f"{len(results)}/{len(jobs)} {job.name}: {time.perf_counter() - clock:.0f} s on {threads} "
-                    f"thread{'s' if threads > 1 else ''}" + (f" (running: {others})" if others else "")
+                    f"{len(results)}/{len(jobs)} {job.name}: {time.perf_counter() - clock:.0f} s on {'up to ' * (threads > 1)}"
+                    f"{threads} thread{'s' if threads > 1 else ''}" + (f" (running: {others})" if others else "")
                 )
     if failures:
         job, err = failures[0]

@@ -13,8 +13,10 @@ import types
 import typing
 from pathlib import Path
 
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from trl import TrlParser
+
+from .jobs import follow_thread_share
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -70,8 +72,24 @@ def run_settings(output_dir, seed: int = 0) -> dict:
     }
 
 
-def run_recipe(stage: str, config: str | Path, overrides: dict | None = None) -> Trainer:
-    """Runs `recipes/<stage>.py` on `config` with `overrides` (`{field: value}`) and returns its trainer."""
+class FollowThreadShare(TrainerCallback):
+    """Before each step, takes up the threads a job pool now gives the run ([`echogen_rl.jobs.follow_thread_share`]):
+    a stage on the critical path gets the core a finished job left. `threads` lists the counts it ran on, in order."""
+
+    def __init__(self):
+        self.threads: list[int] = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        threads = follow_thread_share()
+        if not self.threads or self.threads[-1] != threads:
+            self.threads.append(threads)
+
+
+def run_recipe(
+    stage: str, config: str | Path, overrides: dict | None = None, callbacks: typing.Sequence[TrainerCallback] = ()
+) -> Trainer:
+    """Runs `recipes/<stage>.py` on `config` with `overrides` (`{field: value}`) and returns its trainer; `callbacks`
+    are added to the trainer the recipe builds."""
     config = Path(config)
     recipe = load_recipe(stage, config)
     name = trainer_name(recipe)
@@ -80,6 +98,8 @@ def run_recipe(stage: str, config: str | Path, overrides: dict | None = None) ->
     class Recorded(getattr(recipe, name)):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
+            for callback in callbacks:
+                self.add_callback(callback)
             ran.append(self)
 
     Recorded.__name__ = Recorded.__qualname__ = getattr(recipe, name).__name__

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from echogen_rl.jobs import Job, JobError, run_jobs
+from echogen_rl.jobs import Job, JobError, follow_thread_share, run_jobs
 
 
 def record(path: str, needs: str | None = None) -> dict:
@@ -51,6 +51,48 @@ def test_in_process_jobs_keep_the_order_and_restore_the_threads(tmp_path):
     jobs = [Job("b", record, {"path": b, "needs": a}, after=("a",)), Job("a", record, {"path": a})]
     results = run_jobs(jobs, workers=1, cores=1, quiet=True)
     assert results["b"]["needed"] is not None and results["a"]["threads"] == 1
+    assert torch.get_num_threads() == before
+
+
+def follow(limit: float = 60.0) -> list[int]:
+    """Follows the pool's thread share until it has gone from 1 to 2 threads (or `limit` seconds pass); returns the
+    counts it took up, in order."""
+    seen: list[int] = []
+    deadline = time.monotonic() + limit
+    while seen[-2:] != [1, 2] and time.monotonic() < deadline:
+        threads = follow_thread_share()
+        if not seen or seen[-1] != threads:
+            seen.append(threads)
+        time.sleep(0.02)
+    return seen
+
+
+def pause(seconds: float) -> int:
+    time.sleep(seconds)
+    return torch.get_num_threads()
+
+
+def test_a_running_job_takes_the_core_a_finished_job_left():
+    # Both ready at once: one core each. When the short one ends, the one running gets its core.
+    jobs = [Job("follower", follow), Job("short", pause, {"seconds": 1.0})]
+    results = run_jobs(jobs, workers=2, cores=2, quiet=True)
+    assert results["follower"] == [1, 2]
+    assert results["short"] == 1
+
+
+def test_a_long_job_gives_a_core_back_to_a_job_ready_beside_it():
+    # The long job alone could take both cores; the light one ready with it gets one of them, and gives it back.
+    jobs = [Job("follower", follow), Job("light", pause, {"seconds": 1.0}, light=True)]
+    results = run_jobs(jobs, workers=2, cores=2, quiet=True)
+    assert results["follower"][-2:] == [1, 2]
+    assert results["light"] == 1
+
+
+def test_following_a_share_outside_a_pool_changes_nothing():
+    before = torch.get_num_threads()
+    assert follow_thread_share() == before
+    # In-process jobs (one worker) keep the threads they were given.
+    assert run_jobs([Job("p", pause, {"seconds": 0.0})], workers=1, cores=1, quiet=True)["p"] == 1
     assert torch.get_num_threads() == before
 
 

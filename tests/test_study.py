@@ -14,7 +14,16 @@ from echogen_rl.data.shapes import (
 )
 from echogen_rl.grounding import GroundingResult
 from echogen_rl.layout import Layout
-from echogen_rl.study import COMPARISONS, DRAWINGS, StudyBudget, reward_check, run_study
+from echogen_rl.study import (
+    COMPARISONS,
+    DRAWINGS,
+    StudyBudget,
+    reward_check,
+    run_study,
+    scores_path,
+    study_layouts,
+    summarize,
+)
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +58,26 @@ def test_study_writes_paired_comparisons_with_intervals(quick_study):
     assert set(saved["reward_check"]) == {"pmtp", "djo"}
     assert saved["reward_check"]["djo"]["correct_minus_filled"]["seeds"] == 2
     assert set(DRAWINGS) <= set(saved["reward_check"]["pmtp"])
+    # PMTP scored as an arm is its own reference: one grounding serves both cycle columns.
+    pmtp = json.loads((out / "pmtp" / "study_scores_held_out.json").read_text())
+    for mode in ("_t1", "_greedy"):
+        assert pmtp[mode]["scores"]["cycle_miou_policy"] == pmtp[mode]["scores"]["cycle_miou_ref"]
+    # Each run followed the pool's thread share (one or two threads on this budget).
+    run = json.loads((out / "seed0" / "djo" / "study_run.json").read_text())
+    assert run["threads"] and set(run["threads"]) <= {1, 2}
+
+
+def test_ap_intervals_run_as_jobs_agree_with_intervals_run_here(quick_study):
+    out, report = quick_study  # its AP intervals ran in a pool of workers
+    budget = StudyBudget.quick()
+    targets, _ = study_layouts("held_out", budget.layouts, budget.shapes())
+    evals = {"pmtp": [json.loads(scores_path(out / "pmtp", "held_out").read_text())]}
+    for arm in budget.arms():
+        evals[arm] = [json.loads(scores_path(out / f"seed{s}" / arm, "held_out").read_text()) for s in range(2)]
+    here = summarize(evals, targets, budget, workers=1)
+    for name, metrics in here["comparisons"].items():
+        for metric in ("ap", "ap50", "ap_greedy", "ap50_greedy"):
+            assert metrics[metric] == report["comparisons"][name][metric], (name, metric)
 
 
 def test_arms_differ_and_the_study_resumes_without_retraining(quick_study, capsys):
