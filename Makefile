@@ -68,6 +68,7 @@ bench: install
 	mkdir -p outputs/bench
 	$(PY) benchmarks/rollout.py --threads 1 --out outputs/bench/rollout.json
 	$(PY) benchmarks/grounding.py --threads 1 --out outputs/bench/grounding.json
+	$(PY) benchmarks/scoring_batch.py --threads 1 --out outputs/bench/scoring_batch.json
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) outputs .pytest_cache
