@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -25,6 +26,9 @@ def _study(args: argparse.Namespace) -> int:
     budget = StudyBudget.quick() if args.quick else StudyBudget()
     if args.layouts is not None:
         budget.layouts = args.layouts
+    world = {key: value for key, value in (("grid_size", args.grid_size), ("max_shapes", args.max_shapes)) if value}
+    stages = tuple(args.stages) if args.stages else budget.stages
+    budget = dataclasses.replace(budget, world={**budget.world, **world}, stages=stages)  # checks both
     run_study(args.output_dir, budget, split=args.split, seeds=args.seeds, workers=args.jobs)
     return 0
 
@@ -186,6 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layouts", type=int, default=None, help="layouts scored (default 512)")
     p.add_argument("--jobs", type=int, default=None, help="runs side by side (default: one per core, at most 4)")
     p.add_argument("--quick", action="store_true", help="a few steps per run: a pipeline check")
+    p.add_argument("--grid-size", type=int, default=None, help="cells per image side of the shapes world (default 8)")
+    p.add_argument("--max-shapes", type=int, default=None, help="most shapes per image (default 3)")
+    p.add_argument(
+        "--stages", nargs="+", choices=("djo", "cyclerl"), default=None, help="stages compared with their controls"
+    )
     p.set_defaults(func=_study)
 
     p = sub.add_parser("eval", help="evaluate L2I and I2L on held-out layouts; writes eval.json and eval.png")

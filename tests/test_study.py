@@ -162,3 +162,22 @@ def test_reward_check_ranks_a_correct_drawing_above_filled_boxes_above_an_empty_
     assert round_kinds.any() and not round_kinds.all()
     assert np.all(check["filled"][round_kinds] < 1.0) and np.all(check["filled"][~round_kinds] == 1.0)
     assert check["correct"].mean() > check["filled"].mean() > check["empty"].mean()
+
+
+def test_the_study_command_passes_the_world_and_stages_to_the_budget(monkeypatch, tmp_path, capsys):
+    from echogen_rl import cli, study
+
+    seen = {}
+    monkeypatch.setattr(study, "run_study", lambda out, budget, **kwargs: seen.update(budget=budget, **kwargs))
+    argv = ["study", "--quick", "--output-dir", str(tmp_path), "--grid-size", "12", "--max-shapes", "4"]
+    assert cli.main([*argv, "--stages", "djo", "--jobs", "1"]) == 0
+    assert seen["budget"].world == {"grid_size": 12, "max_shapes": 4}
+    assert seen["budget"].stages == ("djo",)
+    assert seen["budget"].shapes().grid_size == 12
+    assert seen["budget"].layouts == StudyBudget.quick().layouts and seen["workers"] == 1
+    assert cli.main(["study", "--quick", "--output-dir", str(tmp_path)]) == 0
+    assert seen["budget"].world == {} and seen["budget"].stages == ("djo", "cyclerl")
+    seen.clear()
+    assert cli.main(["study", "--quick", "--output-dir", str(tmp_path), "--max-shapes", "99"]) == 2
+    assert "echogen-rl study: error: ShapesConfig.max_shapes (99)" in capsys.readouterr().err
+    assert not seen  # refused before any run
