@@ -26,7 +26,11 @@ def _study(args: argparse.Namespace) -> int:
     budget = StudyBudget.quick() if args.quick else StudyBudget()
     if args.layouts is not None:
         budget.layouts = args.layouts
-    world = {key: value for key, value in (("grid_size", args.grid_size), ("max_shapes", args.max_shapes)) if value}
+    world = {
+        key: value
+        for key, value in (("grid_size", args.grid_size), ("max_shapes", args.max_shapes))
+        if value is not None
+    }
     stages = tuple(args.stages) if args.stages else budget.stages
     budget = dataclasses.replace(budget, world={**budget.world, **world}, stages=stages)  # checks both
     run_study(args.output_dir, budget, split=args.split, seeds=args.seeds, workers=args.jobs)

@@ -68,9 +68,9 @@ COMPARISONS = {
 LAYOUT_METRICS = ("cycle_miou_ref", "cycle_miou_policy", "tolerant_l2i", "strict50", "color", "grounding_miou")
 MODES = {"": 1.0, "_greedy": 0.0}  # metric suffix -> sampling temperature
 AP_RESAMPLES = 1000
-# Layouts generated and grounded together when scoring. Decoding steps cost mostly per-call overhead at this size:
-# on one thread, 512 layouts took 9.5 s to generate and 9.2 s to ground at 256 against 11.8 s and 11.6 s at 64 (the
-# same greedy codes and the same groundings; T=1 samples depend on the batch size, see `generate_images`).
+# Layouts generated and grounded together when scoring: decoding steps cost mostly per-call overhead at this size
+# (`benchmarks/scoring_batch.py`: 1.15x faster generation and 1.07x faster grounding than 64, the same greedy codes and
+# groundings; T=1 samples depend on the batch size, see `generate_images`).
 SCORING_BATCH = 256
 
 
@@ -403,10 +403,9 @@ def summarize(
                 "control": _seed_aps(c_evals, targets, mode),
                 "n_resamples": min(AP_RESAMPLES, budget.n_resamples),
             }
-            ap_jobs.append(Job(f"{name}/ap{suffix}", ap_difference, kwargs, light=True))
-    done = run_jobs(ap_jobs, workers, quiet=True)
-    for job in ap_jobs:
-        name, suffix = job.name.split("/ap")
+            ap_jobs.append((name, suffix, Job(f"{name}/ap{suffix}", ap_difference, kwargs, light=True)))
+    done = run_jobs([job for _, _, job in ap_jobs], workers, quiet=True)
+    for name, suffix, job in ap_jobs:
         comparisons[name]["ap" + suffix] = done[job.name]["ap"]
         comparisons[name]["ap50" + suffix] = done[job.name]["ap50"]
     return {"arms": arms, "comparisons": comparisons}

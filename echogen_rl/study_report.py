@@ -85,12 +85,21 @@ def plot_differences(
     return save_png(image, path)
 
 
+def _mean_cell(stat: dict) -> str:
+    """`mean [ci_low, ci_high]`, or the mean alone where there is no interval (PMTP's one run)."""
+    return f"{stat['mean']:.3f}" + (f" [{stat['ci_low']:.3f}, {stat['ci_high']:.3f}]" if "ci_low" in stat else "")
+
+
+def _difference_cell(stat: dict) -> str:
+    return f"{stat['diff']:+.3f} [{stat['ci_low']:+.3f}, {stat['ci_high']:+.3f}]"
+
+
 def format_comparisons(summary: dict, metrics=("cycle_miou_ref", "tolerant_l2i", "strict50", "ap", "color")) -> str:
     """The comparisons as a table of `diff [ci_low, ci_high]`."""
     width = max(len(n) for n in summary["comparisons"])
     lines = [f"{'comparison (T=1)':<{width}}  " + "  ".join(f"{m:>24}" for m in metrics)]
     for name, row in summary["comparisons"].items():
-        cells = [f"{row[m]['diff']:+.3f} [{row[m]['ci_low']:+.3f}, {row[m]['ci_high']:+.3f}]" for m in metrics]
+        cells = [_difference_cell(row[m]) for m in metrics]
         lines.append(f"{name:<{width}}  " + "  ".join(f"{c:>24}" for c in cells))
     return "\n".join(lines)
 
@@ -115,15 +124,11 @@ def format_markdown(report: dict, metrics: Sequence[str] = MARKDOWN_METRICS) -> 
     rule = "| --- " * (len(metrics) + 1) + "|"
     lines = [f"| arm ({report['seeds']} seeds; PMTP 1) | {header} |", rule]
     for arm, row in report["arms"].items():
-        cells = [
-            f"{row[m]['mean']:.3f}"
-            + (f" [{row[m]['ci_low']:.3f}, {row[m]['ci_high']:.3f}]" if "ci_low" in row[m] else "")
-            for m in metrics
-        ]
+        cells = [_mean_cell(row[m]) for m in metrics]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     lines += ["", f"| paired difference, 95% CI | {header} |", rule]
     for name, row in report["comparisons"].items():
-        cells = [f"{row[m]['diff']:+.3f} [{row[m]['ci_low']:+.3f}, {row[m]['ci_high']:+.3f}]" for m in metrics]
+        cells = [_difference_cell(row[m]) for m in metrics]
         lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -132,9 +137,6 @@ def format_arms(summary: dict, metrics=("cycle_miou_ref", "tolerant_l2i", "stric
     width = max(len(n) for n in summary["arms"])
     lines = [f"{'arm (T=1)':<{width}}  " + "  ".join(f"{m:>22}" for m in metrics)]
     for name, row in summary["arms"].items():
-        cells = []
-        for m in metrics:
-            s = row[m]
-            cells.append(f"{s['mean']:.3f}" + (f" [{s['ci_low']:.3f}, {s['ci_high']:.3f}]" if "ci_low" in s else ""))
+        cells = [_mean_cell(row[m]) for m in metrics]
         lines.append(f"{name:<{width}}  " + "  ".join(f"{c:>22}" for c in cells))
     return "\n".join(lines)

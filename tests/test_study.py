@@ -20,6 +20,7 @@ from echogen_rl.study import (
     StudyBudget,
     reward_check,
     run_study,
+    score_codes,
     scores_path,
     study_layouts,
     summarize,
@@ -101,9 +102,8 @@ def test_arms_differ_and_the_study_resumes_without_retraining(quick_study, capsy
 def test_a_validation_study_reuses_the_runs_and_keeps_the_held_out_report(quick_study):
     out, report = quick_study
     held_out = (out / "study.json").read_text()
-    validation = run_study(
-        out, StudyBudget.quick(), split="validation", workers=1
-    )  # in-process: the fixture ran the pool
+    # In-process: the fixture ran the pool.
+    validation = run_study(out, StudyBudget.quick(), split="validation", workers=1)
     assert (out / "study.json").read_text() == held_out
     assert json.loads((out / "study_validation.json").read_text())["split"] == "validation"
     # Other layouts, the same trained runs: scores differ, the settings do not.
@@ -181,3 +181,28 @@ def test_the_study_command_passes_the_world_and_stages_to_the_budget(monkeypatch
     assert cli.main(["study", "--quick", "--output-dir", str(tmp_path), "--max-shapes", "99"]) == 2
     assert "echogen-rl study: error: ShapesConfig.max_shapes (99)" in capsys.readouterr().err
     assert not seen  # refused before any run
+    assert cli.main(["study", "--quick", "--output-dir", str(tmp_path), "--grid-size", "0"]) == 2
+    assert "grid_size" in capsys.readouterr().err and not seen
+
+
+class CountingGrounder:
+    """The oracle grounder of `model`, counting its calls."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, 0
+
+    def __call__(self, codes, phrases):
+        self.calls += 1
+        return oracle_grounder(codes, phrases)
+
+
+def test_scoring_grounds_once_when_the_scored_model_is_the_reference():
+    config = ShapesConfig()
+    targets, codes = study_layouts("held_out", 6, config)
+    model, other = object(), object()
+    policy, reference = CountingGrounder(model), CountingGrounder(model)
+    same = score_codes(codes, targets, policy, reference, config)["scores"]
+    assert (policy.calls, reference.calls) == (0, 1) and same["cycle_miou_policy"] == same["cycle_miou_ref"]
+    policy, reference = CountingGrounder(other), CountingGrounder(model)
+    apart = score_codes(codes, targets, policy, reference, config)["scores"]
+    assert policy.calls == reference.calls == 1 and apart["cycle_miou_policy"] == same["cycle_miou_ref"]
