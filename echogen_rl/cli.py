@@ -33,7 +33,7 @@ def _study(args: argparse.Namespace) -> int:
     }
     stages = tuple(args.stages) if args.stages else budget.stages
     budget = dataclasses.replace(budget, world={**budget.world, **world}, stages=stages)  # checks both
-    run_study(args.output_dir, budget, split=args.split, seeds=args.seeds, workers=args.jobs)
+    run_study(args.output_dir, budget, split=args.split, seeds=args.seeds, workers=args.jobs, seed_set=args.seed_set)
     return 0
 
 
@@ -191,6 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="outputs/study", help="runs, scores, study.json and study.png")
     p.add_argument("--seeds", type=int, default=None, help="training seeds per stage (default 3)")
     p.add_argument("--split", choices=("held_out", "validation"), default="held_out", help="layouts to score")
+    p.add_argument(
+        "--seed-set",
+        choices=("a", "b"),
+        default="a",
+        help="training seeds and held-out layouts: 'b' replicates 'a' on disjoint ones (give it its own --output-dir)",
+    )
     p.add_argument("--layouts", type=int, default=None, help="layouts scored (default 512)")
     p.add_argument("--jobs", type=int, default=None, help="runs side by side (default: one per core, at most 4)")
     p.add_argument("--quick", action="store_true", help="a few steps per run: a pipeline check")

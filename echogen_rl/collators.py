@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .data.shapes import KindNegatives
 from .layout import Layout, LayoutError
 from .prompts import IGNORE_INDEX, PromptBuilder, Segment, pad_segments
 
@@ -132,6 +133,9 @@ class PMTPCollator:
         tasks (`tuple[str, ...]`, *optional*, defaults to `("l2i", "i2l")`): the segments to build; one task
             alone trains a single-task model (the demo's "separate" baseline) without paying for the other.
         absent (`AbsentPhrases`, *optional*): adds phrases the image does not hold to some I2L queries.
+        kinds (`KindNegatives`, *optional*): makes some I2L examples negatives of one entity's kind (shapes world):
+            another drawing in its box, or another kind asked, answered "not present". An example made one gets no
+            absent phrase.
 
     Returns a dict of [R, L] tensors: `input_ids`, `image_mask`, `text_labels`, `image_labels`,
     `segment_ids` (-1 on padding), `position_ids`.
@@ -143,6 +147,7 @@ class PMTPCollator:
     uncond_prob: float = 0.0
     tasks: tuple[str, ...] = ("l2i", "i2l")
     absent: AbsentPhrases | None = None
+    kinds: KindNegatives | None = None
 
     def __post_init__(self):
         if not self.tasks or set(self.tasks) - {"l2i", "i2l"}:
@@ -159,8 +164,13 @@ class PMTPCollator:
                     l2i = self.prompts.unconditional(l2i)
                 out.append(l2i)
             if "i2l" in self.tasks:
-                query = self.absent.query(example, layout) if self.absent else None
-                out.append(self.prompts.i2l(codes, layout, query=query))
+                negative = self.kinds.apply(str(_unit_hash(example)), layout, codes) if self.kinds else None
+                if negative is not None:
+                    shown, query, answer = negative
+                    out.append(self.prompts.i2l(shown, answer, query=query))
+                else:
+                    query = self.absent.query(example, layout) if self.absent else None
+                    out.append(self.prompts.i2l(codes, layout, query=query))
             return out
         except ValueError as err:
             raise ValueError(f"example {index} ({layout.caption[:60]!r}): {err}") from err
@@ -228,6 +238,9 @@ class LoopLossCollator:
             (truncating would cut image codes). `None`: no limit.
         absent (`AbsentPhrases`, *optional*): adds phrases the image does not hold to some I2L queries, so that
             the loop loss also asks the generated image what it must not show.
+        kinds (`KindNegatives`, *optional*): asks some I2L queries for one entity's color with another kind,
+            answered "not present" (the generated image must not show a red circle where the layout has a red
+            square); only the query changes (`redraw=False`): the loop's image is the generator's.
 
     Returns a dict of right-padded tensors: `input_ids`, `image_mask`, `attention_mask`, `text_labels` and
     `image_labels` of each batch, prefixed `l2i_` and `i2l_`.
@@ -236,6 +249,13 @@ class LoopLossCollator:
     prompts: PromptBuilder
     max_length: int | None = None
     absent: AbsentPhrases | None = None
+    kinds: KindNegatives | None = None
+
+    def __post_init__(self):
+        if self.kinds is not None and self.kinds.redraw:
+            raise ValueError(
+                "LoopLossCollator: kind negatives may only change the query (KindNegatives(redraw=False))"
+            )
 
     def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
         l2i, i2l = [], []
@@ -245,7 +265,11 @@ class LoopLossCollator:
             if codes is None:
                 raise ValueError(f"example {index} ({layout.caption[:60]!r}): no image_codes")
             try:
-                query = self.absent.query(example, layout) if self.absent else None
+                negative = self.kinds.apply(str(_unit_hash(example)), layout, codes) if self.kinds else None
+                if negative is not None:
+                    query = negative[1]
+                else:
+                    query = self.absent.query(example, layout) if self.absent else None
                 pair = self.prompts.l2i(layout, codes), self.prompts.i2l(codes, layout, query=query)
             except ValueError as err:
                 raise ValueError(f"example {index} ({layout.caption[:60]!r}): {err}") from err

@@ -14,6 +14,8 @@ from rewards import layout_agreement, load_rewards
 
 from .cyclerl_config import CycleRLConfig
 from .data.random_layouts import parse_prompt_text
+from .data.shapes import ShapesConfig, detect_from_codes
+from .evaluation import filled_box_rate, strict_recall50
 from .grounding import Grounder
 from .modeling import check_sharding, freeze_untrained, image_token_logprobs, unwrap_janus
 from .observe import attach_sample_logging
@@ -50,6 +52,10 @@ class CycleRLTrainer(GRPOTrainer):
         processing_class (`PreTrainedTokenizerBase`): the model's tokenizer.
         rollout_engine (`RolloutEngine`, *optional*): an engine instance; by default the one `args.rollout_engine`
             names, built at the first rollout: the torch engine on the training model, or a colocated vLLM engine.
+        shapes_world (`ShapesConfig`, *optional*): the prompts are the shapes world's: log a reward-hacking monitor
+            on every rollout batch, read by the oracle detector: `monitor/filled_box_rate` (the share of circles
+            and triangles drawn as a filled box of their color) and `monitor/strict50` (the share of entities
+            drawn with their color and kind at IoU >= 0.5).
     """
 
     _tag_names = ["trl", "grpo", "echogen-rl", "cyclerl"]
@@ -63,6 +69,7 @@ class CycleRLTrainer(GRPOTrainer):
         eval_dataset=None,
         processing_class=None,
         rollout_engine: RolloutEngine | None = None,
+        shapes_world: ShapesConfig | None = None,
         **kwargs,
     ):
         if processing_class is None:
@@ -112,6 +119,12 @@ class CycleRLTrainer(GRPOTrainer):
         self._special_ids = (self.layout_prompts.bos_id, self.layout_prompts.boi_id, self.layout_prompts.pad_id)
         self.rollout_engine = rollout_engine
         self.grounder = None
+        if shapes_world is not None and shapes_world.grid_size**2 != self.layout_prompts.num_image_tokens:
+            raise ValueError(
+                f"shapes_world: a {shapes_world.grid_size}x{shapes_world.grid_size} grid, but the model draws "
+                f"{self.layout_prompts.num_image_tokens} image tokens; set shapes_grid_size to the model's grid"
+            )
+        self.shapes_world = shapes_world
 
     def _ensure_engines(self) -> None:
         # Built on first use: the accelerator has wrapped the model by then, and we generate with its inner module.
@@ -212,6 +225,9 @@ class CycleRLTrainer(GRPOTrainer):
         metrics["rollout/images_per_second"].append(len(prompts) / max(rollout_s, 1e-9))
         metrics["grounding/seconds"].append(grounding_s)
         metrics["rollout/weight_sync_seconds"].append(sync_s)
+        if self.shapes_world is not None:
+            for name, value in self._shape_monitor(rollout.codes, targets).items():
+                metrics[name].append(value)
 
         self.last_rollouts = {"codes": rollout.codes.cpu(), "targets": targets, "recovered": recovered}
         extra_fields = {
@@ -223,6 +239,19 @@ class CycleRLTrainer(GRPOTrainer):
         prompt_ids = [s.input_ids for s in segments]
         completions = [g.text for g in grounded]
         return prompt_ids, rollout.codes.tolist(), None, completions, rollout.logprobs.tolist(), extra_fields, None, []
+
+    def _shape_monitor(self, codes: torch.Tensor, targets: list) -> dict[str, float]:
+        """The oracle's reading of the rollouts, summed over processes: does the policy paint boxes for shapes?"""
+        detections = [detect_from_codes(row, self.shapes_world) for row in codes.tolist()]
+        sums = []
+        for values in (filled_box_rate(detections, targets), strict_recall50(detections, targets)):
+            scored = [v for v in values if v is not None]
+            sums += [sum(scored), len(scored)]
+        totals = self.accelerator.gather(torch.tensor(sums, device=self.accelerator.device)).view(-1, 4).sum(0)
+        return {
+            "monitor/filled_box_rate": (totals[0] / totals[1].clamp(min=1)).item(),
+            "monitor/strict50": (totals[2] / totals[3].clamp(min=1)).item(),
+        }
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)

@@ -35,7 +35,7 @@ from .data.shapes import (
 )
 from .grounding import Grounder
 from .image_tokenizers import JanusVQTokenizer, PaletteTokenizer
-from .layout import Entity, Layout, boxes_from_coco_xywh, match_layouts, matched_box_scores
+from .layout import Entity, Layout, boxes_from_coco_xywh, iou, match_layouts, matched_box_scores
 from .loading import check_checkpoint, load_janus
 from .modeling import unwrap_janus
 from .prompts import PromptBuilder, pad_segments
@@ -174,6 +174,49 @@ def mask_iou_per_image(
             ious.append(float((painted & want).sum() / union) if union else 0.0)
         scores.append(float(np.mean(ious)) if ious else None)
     return scores
+
+
+def strict_recall50(detections: Sequence[Layout], targets: Sequence[Layout]) -> list[float | None]:
+    """Per layout, the share of target entities the oracle found with the same phrase (color and kind) at
+    IoU >= 0.5: the per-layout counterpart of AP50, so that it gets a paired interval."""
+    out = []
+    for det, target in zip(detections, targets):
+        if not len(target):
+            out.append(None)
+            continue
+        matches = match_layouts(det, target, by_iou=False)
+        hits = [
+            j is not None and float(iou(torch.tensor(det.entities[j].box), torch.tensor(e.box))) >= 0.5
+            for e, j in zip(target.entities, matches)
+        ]
+        out.append(float(np.mean(hits)))
+    return out
+
+
+ROUND_KINDS = ("circle", "triangle")  # the kinds whose drawing is not their filled box
+
+
+def filled_box_rate(detections: Sequence[Layout], targets: Sequence[Layout]) -> list[float | None]:
+    """Per image, the share of its round entities (circle, triangle) that the oracle reads as a filled box of the
+    phrase's color (a square or rectangle component) at IoU >= 0.5 with the target box: the blob a reward that
+    reads only color and position pays for. `None` for an image without a round entity."""
+    out = []
+    for det, target in zip(detections, targets):
+        flags = []
+        for entity in target.entities:
+            color, _, kind = " ".join(entity.phrase.lower().split()).partition(" ")
+            if kind not in ROUND_KINDS:
+                continue
+            box = torch.tensor(entity.box)
+            flags.append(
+                any(
+                    d.phrase in (f"{color} square", f"{color} rectangle")
+                    and float(iou(torch.tensor(d.box), box)) >= 0.5
+                    for d in det.entities
+                )
+            )
+        out.append(float(np.mean(flags)) if flags else None)
+    return out
 
 
 def mask_iou(

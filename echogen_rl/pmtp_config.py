@@ -36,6 +36,11 @@ class PMTPConfig(SFTConfig, SampleLoggingArguments):
         absent_phrase_prob (`float`, *optional*, defaults to `0.0`):
             Share of I2L queries that also ask for a phrase the image does not hold (from the training layouts'
             phrases), answered "not present" (`<box>[]</box>`): the grounder learns to refuse what is not there.
+        kind_negative_prob (`float`, *optional*, defaults to `0.0`):
+            Shapes world: share of I2L examples made a negative of one entity's kind, answered "not present": its
+            cells redrawn as another kind (a filled box, say) with its phrase asked as before, or another kind of its
+            color asked (see [`~echogen_rl.data.shapes.KindNegatives`]). The grounder learns to read shape, so that
+            a cycle reward stops paying a painted box as much as a drawing.
     """
 
     image_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the L2I image-token loss."})
@@ -56,6 +61,11 @@ class PMTPConfig(SFTConfig, SampleLoggingArguments):
         default=0.0, metadata={"help": "Share of I2L queries that also ask for an absent phrase ('not present')."}
     )
 
+    kind_negative_prob: float = field(
+        default=0.0,
+        metadata={"help": "Shapes world: share of I2L examples whose one entity is redrawn or asked as another kind."},
+    )
+
     def __post_init__(self):
         # The heads run after `model.forward` returns (only where a label is): DDP's search for unused parameters
         # would call them unused, then fail when their gradients arrive. The trainer freezes what gets no gradient.
@@ -68,8 +78,9 @@ class PMTPConfig(SFTConfig, SampleLoggingArguments):
         self.prediction_loss_only = True
         super().__post_init__()
         self.check_sample_logging()
-        if not 0 <= self.absent_phrase_prob <= 1:
-            raise ValueError(f"PMTPConfig.absent_phrase_prob must be in [0, 1], got {self.absent_phrase_prob}")
+        for name in ("absent_phrase_prob", "kind_negative_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"PMTPConfig.{name} must be in [0, 1], got {getattr(self, name)}")
         if self.packing or self.padding_free:
             raise ValueError(
                 "PMTPConfig: `packing` and `padding_free` are TRL's text packing; PMTP packs samples itself. "

@@ -8,6 +8,7 @@ import torch
 from trl import SFTTrainer
 
 from .collators import AbsentPhrases, PMTPCollator, dataset_phrases, training_columns
+from .data.shapes import KindNegatives, is_shapes_phrase
 from .modeling import (
     TargetLoss,
     block_causal_mask,
@@ -79,7 +80,15 @@ class PMTPTrainer(SFTTrainer):
         absent = (
             AbsentPhrases(args.absent_phrase_prob, dataset_phrases(train_dataset)) if args.absent_phrase_prob else None
         )
-        collator = PMTPCollator(prompts, args.max_length, args.pack_segments, args.uncond_prob, tasks, absent)
+        kinds = None
+        if args.kind_negative_prob:
+            if not any(is_shapes_phrase(p) for p in dataset_phrases(train_dataset, limit=1000)):
+                raise ValueError(
+                    "PMTPConfig.kind_negative_prob needs shapes-world phrases ('<color> <kind>'); the training "
+                    "dataset has none (set it to 0 for other datasets)"
+                )
+            kinds = KindNegatives(args.kind_negative_prob)
+        collator = PMTPCollator(prompts, args.max_length, args.pack_segments, args.uncond_prob, tasks, absent, kinds)
         if args.uncond_prob > 0 and "l2i" in tasks:
             record_sampling(model, unconditional_branch=True)  # saved with every checkpoint: CFG works from here
         kwargs.setdefault("data_collator", collator)

@@ -34,18 +34,26 @@ import yaml
 
 from .architectures import SHIPPED_CONFIGS
 from .coco_ap import ResampledAP
-from .data.shapes import ShapesConfig, build_shapes_dataset, detect_from_codes, render_codes, render_filled_boxes
+from .data.shapes import (
+    ShapesConfig,
+    build_shapes_dataset,
+    detect_from_codes,
+    draw_other_kinds,
+    render_codes,
+    render_filled_boxes,
+)
 from .evaluation import (
     color_accuracy,
     cycle_iou_per_image,
     generate_images,
     grounding_accuracy,
     mask_iou_per_image,
+    strict_recall50,
     write_report,
 )
 from .grounding import Grounder
 from .jobs import Job, default_workers, run_jobs
-from .layout import Layout, iou, match_layouts
+from .layout import Layout
 from .loading import load_janus
 from .prompts import PromptBuilder
 from .recipe_runner import FollowThreadShare, run_recipe, run_settings
@@ -55,6 +63,12 @@ from .tiny import TinyJanusConfig, ensure_tiny_checkpoint
 
 VALIDATION_SEED = 4_000_037
 HELD_OUT_SEED = 5_000_011  # far from every training seed and from the recipes' eval split (+1_000_003)
+# Replication: each set trains on its own seeds (PMTP on the first) and scores its own held-out layouts. A claim
+# stands only when it holds on both; settings are chosen on the validation split, which no set scores.
+SEED_SETS = {
+    "a": {"first_seed": 0, "held_out_seed": HELD_OUT_SEED},
+    "b": {"first_seed": 100, "held_out_seed": 6_000_023},
+}
 ARMS = ("djo", "pmtp_continued", "cyclerl", "sft_continued", "cyclerl_shuffled")
 COMPARISONS = {
     "djo_vs_pmtp_continued": ("djo", "pmtp_continued"),
@@ -166,23 +180,6 @@ def load_trained(path: Path, base: Path | None = None):
     return model.eval(), tokenizer
 
 
-def strict_recall50(detections: Sequence[Layout], targets: Sequence[Layout]) -> list[float | None]:
-    """Per layout, the share of target entities the oracle found with the same phrase (color and kind) at
-    IoU >= 0.5: the per-layout counterpart of AP50, so that it gets a paired interval."""
-    out = []
-    for det, target in zip(detections, targets):
-        if not len(target):
-            out.append(None)
-            continue
-        matches = match_layouts(det, target, by_iou=False)
-        hits = [
-            j is not None and float(iou(torch.tensor(det.entities[j].box), torch.tensor(e.box))) >= 0.5
-            for e, j in zip(target.entities, matches)
-        ]
-        out.append(float(np.mean(hits)))
-    return out
-
-
 def color_per_layout(codes: torch.Tensor, targets: Sequence[Layout], config: ShapesConfig) -> list[float | None]:
     """Per layout, the share of entities whose box's dominant color is the phrase's (see `color_accuracy`)."""
     return [color_accuracy(codes[i : i + 1], [t], config) for i, t in enumerate(targets)]
@@ -232,17 +229,24 @@ def evaluate_model(model, tokenizer, reference, targets, real_codes, config: Sha
     return result
 
 
-DRAWINGS = ("correct", "filled", "empty")
+DRAWINGS = ("correct", "filled", "other_kind", "empty")
 REWARD_GROUNDERS = ("pmtp", "djo")  # PMTP's scores `cycle_miou_ref`; each seed's DJO is its CycleRL's reference
+# The reward gate: CycleRL's arms count as evidence only when its reward grounder (each seed's DJO) gives a correct
+# drawing more cycle IoU than the same boxes filled with their colors by at least this much (the interval's lower
+# end). Below it the reward pays a painted box nearly as much as a drawing, and a gain may be a blob's.
+REWARD_GATE_MARGIN = 0.15
 
 
 def reward_check(grounder, targets: Sequence[Layout], config: ShapesConfig) -> dict[str, list[float | None]]:
-    """Per layout, the cycle IoU a grounder gives three drawings of it: `correct` (the shapes as the world draws
-    them), `filled` (each box filled with its color, any kind: the blob a box-IoU reward must not pay for) and
-    `empty` (a black image). The cycle reward sees shape only if `correct` scores above `filled`."""
+    """Per layout, the cycle IoU a grounder gives four drawings of it: `correct` (the shapes as the world draws
+    them), `filled` (each box filled with its color, any kind: the blob a box-IoU reward must not pay for),
+    `other_kind` (each entity drawn as another kind in its box, [`draw_other_kinds`]) and `empty` (a black image).
+    The cycle reward sees shape only if `correct` scores above `filled` and `other_kind`. A square's or a
+    rectangle's filled box is its own drawing, so `correct - filled` is at most the share of round kinds."""
     drawings = {
         "correct": [render_codes(t, config) for t in targets],
         "filled": [render_filled_boxes(t, config) for t in targets],
+        "other_kind": [draw_other_kinds(t, config) for t in targets],
         "empty": [[0] * config.grid_size**2 for _ in targets],
     }
     phrases = [t.phrases for t in targets]
@@ -254,22 +258,43 @@ def reward_check(grounder, targets: Sequence[Layout], config: ShapesConfig) -> d
 
 def summarize_reward_check(evals: dict[str, list[dict]], n_resamples: int) -> dict:
     """For each grounder that scores rewards (PMTP's, fixed for `cycle_miou_ref`; each seed's DJO, CycleRL's
-    reference): the mean cycle IoU of each drawing, and `correct - filled`, `filled - empty` with intervals."""
+    reference): the mean cycle IoU of each drawing, and `correct` minus each other drawing with intervals."""
     out = {}
     for arm in REWARD_GROUNDERS:
         checks = [e["reward_check"] for e in evals.get(arm, []) if "reward_check" in e]
         if not checks:
             continue
-        rows = {d: np.array([[math.nan if v is None else v for v in c[d]] for c in checks]) for d in DRAWINGS}
-        out[arm] = {d: bootstrap_ci(rows[d], n_resamples) for d in DRAWINGS}
-        out[arm]["correct_minus_filled"] = paired_difference(rows["correct"], rows["filled"], n_resamples=n_resamples)
-        out[arm]["filled_minus_empty"] = paired_difference(rows["filled"], rows["empty"], n_resamples=n_resamples)
+        drawn = [d for d in DRAWINGS if all(d in c for c in checks)]  # scores of an older study lack other_kind
+        rows = {d: np.array([[math.nan if v is None else v for v in c[d]] for c in checks]) for d in drawn}
+        out[arm] = {d: bootstrap_ci(rows[d], n_resamples) for d in drawn}
+        for d in drawn[1:]:
+            out[arm][f"correct_minus_{d}"] = paired_difference(rows["correct"], rows[d], n_resamples=n_resamples)
     return out
 
 
-def study_layouts(split: str, layouts: int, config: ShapesConfig) -> tuple[list[Layout], torch.Tensor]:
-    """The layouts a study scores (with their captions) and their real images' codes."""
-    seed = HELD_OUT_SEED if split == "held_out" else VALIDATION_SEED
+def reward_gate(check: dict, margin: float = REWARD_GATE_MARGIN) -> dict:
+    """Whether the reward grounder sees shape: `correct - filled` with its interval's lower end at least `margin`,
+    and `correct` above `other_kind` and `empty` (lower ends above 0). `check` is one grounder's entry of
+    [`summarize_reward_check`]; a missing entry fails."""
+
+    def low(name):
+        return check.get(name, {}).get("ci_low", -math.inf)
+
+    reasons = []
+    if low("correct_minus_filled") < margin:
+        reasons.append(f"correct - filled: interval's lower end {low('correct_minus_filled'):.3f} < {margin}")
+    for d in ("other_kind", "empty"):
+        if low(f"correct_minus_{d}") <= 0:
+            reasons.append(f"correct - {d}: interval's lower end {low(f'correct_minus_{d}'):.3f} <= 0")
+    return {"margin": margin, "passed": not reasons, "reasons": reasons}
+
+
+def study_layouts(
+    split: str, layouts: int, config: ShapesConfig, seed_set: str = "a"
+) -> tuple[list[Layout], torch.Tensor]:
+    """The layouts a study scores (with their captions) and their real images' codes: the seed set's held-out
+    layouts, or the validation layouts (one split for every set)."""
+    seed = SEED_SETS[seed_set]["held_out_seed"] if split == "held_out" else VALIDATION_SEED
     data = build_shapes_dataset(layouts, seed=seed, config=config)
     targets = [Layout.from_json(t) for t in data["layout"]]
     for t, caption in zip(targets, data["caption"]):
@@ -291,13 +316,20 @@ def has_scores(path: Path, split: str, layouts: int, checks_rewards: bool) -> bo
 
 
 def score_run(
-    path: str, base: str | None, reference: str, split: str, layouts: int, checks_rewards: bool, world: dict
+    path: str,
+    base: str | None,
+    reference: str,
+    split: str,
+    layouts: int,
+    checks_rewards: bool,
+    world: dict,
+    seed_set: str = "a",
 ) -> float:
     """Scores one trained run (a study job): [`evaluate_model`] against the `reference` grounder, plus
     [`reward_check`] for the grounders that give rewards; writes `study_scores_<split>.json`; returns seconds."""
     clock = time.perf_counter()
     config = ShapesConfig(**world)
-    targets, real_codes = study_layouts(split, layouts, config)
+    targets, real_codes = study_layouts(split, layouts, config, seed_set)
     model, tokenizer = load_trained(Path(path), Path(base) if base else None)
     same = Path(path).resolve() == Path(reference).resolve()
     reference_model = model if same else load_trained(Path(reference))[0]
@@ -417,9 +449,14 @@ def run_study(
     split: str = "held_out",
     seeds: int | None = None,
     workers: int | None = None,
+    seed_set: str = "a",
 ) -> dict:
     """Trains and scores every arm (see the module docstring); writes `study.json` and `study.png`
     (`study_validation.*` for the validation split).
+
+    `seed_set` (`SEED_SETS`) picks the training seeds and held-out layouts: `"b"` replicates `"a"` on seeds and
+    layouts disjoint from it. CycleRL's comparisons are marked as no evidence when its reward grounder fails the
+    reward gate ([`reward_gate`]).
 
     Runs go side by side, `workers` at a time ([`echogen_rl.jobs.run_jobs`]; default one per core, at most 4),
     each as soon as the run it starts from has ended; each run's output goes to `train.log` in its folder. A run
@@ -432,7 +469,13 @@ def run_study(
         raise ValueError(f"split must be 'held_out' or 'validation', got {split!r}")
     if budget.seeds < 2:
         raise ValueError(f"a study needs at least 2 training seeds, got {budget.seeds}")
+    if seed_set not in SEED_SETS:
+        raise ValueError(f"seed_set must be one of {sorted(SEED_SETS)}, got {seed_set!r}")
+    first = SEED_SETS[seed_set]["first_seed"]
     out = Path(output_dir)
+    kept = out / "pmtp" / "study_run.json"
+    if kept.exists() and json.loads(kept.read_text())["settings"].get("seed") != first:
+        raise ValueError(f"{out} holds another seed set's runs (PMTP's seed is not {first}); use another --output-dir")
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     cache = str(out / "cache")
@@ -449,7 +492,7 @@ def run_study(
         **world,
         "model_name_or_path": str(tiny),
         "cache_dir": cache,
-        **_run_settings(out / "pmtp", 0),
+        **_run_settings(out / "pmtp", first),
     }
     djo_values = _values("djo", budget.djo)
     rl_values = _values("cyclerl", budget.cyclerl)
@@ -459,13 +502,13 @@ def run_study(
     runs = [("pmtp", "pmtp", "pmtp", pmtp_settings, None)]
     later = []
     for s in range(budget.seeds):
-        root = out / f"seed{s}"
+        root, seed = out / f"seed{s}", first + s
         djo = {
             **budget.djo,
             **world,
             "model_name_or_path": str(out / "pmtp"),
             "cache_dir": cache,
-            **_run_settings(root / "djo", s),
+            **_run_settings(root / "djo", seed),
         }
         # The control: PMTP's loss with everything DJO's run has (restart, steps, batch, data).
         shared = (
@@ -482,19 +525,23 @@ def run_study(
         pmtp_cont = {k: djo_values[k] for k in shared if k in djo_values}
         pmtp_cont.update(world)
         pmtp_cont.update(
-            {"model_name_or_path": str(out / "pmtp"), "cache_dir": cache, **_run_settings(root / "pmtp_continued", s)}
+            {
+                "model_name_or_path": str(out / "pmtp"),
+                "cache_dir": cache,
+                **_run_settings(root / "pmtp_continued", seed),
+            }
         )
         rl = {
             **budget.cyclerl,
             **world,
             "model_name_or_path": str(root / "djo"),
             "cache_dir": cache,
-            **_run_settings(root / "cyclerl", s),
+            **_run_settings(root / "cyclerl", seed),
         }
         shuffled = {
             **rl,
             "reward_funcs": [f"rewards.controls:shuffled_{name}" for name in rl_values["reward_funcs"]],
-            **_run_settings(root / "cyclerl_shuffled", s),
+            **_run_settings(root / "cyclerl_shuffled", seed),
         }
         # The SFT control: the prompts' own layouts with their images, CycleRL's LoRA and optimizer, one layout
         # per prompt of a CycleRL step.
@@ -523,7 +570,7 @@ def run_study(
                 "per_device_train_batch_size": prompts_per_step,
                 "model_name_or_path": str(root / "djo"),
                 "cache_dir": cache,
-                **_run_settings(root / "sft_continued", s),
+                **_run_settings(root / "sft_continued", seed),
             }
         )
         runs.append((f"seed{s}/djo", "djo", "djo", djo, "pmtp"))
@@ -576,6 +623,7 @@ def run_study(
             "layouts": budget.layouts,
             "checks_rewards": checks,
             "world": budget.world,
+            "seed_set": seed_set,
         }
         jobs.append(Job(f"score {name}", score_run, kwargs, after, out / name / f"score_{split}.log", light=True))
     print(
@@ -585,15 +633,22 @@ def run_study(
     )
     run_jobs(jobs, workers, prefix="[study]")
 
-    targets, _ = study_layouts(split, budget.layouts, shapes)
+    targets, _ = study_layouts(split, budget.layouts, shapes, seed_set)
     evals: dict[str, list[dict]] = {"pmtp": [], **{a: [] for a in arms}}
     for name, _ in scored:
         evals[name.rsplit("/", 1)[-1]].append(json.loads(scores_path(out / name, split).read_text()))
 
     summary = summarize(evals, targets, budget, workers)
+    checks = summarize_reward_check(evals, budget.n_resamples)
+    gate = reward_gate(checks.get("djo", {}))
+    for name, comparison in summary["comparisons"].items():
+        # A CycleRL arm trained on a reward that cannot tell a drawing from a painted box is no evidence.
+        comparison["evidence"] = gate["passed"] or "cyclerl" not in COMPARISONS[name]
     report = {
         **summary,
-        "reward_check": summarize_reward_check(evals, budget.n_resamples),
+        "reward_check": checks,
+        "reward_gate": {**gate, "grounder": "djo"},
+        "seed_set": {"name": seed_set, **SEED_SETS[seed_set]},
         "split": split,
         "layouts": len(targets),
         "seeds": budget.seeds,
@@ -612,7 +667,9 @@ def run_study(
             "cycle_miou_ref": "the grounder of the PMTP checkpoint, fixed for every arm",
             "ap": "COCO AP of the oracle detector, per seed then averaged; its intervals resample seeds and layouts "
             f"{min(AP_RESAMPLES, budget.n_resamples)} times",
-            "reward_check": "cycle IoU a grounder gives each layout drawn correctly, as filled boxes, and empty",
+            "reward_check": "cycle IoU a grounder gives each layout drawn correctly, as filled boxes, as another kind "
+            "in each box, and empty",
+            "evidence": "false on a comparison whose CycleRL arm was rewarded by a grounder that failed the reward gate",
             "intervals": "95% percentile bootstrap over seeds and layouts, paired by seed and layout",
         },
     }
@@ -627,7 +684,9 @@ def run_study(
     print(format_arms(summary))
     print(format_comparisons(summary))
     for arm, check in report["reward_check"].items():
-        cells = ", ".join(f"{d} {check[d]['mean']:.3f}" for d in DRAWINGS)
+        cells = ", ".join(f"{d} {check[d]['mean']:.3f}" for d in DRAWINGS if d in check)
         print(f"reward check, {arm} grounder's cycle IoU: {cells}")
+    if not gate["passed"]:
+        print(f"reward gate failed ({'; '.join(gate['reasons'])}): CycleRL's comparisons are marked as no evidence")
     print(f"study: {out / f'{name}.json'}, {out / f'{name}.png'}; {report['seconds']:.0f} s")
     return report

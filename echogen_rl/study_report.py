@@ -100,8 +100,13 @@ def format_comparisons(summary: dict, metrics=("cycle_miou_ref", "tolerant_l2i",
     lines = [f"{'comparison (T=1)':<{width}}  " + "  ".join(f"{m:>24}" for m in metrics)]
     for name, row in summary["comparisons"].items():
         cells = [_difference_cell(row[m]) for m in metrics]
-        lines.append(f"{name:<{width}}  " + "  ".join(f"{c:>24}" for c in cells))
+        lines.append(f"{_marked(name, row):<{width + 2}}" + "  ".join(f"{c:>24}" for c in cells))
     return "\n".join(lines)
+
+
+def _marked(name: str, row: dict) -> str:
+    """A comparison's name, with `(no evidence)` where its CycleRL arm failed the reward gate."""
+    return name if row.get("evidence", True) else f"{name} (no evidence: reward gate failed)"
 
 
 MARKDOWN_METRICS = (
@@ -129,7 +134,15 @@ def format_markdown(report: dict, metrics: Sequence[str] = MARKDOWN_METRICS) -> 
     lines += ["", f"| paired difference, 95% CI | {header} |", rule]
     for name, row in report["comparisons"].items():
         cells = [_difference_cell(row[m]) for m in metrics]
-        lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+        label = f"`{name}`" if row.get("evidence", True) else f"`{name}` (no evidence: reward gate failed)"
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    gate = report.get("reward_gate")
+    if gate:
+        verdict = "passed" if gate["passed"] else "failed: " + "; ".join(gate["reasons"])
+        lines += [
+            "",
+            f"Reward gate (the {gate['grounder']} grounder, correct - filled >= {gate['margin']}): {verdict}",
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -55,6 +55,7 @@ def main(script_args: LayoutDataArguments, training_args: CycleRLConfig, model_a
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=lora_config_from(model_args),
+        shapes_world=script_args.shapes_config() if script_args.dataset == "shapes" else None,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)

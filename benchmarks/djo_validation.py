@@ -1,0 +1,209 @@
+"""DJO on the validation split: choosing its settings, and the positive control that proves the loop's machinery.
+
+    python benchmarks/djo_validation.py choose --pmtp outputs/kind_negatives/pmtp_kind0.3 --out-dir outputs/djo_choose
+    python benchmarks/djo_validation.py control --pmtp outputs/kind_negatives/pmtp_kind0.3 --out-dir outputs/djo_control
+
+- `choose`: from a trained PMTP (seed 0), DJO with each loop image (teacher-forced, self-forced, self-forced with the
+  real-image grounding loss mixed in) against PMTP continued, all at one learning rate and step count (both arms
+  share them).
+- `control`: from an under-trained PMTP (150 steps), DJO by the loop alone (`l2i_loss_weight: 0`) read by the
+  *trained* PMTP's frozen grounder, against PMTP continued over the same steps, on 3 seeds. If the loop cannot raise
+  an oracle metric here, its gradient path is too weak to matter anywhere.
+
+Every model is scored on validation layouts (never held-out ones) as the study scores them; paired differences
+against the control get 95% bootstrap intervals over seeds and layouts. Runs go side by side (`--jobs`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import platform
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from echogen_rl.data.shapes import ShapesConfig
+from echogen_rl.evaluation import write_report
+from echogen_rl.jobs import Job, run_jobs
+from echogen_rl.stats import bootstrap_ci, paired_difference
+from echogen_rl.grounding import Grounder
+from echogen_rl.prompts import PromptBuilder
+from echogen_rl.study import (
+    SCORING_BATCH,
+    _config,
+    _run_settings,
+    evaluate_model,
+    load_trained,
+    reward_check,
+    reward_gate,
+    study_layouts,
+    summarize_reward_check,
+    train_run,
+)
+
+METRICS = ("cycle_miou_ref", "tolerant_l2i", "strict50", "color")
+# PMTP continued gets DJO's restart: these fields of the DJO config, as the study's control.
+SHARED = ("max_steps", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay")
+SHARED += ("per_device_train_batch_size", "num_train_samples", "dataset_seed")
+
+
+def _control_settings(djo_fields: dict) -> dict:
+    values = {**yaml.safe_load(_config("djo").read_text()), **djo_fields}
+    return {k: values[k] for k in SHARED if k in values}
+
+
+def plan(experiment: str, pmtp: Path, out: Path, lr: float, steps: int) -> tuple[list, dict, Path]:
+    """`(runs, arms, start)`: runs as `(name, stage, settings)`, arms as `{arm: [run name per seed]}`."""
+    restart = {"learning_rate": lr, "max_steps": steps}
+    runs, arms = [], {}
+    if experiment == "choose":
+        seeds, start = [0], pmtp
+        variants = {
+            "djo_teacher_forced": {"loop_image": "teacher_forced"},
+            "djo_self_forced": {"loop_image": "self_forced"},
+            "djo_self_forced_i2l": {"loop_image": "self_forced", "i2l_loss_weight": 1.0},
+            "djo_self_forced_i2l_kinds": {
+                "loop_image": "self_forced",
+                "i2l_loss_weight": 1.0,
+                "kind_negative_prob": 0.3,
+            },
+        }
+    else:
+        seeds, start = [0, 1, 2], out / "pmtp_150"
+        variants = {
+            "loop_only": {
+                "loop_image": "self_forced",
+                "loop_grounder": "frozen",
+                "loop_grounder_path": str(pmtp),
+                "l2i_loss_weight": 0.0,
+                "loop_weight_warmup_steps": 0,
+            }
+        }
+    for s in seeds:
+        for arm, fields in variants.items():
+            name = f"seed{s}/{arm}"
+            runs.append((name, "djo", {**restart, **fields, "model_name_or_path": str(start)}))
+            arms.setdefault(arm, []).append(name)
+        name = f"seed{s}/pmtp_continued"
+        runs.append((name, "pmtp", {**_control_settings(restart), "model_name_or_path": str(start)}))
+        arms.setdefault("pmtp_continued", []).append(name)
+    return runs, arms, start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("experiment", choices=("choose", "control"))
+    parser.add_argument("--pmtp", type=Path, required=True, help="a trained shapes PMTP (seed 0)")
+    parser.add_argument("--out-dir", type=Path, required=True)
+    parser.add_argument("--learning-rate", type=float, default=2e-4)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--layouts", type=int, default=256)
+    parser.add_argument("--jobs", type=int, default=2)
+    args = parser.parse_args()
+    out = args.out_dir
+    runs, arms, start = plan(args.experiment, args.pmtp, out, args.learning_rate, args.steps)
+    jobs = []
+    if args.experiment == "control" and not (start / "study_run.json").exists():
+        tiny = args.pmtp.parent / "tiny-janus"
+        settings = {"model_name_or_path": str(tiny), "max_steps": 150, **_run_settings(start, 0)}
+        jobs.append(
+            Job(
+                "train pmtp_150",
+                train_run,
+                {"stage": "pmtp", "config_stage": "pmtp", "out": str(start), "settings": settings},
+                log=start / "train.log",
+            )
+        )
+    for name, stage, fields in runs:
+        if (out / name / "study_run.json").exists():
+            continue
+        seed = int(name.split("/")[0].removeprefix("seed"))
+        settings = {**fields, **_run_settings(out / name, seed)}
+        after = ("train pmtp_150",) if jobs and jobs[0].name == "train pmtp_150" else ()
+        kwargs = {"stage": stage, "config_stage": stage, "out": str(out / name), "settings": settings}
+        jobs.append(Job(f"train {name}", train_run, kwargs, after, out / name / "train.log"))
+    run_jobs(jobs, args.jobs, prefix=f"[{args.experiment}]")
+
+    config = ShapesConfig()
+    targets, real_codes = study_layouts("validation", args.layouts, config)
+    reference, _ = load_trained(args.pmtp)
+    scores: dict[str, list[dict]] = {}
+    rows = [("start", [str(start.relative_to(out)) if start.is_relative_to(out) else None])] + list(arms.items())
+    for arm, names in rows:
+        for name in names:
+            path = start if name is None else out / name
+            cache = path / "validation_scores.json"
+            if cache.exists():
+                result = json.loads(cache.read_text())
+            else:
+                model, tokenizer = load_trained(path)
+                result = evaluate_model(model, tokenizer, reference, targets, real_codes, config)
+                result = {m: result[m] for m in ("_t1", "_greedy", "grounding_miou")}
+                grounder = Grounder(model, PromptBuilder(tokenizer, real_codes.shape[1]), SCORING_BATCH)
+                result["reward_check"] = reward_check(grounder, targets, config)
+                for mode in ("_t1", "_greedy"):
+                    result[mode] = {"scores": result[mode]["scores"]}
+                write_report(result, cache)
+                del model
+                gc.collect()
+            scores.setdefault(arm, []).append(result)
+
+    def matrix(results: list[dict], metric: str) -> np.ndarray:
+        if metric == "grounding_miou":
+            rows = [r["grounding_miou"] for r in results]
+        else:
+            mode = "_greedy" if metric.endswith("_greedy") else "_t1"
+            rows = [r[mode]["scores"][metric.removesuffix("_greedy")] for r in results]
+        return np.array([[math.nan if v is None else v for v in row] for row in rows], dtype=float)
+
+    metrics = [m + s for m in METRICS for s in ("", "_greedy")] + ["grounding_miou"]
+    summary = {arm: {m: bootstrap_ci(matrix(r, m), 2000) for m in metrics} for arm, r in scores.items()}
+    for arm, results in scores.items():
+        check = summarize_reward_check({"djo": results}, 2000)["djo"]
+        summary[arm]["reward_check"] = check
+        summary[arm]["reward_gate"] = reward_gate(check)
+    control = scores["pmtp_continued"]
+    differences = {
+        f"{arm}_vs_pmtp_continued": {
+            m: paired_difference(matrix(r, m), matrix(control, m), n_resamples=2000) for m in metrics
+        }
+        for arm, r in scores.items()
+        if arm not in ("pmtp_continued", "start")
+    }
+    training = {}
+    for name, _, _ in runs:
+        record = json.loads((out / name / "study_run.json").read_text())
+        last = [h for h in record["log_history"] if "loss" in h]
+        training[name] = {"seconds": round(record["seconds"], 1), "last_log": last[-1] if last else {}}
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    report = {
+        "experiment": args.experiment,
+        "split": "validation",
+        "layouts": len(targets),
+        "learning_rate": args.learning_rate,
+        "steps": args.steps,
+        "arms": summary,
+        "differences": differences,
+        "runs": {
+            name: {"stage": stage, **{k: v for k, v in fields.items() if k != "model_name_or_path"}}
+            for name, stage, fields in runs
+        },
+        "training": training,
+        "commit": commit,
+        "hardware": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
+    }
+    path = write_report(report, out / f"djo_{args.experiment}.json")
+    for name, row in differences.items():
+        cells = ", ".join(f"{m} {c['diff']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]" for m, c in row.items())
+        print(f"{name}: {cells}")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
