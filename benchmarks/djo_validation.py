@@ -30,10 +30,10 @@ import yaml
 
 from echogen_rl.data.shapes import ShapesConfig
 from echogen_rl.evaluation import write_report
-from echogen_rl.jobs import Job, run_jobs
-from echogen_rl.stats import bootstrap_ci, paired_difference
 from echogen_rl.grounding import Grounder
+from echogen_rl.jobs import Job, run_jobs
 from echogen_rl.prompts import PromptBuilder
+from echogen_rl.stats import bootstrap_ci, paired_difference
 from echogen_rl.study import (
     SCORING_BATCH,
     _config,
