@@ -82,6 +82,7 @@ def plan(experiment: str, pmtp: Path, out: Path, lr: float, steps: int) -> tuple
                 "loop_grounder": "frozen",
                 "loop_grounder_path": str(pmtp),
                 "l2i_loss_weight": 0.0,
+                "i2l_loss_weight": 0.0,  # the loop alone: no real-image grounding loss either
                 "loop_weight_warmup_steps": 0,
             }
         }

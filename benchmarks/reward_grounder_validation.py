@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import platform
 import subprocess
 from pathlib import Path
@@ -109,6 +110,11 @@ def main() -> None:
         print(f"kind_negative_prob={p:g}: {means}; {rows[f'{p:g}']['l2i_and_grounding']}", flush=True)
         del model
         gc.collect()
+    previous = out / "kind_negatives_validation.json"
+    if previous.exists():  # the values scored by an earlier call stay, each with the commit that scored it
+        earlier = json.loads(previous.read_text())
+        for key, row in earlier["runs"].items():
+            rows.setdefault(key, {**row, "commit": row.get("commit", earlier.get("commit"))})
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     report = {
         "split": "validation",

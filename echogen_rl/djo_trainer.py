@@ -179,21 +179,20 @@ def djo_losses(
         accuracy = (logits.detach().argmax(-1) == targets).float().mean().item() if len(targets) else 0.0
         l2i = TargetLoss(F.cross_entropy(logits, targets), len(targets), accuracy)
 
-    if loop_image == "teacher_forced":
-        y, _ = soft_image_tokens(model, logits, tau, straight_through)
-    elif loop_image == "self_forced":
-        codes = sample_images(model, batch, special_ids, guidance_scale, temperature, generator)
-        y = gumbel_at(self_forced_logits(model, batch, codes), codes.reshape(-1), tau, straight_through, generator)
-    else:
-        y, _ = autoregressive_loop(model, batch, special_ids[2], tau, generator=generator)
-        y = y.reshape(-1, y.shape[-1])
     reader = model if grounder is None else grounder
+    if loop_image == "teacher_forced":
+        _, embeds = soft_image_tokens(reader, logits, tau, straight_through)
+    else:
+        if loop_image == "self_forced":
+            codes = sample_images(model, batch, special_ids, guidance_scale, temperature, generator)
+            logits = self_forced_logits(model, batch, codes)
+            y = gumbel_at(logits, codes.reshape(-1), tau, straight_through, generator)
+        else:
+            y, _ = autoregressive_loop(model, batch, special_ids[2], tau, generator=generator)
+            y = y.reshape(-1, y.shape[-1])
+        embeds = soft_code_embeddings(reader, y)
     hidden = mixed_forward(
-        reader,
-        batch["i2l_input_ids"],
-        batch["i2l_image_mask"],
-        batch["i2l_attention_mask"],
-        image_embeds=soft_code_embeddings(reader, y),
+        reader, batch["i2l_input_ids"], batch["i2l_image_mask"], batch["i2l_attention_mask"], image_embeds=embeds
     )
     loop = masked_cross_entropy(reader, hidden, batch["i2l_text_labels"], "text")
     if l2i is None:
@@ -279,9 +278,6 @@ class DJOTrainer(SFTTrainer):
         self._last_schedule: dict[str, float] = {}
         if self.loop_reader is not None:
             self.loop_reader.to(self.accelerator.device)
-        self.loop_generator = torch.Generator(self.accelerator.device).manual_seed(
-            args.seed + self.accelerator.process_index
-        )
 
     def schedule(self) -> dict[str, float]:
         """`tau` and `loop_weight` (lambda) at the current optimizer step."""
@@ -296,21 +292,24 @@ class DJOTrainer(SFTTrainer):
         mode = "train" if self.model.training else "eval"
         schedule = self.schedule()
         args = self.args
-        out = djo_losses(
-            model,
-            inputs,
-            schedule["tau"],
-            args.straight_through,
-            schedule["loop_weight"],
-            loop_image=args.loop_image,
-            grounder=self.loop_reader,
-            l2i_weight=args.l2i_loss_weight,
-            i2l_weight=args.i2l_loss_weight,
-            special_ids=self.special_ids,
-            guidance_scale=self.loop_guidance_scale,
-            temperature=args.loop_temperature,
-            generator=self.loop_generator,
-        )
+        # Autocast around the whole loss, not only the model's forward: the self-forced sample and a frozen loop
+        # grounder run the language model outside the wrapped forward. Noise comes from the global RNG, which a
+        # checkpoint saves, so that a resumed run draws the same samples.
+        with self.accelerator.autocast():
+            out = djo_losses(
+                model,
+                inputs,
+                schedule["tau"],
+                args.straight_through,
+                schedule["loop_weight"],
+                loop_image=args.loop_image,
+                grounder=self.loop_reader,
+                l2i_weight=args.l2i_loss_weight,
+                i2l_weight=args.i2l_loss_weight,
+                special_ids=self.special_ids,
+                guidance_scale=self.loop_guidance_scale,
+                temperature=args.loop_temperature,
+            )
         metrics = self._metrics[mode]
         for task, part in (("l2i", out.l2i), ("loop", out.loop), ("i2l", out.i2l)):
             if part is None or part.count == 0:

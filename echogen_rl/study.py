@@ -596,7 +596,10 @@ def run_study(
         if (out / name / "study_run.json").exists():
             print(f"[study] {name}: done before, kept", flush=True)
             continue
-        after = (f"train {starts_from}",) if starts_from else ()
+        # A run kept from an earlier invocation is no job to wait for.
+        after = (
+            (f"train {starts_from}",) if starts_from and not (out / starts_from / "study_run.json").exists() else ()
+        )
         jobs.append(
             Job(
                 f"train {name}",

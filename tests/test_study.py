@@ -45,9 +45,13 @@ def test_study_writes_paired_comparisons_with_intervals(quick_study):
     assert (out / "study.png").stat().st_size > 1000 and (out / "study_differences.png").stat().st_size > 1000
     table = (out / "study.md").read_text()  # the same numbers as Markdown tables
     cell = saved["comparisons"]["cyclerl_vs_sft_continued"]["cycle_miou_ref"]
-    assert (
-        f"| `cyclerl_vs_sft_continued` | {cell['diff']:+.3f} [{cell['ci_low']:+.3f}, {cell['ci_high']:+.3f}]" in table
-    )
+    # A quick study's grounders cannot tell a drawing from a painted box: CycleRL's rows are marked, DJO's are not.
+    assert saved["reward_gate"]["passed"] is False and saved["reward_gate"]["reasons"]
+    assert saved["comparisons"]["cyclerl_vs_sft_continued"]["evidence"] is False
+    assert saved["comparisons"]["djo_vs_pmtp_continued"]["evidence"] is True
+    label = "`cyclerl_vs_sft_continued` (no evidence: reward gate failed)"
+    assert f"| {label} | {cell['diff']:+.3f} [{cell['ci_low']:+.3f}, {cell['ci_high']:+.3f}]" in table
+    assert "Reward gate (the djo grounder, correct - filled >= 0.15): failed" in table
     # Each arm of each seed trained from the shipped config, with the study's changes recorded.
     assert saved["settings"]["cyclerl_shuffled/seed1"]["reward_funcs"] == [
         "rewards.controls:shuffled_cycle_iou",
