@@ -57,7 +57,7 @@ def test_study_writes_paired_comparisons_with_intervals(quick_study):
         "rewards.controls:shuffled_cycle_iou",
         "rewards.controls:shuffled_grounding_format",
     ]
-    assert saved["settings"]["pmtp_continued/seed0"]["learning_rate"] == 5.0e-5  # DJO's restart, from its config
+    assert saved["settings"]["pmtp_continued/seed0"]["learning_rate"] == 2.0e-4  # DJO's restart, from its config
     assert saved["configs"]["djo"].endswith("recipes/configs/djo/shapes_tiny.yaml")
     # The reward check of the grounders that give rewards: PMTP's (once) and DJO's (per seed).
     assert set(saved["reward_check"]) == {"pmtp", "djo"}
