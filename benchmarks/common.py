@@ -76,6 +76,17 @@ def environment() -> dict:
     }
 
 
+def provenance() -> dict:
+    """What ran: the commit (`+dirty` when the tree had changes) and the environment."""
+    import subprocess
+
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True).stdout.strip()
+
+    commit = git("rev-parse", "HEAD") + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    return {"commit": commit, "environment": environment()}
+
+
 def write_json(result: dict, out: str | None) -> None:
     text = json.dumps(result, indent=2)
     print(text)

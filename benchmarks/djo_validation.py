@@ -20,13 +20,11 @@ import argparse
 import gc
 import json
 import math
-import platform
-import subprocess
 from pathlib import Path
 
 import numpy as np
-import torch
 import yaml
+from common import provenance
 
 from echogen_rl.data.shapes import ShapesConfig
 from echogen_rl.evaluation import write_report
@@ -182,7 +180,6 @@ def main() -> None:
         record = json.loads((out / name / "study_run.json").read_text())
         last = [h for h in record["log_history"] if "loss" in h]
         training[name] = {"seconds": round(record["seconds"], 1), "last_log": last[-1] if last else {}}
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     report = {
         "experiment": args.experiment,
         "split": "validation",
@@ -196,8 +193,7 @@ def main() -> None:
             for name, stage, fields in runs
         },
         "training": training,
-        "commit": commit,
-        "hardware": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
+        **provenance(),
     }
     path = write_report(report, out / f"djo_{args.experiment}.json")
     for name, row in differences.items():

@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import provenance
 
 from echogen_rl.collators import LoopLossCollator
 from echogen_rl.data.shapes import build_shapes_dataset
@@ -63,21 +62,21 @@ def audit(model, prompts: PromptBuilder, batches: list[dict], taus: list[float])
                 masked_cross_entropy(model, hidden, batch["i2l_text_labels"], "text").loss.item()
             )
             for name, (source, temperature) in SOURCES.items():
-                gen = torch.Generator().manual_seed(b)
+                torch.manual_seed(b)
                 out = djo_losses(
-                    model, batch, 1.0, loop_image=source, l2i_weight=0.0, special_ids=special,
-                    temperature=temperature, generator=gen,
-                )  # fmt: skip
+                    model, batch, 1.0, loop_image=source, l2i_weight=0.0, special_ids=special, temperature=temperature
+                )
                 losses[f"loop_{name}"].append(out.loop.loss.item())
         for tau in taus:
             for name, (source, temperature) in SOURCES.items():
                 key = f"{name}/tau{tau:g}"
                 row = norms.setdefault(key, {})
                 kwargs = dict(loop_image=source, special_ids=special, temperature=temperature)
-                both = djo_losses(model, batch, tau, generator=torch.Generator().manual_seed(b), **kwargs)
-                image = djo_losses(
-                    model, batch, tau, grounder=reader, generator=torch.Generator().manual_seed(b), **kwargs
-                )
+                # The same noise for both: the difference of their gradients is the grounder's side alone.
+                torch.manual_seed(b)
+                both = djo_losses(model, batch, tau, **kwargs)
+                torch.manual_seed(b)
+                image = djo_losses(model, batch, tau, grounder=reader, **kwargs)
                 for group, params in _groups(janus).items():
                     l2i = _grads(both.l2i.loss, params)
                     loop_all = _grads(both.loop.loss, params)
@@ -118,7 +117,6 @@ def main() -> None:
         for s in range(0, len(data), args.batch_size)
     ]
     result = audit(model, prompts, batches, args.taus)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     checkpoint = args.checkpoint.resolve()
     try:
         checkpoint = checkpoint.relative_to(Path.cwd().resolve())
@@ -130,8 +128,7 @@ def main() -> None:
         "layouts": len(data),
         "taus": args.taus,
         **result,
-        "commit": commit,
-        "hardware": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
+        **provenance(),
     }
     print(write_report(report, args.out))
     print(result["losses"])

@@ -15,12 +15,10 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
-import subprocess
 from pathlib import Path
 
 import numpy as np
-import torch
+from common import provenance
 
 from echogen_rl.coco_ap import ResampledAP
 from echogen_rl.data.shapes import ShapesConfig
@@ -115,15 +113,13 @@ def main() -> None:
         earlier = json.loads(previous.read_text())
         for key, row in earlier["runs"].items():
             rows.setdefault(key, {**row, "commit": row.get("commit", earlier.get("commit"))})
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     report = {
         "split": "validation",
         "layouts": len(targets),
         "seed": 0,
         "config": "recipes/configs/pmtp/shapes_tiny.yaml",
         "runs": rows,
-        "commit": commit,
-        "hardware": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
+        **provenance(),
     }
     print(f"wrote {write_report(report, out / 'kind_negatives_validation.json')}")
 

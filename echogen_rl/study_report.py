@@ -153,3 +153,30 @@ def format_arms(summary: dict, metrics=("cycle_miou_ref", "tolerant_l2i", "stric
         cells = [_mean_cell(row[m]) for m in metrics]
         lines.append(f"{name:<{width}}  " + "  ".join(f"{c:>22}" for c in cells))
     return "\n".join(lines)
+
+
+REPLICATED_METRICS = ("cycle_miou_ref", "tolerant_l2i", "strict50", "grounding_miou", "cycle_miou_ref_greedy")
+REPLICATED_COMPARISONS = ("djo_vs_pmtp_continued", "cyclerl_vs_sft_continued", "cyclerl_vs_shuffled_reward")
+
+
+def format_replication(
+    reports: dict[str, dict],
+    metrics: Sequence[str] = REPLICATED_METRICS,
+    comparisons: Sequence[str] = REPLICATED_COMPARISONS,
+) -> str:
+    """The paired differences of two or more seed sets side by side (Markdown): a stage's claim stands on a metric
+    only when every set's interval is above 0, and a CycleRL row counts only where its reward gate passed."""
+    names = list(reports)
+    header = " | ".join(f"set {n}" for n in names)
+    lines = [f"| comparison | metric | {header} | stands |", "| --- " * (len(names) + 3) + "|"]
+    for comparison in comparisons:
+        if not all(comparison in r["comparisons"] for r in reports.values()):
+            continue
+        rows = [r["comparisons"][comparison] for r in reports.values()]
+        evidence = all(row.get("evidence", True) for row in rows)
+        for metric in metrics:
+            cells = [_difference_cell(row[metric]) for row in rows]
+            above = all(row[metric]["ci_low"] > 0 for row in rows)
+            verdict = ("yes" if above else "no") if evidence else "no evidence (reward gate)"
+            lines.append(f"| `{comparison}` | {metric} | " + " | ".join(cells) + f" | {verdict} |")
+    return "\n".join(lines) + "\n"

@@ -210,3 +210,26 @@ def test_scoring_grounds_once_when_the_scored_model_is_the_reference():
     policy, reference = CountingGrounder(other), CountingGrounder(model)
     apart = score_codes(codes, targets, policy, reference, config)["scores"]
     assert policy.calls == reference.calls == 1 and apart["cycle_miou_policy"] == same["cycle_miou_ref"]
+
+
+def test_a_claim_stands_only_when_every_seed_set_holds_it_and_its_reward_gate_passed():
+    from echogen_rl.study_report import format_replication
+
+    def report(low, evidence=True):
+        cell = {"diff": low + 0.01, "ci_low": low, "ci_high": low + 0.02}
+        rows = {"djo_vs_pmtp_continued": {"cycle_miou_ref": cell}}
+        rows["cyclerl_vs_sft_continued"] = {"cycle_miou_ref": dict(cell), "evidence": evidence}
+        return {"comparisons": rows}
+
+    table = format_replication({"a": report(0.01), "b": report(-0.01)}, metrics=("cycle_miou_ref",))
+    assert (
+        "| `djo_vs_pmtp_continued` | cycle_miou_ref | +0.020 [+0.010, +0.030] | +0.000 [-0.010, +0.010] | no |"
+        in table
+    )
+    table = format_replication({"a": report(0.01), "b": report(0.02, evidence=False)}, metrics=("cycle_miou_ref",))
+    assert (
+        "| `djo_vs_pmtp_continued` | cycle_miou_ref | +0.020 [+0.010, +0.030] | +0.030 [+0.020, +0.040] | yes |"
+        in table
+    )
+    assert "| `cyclerl_vs_sft_continued` | cycle_miou_ref | " in table and "no evidence (reward gate) |" in table
+    assert "cyclerl_vs_shuffled_reward" not in table  # a comparison a set lacks is left out
