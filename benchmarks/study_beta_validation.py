@@ -21,7 +21,7 @@ from echogen_rl.coco_ap import ResampledAP
 from echogen_rl.data.shapes import ShapesConfig, build_shapes_dataset
 from echogen_rl.evaluation import write_report
 from echogen_rl.layout import Layout
-from echogen_rl.study import VALIDATION_SEED, _run_settings, _train, evaluate_model, load_trained
+from echogen_rl.study import VALIDATION_SEED, _run_settings, evaluate_model, load_trained, train_run
 
 METRICS = ("cycle_miou_ref", "cycle_miou_policy", "tolerant_l2i", "strict50", "color")
 
@@ -51,7 +51,7 @@ def main() -> None:
     for beta in args.betas:
         run = out / f"cyclerl_beta{beta:g}"
         settings = {"model_name_or_path": str(djo), "cache_dir": str(study / "cache"), **_run_settings(run, 0)}
-        _train("cyclerl", "cyclerl", run, {**settings, "beta": beta}, log)
+        log.append(train_run("cyclerl", "cyclerl", str(run), {**settings, "beta": beta}))
 
     data = build_shapes_dataset(args.layouts, seed=VALIDATION_SEED)
     targets = [Layout.from_json(t) for t in data["layout"]]

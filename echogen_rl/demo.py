@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, JanusForConditionalGeneration
 
-from .architectures import SHIPPED_CONFIGS
+from .architectures import SHIPPED_CONFIGS, config_name
 from .data.shapes import ShapesConfig, build_shapes_dataset
 from .evaluation import cycle_miou, evaluate_i2l, evaluate_l2i, mask_iou
 from .grounding import Grounder
@@ -244,7 +244,7 @@ def run_demo(
             "cyclerl": {"cycle_iou_reward_per_log": cyclerl_rewards},
         },
         "budget": asdict(budget),
-        "configs": {stage: str(_shipped(stage)) for stage in ("pmtp", "djo", "cyclerl")},
+        "configs": {stage: config_name(_shipped(stage)) for stage in ("pmtp", "djo", "cyclerl")},
         "held_out_layouts": budget.eval_layouts,
         "workers": workers or default_workers(),
         "seconds": time.perf_counter() - start,

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import yaml
 
-from .architectures import SHIPPED_CONFIGS
+from .architectures import SHIPPED_CONFIGS, config_name
 from .coco_ap import ResampledAP
 from .data.shapes import (
     ShapesConfig,
@@ -136,6 +136,35 @@ class StudyBudget:
         )
 
 
+def provenance() -> dict:
+    """What ran: the commit (when run from a checkout; `+dirty` with local changes) and the software and CPU."""
+    import platform
+    import subprocess
+
+    import transformers
+    import trl
+
+    def git(*args):
+        try:
+            done = subprocess.run(["git", *args], capture_output=True, text=True, cwd=SHIPPED_CONFIGS, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return ""
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    commit = git("rev-parse", "HEAD")
+    if commit and git("status", "--porcelain", "--untracked-files=no"):
+        commit += "+dirty"
+    return {
+        "commit": commit or None,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "cpus": os.cpu_count(),
+    }
+
+
 def _config(stage: str) -> Path:
     return SHIPPED_CONFIGS / stage / "shapes_tiny.yaml"
 
@@ -160,7 +189,7 @@ def train_run(stage: str, config_stage: str, out: str, settings: dict) -> dict:
     trainer = run_recipe(stage, _config(config_stage), settings, [threads])
     history = trainer.state.log_history
     seconds = time.perf_counter() - clock
-    record = {"stage": stage, "config": str(_config(config_stage)), "settings": settings, "seconds": seconds}
+    record = {"stage": stage, "config": config_name(_config(config_stage)), "settings": settings, "seconds": seconds}
     record["threads"] = threads.threads  # the thread counts it ran on, in order
     record["log_history"] = history
     del trainer
@@ -657,7 +686,8 @@ def run_study(
         "seeds": budget.seeds,
         "budget": asdict(budget),
         "settings": settings,
-        "configs": {stage: str(_config(stage)) for stage in ("pmtp", "djo", "cyclerl")},
+        "configs": {stage: config_name(_config(stage)) for stage in ("pmtp", "djo", "cyclerl")},
+        "provenance": provenance(),
         "world": asdict(shapes),
         "training_seconds": {
             name: json.loads((out / name / "study_run.json").read_text())["seconds"] for name, *_ in runs

@@ -58,7 +58,7 @@ def test_study_writes_paired_comparisons_with_intervals(quick_study):
         "rewards.controls:shuffled_grounding_format",
     ]
     assert saved["settings"]["pmtp_continued/seed0"]["learning_rate"] == 2.0e-4  # DJO's restart, from its config
-    assert saved["configs"]["djo"].endswith("recipes/configs/djo/shapes_tiny.yaml")
+    assert saved["configs"]["djo"] == "recipes/configs/djo/shapes_tiny.yaml"  # repository-relative, no machine path
     # The reward check of the grounders that give rewards: PMTP's (once) and DJO's (per seed).
     assert set(saved["reward_check"]) == {"pmtp", "djo"}
     assert saved["reward_check"]["djo"]["correct_minus_filled"]["seeds"] == 2
@@ -233,3 +233,22 @@ def test_a_claim_stands_only_when_every_seed_set_holds_it_and_its_reward_gate_pa
     )
     assert "| `cyclerl_vs_sft_continued` | cycle_miou_ref | " in table and "no evidence (reward gate) |" in table
     assert "cyclerl_vs_shuffled_reward" not in table  # a comparison a set lacks is left out
+
+
+def test_the_readme_replication_table_is_rendered_from_the_committed_studies():
+    from pathlib import Path
+
+    from echogen_rl.study_report import format_replication
+
+    root = Path(__file__).resolve().parents[1]
+    results = root / "benchmarks" / "results"
+    reports = {
+        "a": json.loads((results / "study" / "study.json").read_text()),
+        "b": json.loads((results / "study_b" / "study.json").read_text()),
+    }
+    assert reports["a"]["seed_set"]["name"] == "a" and reports["b"]["seed_set"]["name"] == "b"
+    marker = "<!-- rendered: format_replication(a=benchmarks/results/study/study.json"
+    readme = (root / "README.md").read_text()
+    assert marker in readme
+    block = readme.split(marker, 1)[1].split("\n", 1)[1]
+    assert block.startswith(format_replication(reports))

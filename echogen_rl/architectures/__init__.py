@@ -42,6 +42,16 @@ HUB_IDS = {
 }
 
 
+def config_name(path: str | Path) -> str:
+    """How a result file names a config: relative to the repository when it is a shipped one, never a machine's
+    absolute path."""
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(SHIPPED_CONFIGS.parents[1]))
+    except ValueError:
+        return str(path)
+
+
 def shipped_architectures() -> list[str]:
     """Names of the shipped architectures, e.g. `["janus_pro_1b", "janus_pro_7b"]`."""
     return sorted(p.stem for p in ARCHITECTURES_DIR.glob("*.json"))
