@@ -31,6 +31,7 @@ from echogen_rl.evaluation import write_report
 from echogen_rl.grounding import Grounder
 from echogen_rl.jobs import Job, run_jobs
 from echogen_rl.prompts import PromptBuilder
+from echogen_rl.reward_check import reward_check, reward_gate, summarize_reward_check
 from echogen_rl.stats import bootstrap_ci, paired_difference
 from echogen_rl.study import (
     SCORING_BATCH,
@@ -38,10 +39,7 @@ from echogen_rl.study import (
     _run_settings,
     evaluate_model,
     load_trained,
-    reward_check,
-    reward_gate,
     study_layouts,
-    summarize_reward_check,
     train_run,
 )
 

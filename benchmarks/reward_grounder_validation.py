@@ -27,17 +27,8 @@ from echogen_rl.grounding import Grounder
 from echogen_rl.jobs import Job, run_jobs
 from echogen_rl.layout import Layout
 from echogen_rl.prompts import PromptBuilder
-from echogen_rl.study import (
-    SCORING_BATCH,
-    _run_settings,
-    evaluate_model,
-    load_trained,
-    reward_check,
-    reward_gate,
-    study_layouts,
-    summarize_reward_check,
-    train_run,
-)
+from echogen_rl.reward_check import reward_check, reward_gate, summarize_reward_check
+from echogen_rl.study import SCORING_BATCH, _run_settings, evaluate_model, load_trained, study_layouts, train_run
 from echogen_rl.tiny import ensure_tiny_checkpoint
 
 METRICS = ("cycle_miou_ref", "tolerant_l2i", "strict50", "color")

@@ -22,7 +22,8 @@ from echogen_rl.evaluation import filled_box_rate, strict_recall50
 from echogen_rl.grounding import GroundingResult
 from echogen_rl.layout import Layout, grounding_answer
 from echogen_rl.prompts import PromptBuilder
-from echogen_rl.study import REWARD_GATE_MARGIN, reward_check, reward_gate, run_study, summarize_reward_check
+from echogen_rl.reward_check import REWARD_GATE_MARGIN, reward_check, reward_gate, summarize_reward_check
+from echogen_rl.study import run_study
 
 
 @pytest.fixture(scope="module")

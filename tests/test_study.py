@@ -14,17 +14,8 @@ from echogen_rl.data.shapes import (
 )
 from echogen_rl.grounding import GroundingResult
 from echogen_rl.layout import Layout
-from echogen_rl.study import (
-    COMPARISONS,
-    DRAWINGS,
-    StudyBudget,
-    reward_check,
-    run_study,
-    score_codes,
-    scores_path,
-    study_layouts,
-    summarize,
-)
+from echogen_rl.reward_check import DRAWINGS, reward_check
+from echogen_rl.study import COMPARISONS, StudyBudget, run_study, score_codes, scores_path, study_layouts, summarize
 
 
 @pytest.fixture(scope="module")
