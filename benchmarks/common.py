@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from echogen_rl.tiny import TinyJanusConfig, build_tiny_checkpoint
+from echogen_rl.models.tiny import TinyJanusConfig, build_tiny_checkpoint
 
 CONFIGS = {
     # Per-step overhead dominates, as it does for a 1B model on a GPU.

@@ -27,13 +27,11 @@ import yaml
 from common import provenance
 
 from echogen_rl.data.shapes import ShapesConfig
-from echogen_rl.evaluation import write_report
-from echogen_rl.grounding import Grounder
-from echogen_rl.jobs import Job, run_jobs
-from echogen_rl.prompts import PromptBuilder
-from echogen_rl.reward_check import reward_check, reward_gate, summarize_reward_check
-from echogen_rl.stats import bootstrap_ci, paired_difference
-from echogen_rl.study import (
+from echogen_rl.eval.evaluation import write_report
+from echogen_rl.eval.reward_check import reward_check, reward_gate, summarize_reward_check
+from echogen_rl.eval.stats import bootstrap_ci, paired_difference
+from echogen_rl.experiments.jobs import Job, run_jobs
+from echogen_rl.experiments.study import (
     SCORING_BATCH,
     _config,
     _run_settings,
@@ -42,6 +40,8 @@ from echogen_rl.study import (
     study_layouts,
     train_run,
 )
+from echogen_rl.models.grounding import Grounder
+from echogen_rl.models.prompts import PromptBuilder
 
 METRICS = ("cycle_miou_ref", "tolerant_l2i", "strict50", "color")
 # PMTP continued gets DJO's restart: these fields of the DJO config, as the study's control.

@@ -17,9 +17,9 @@ import torch
 from common import environment, median_seconds, write_json
 from transformers import AutoTokenizer, JanusForConditionalGeneration
 
-from echogen_rl.architectures import resolve_architecture, write_random_checkpoint
 from echogen_rl.data.shapes import ShapesConfig, sample_shapes
-from echogen_rl.prompts import PromptBuilder, pad_segments
+from echogen_rl.models.architectures import resolve_architecture, write_random_checkpoint
+from echogen_rl.models.prompts import PromptBuilder, pad_segments
 from echogen_rl.rollout.torch_engine import TorchRolloutEngine
 from echogen_rl.rollout.vllm_engine import VLLMRolloutEngine
 

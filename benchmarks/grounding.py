@@ -1,7 +1,7 @@
 """Images/s of the batched grounder vs transformers' `generate` called per image.
 
 As the reward uses it: K = 4 phrases per image, 16 images, greedy, the same decoding bound for both.
-Query strategy: one query listing all phrases (the trained format; see echogen_rl/grounding.py).
+Query strategy: one query listing all phrases (the trained format; see echogen_rl/models/grounding.py).
 Medians of `--repeats` runs after a warm-up, in one process; JSON key `ratio_vs_naive`.
 
     python benchmarks/grounding.py --out outputs/bench/grounding.json
@@ -18,9 +18,9 @@ from common import checkpoint, environment, median_seconds, randomize_, write_js
 from transformers import AutoTokenizer, JanusForConditionalGeneration
 
 from echogen_rl.data.shapes import phrase_pool
-from echogen_rl.grounding import Grounder
-from echogen_rl.modeling import embed_mixed
-from echogen_rl.prompts import PromptBuilder, pad_segments
+from echogen_rl.models.grounding import Grounder
+from echogen_rl.models.modeling import embed_mixed
+from echogen_rl.models.prompts import PromptBuilder, pad_segments
 
 
 def main():

@@ -24,14 +24,14 @@ import numpy as np
 import torch
 from common import provenance
 
-from echogen_rl.collators import LoopLossCollator
+from echogen_rl.data.collators import LoopLossCollator
 from echogen_rl.data.shapes import build_shapes_dataset
-from echogen_rl.djo_trainer import djo_losses
-from echogen_rl.evaluation import write_report
-from echogen_rl.loading import load_janus
-from echogen_rl.modeling import masked_cross_entropy, mixed_forward, unwrap_janus
-from echogen_rl.prompts import PromptBuilder
-from echogen_rl.study import VALIDATION_SEED
+from echogen_rl.eval.evaluation import write_report
+from echogen_rl.experiments.study import VALIDATION_SEED
+from echogen_rl.models.loading import load_janus
+from echogen_rl.models.modeling import masked_cross_entropy, mixed_forward, unwrap_janus
+from echogen_rl.models.prompts import PromptBuilder
+from echogen_rl.trainer.djo_trainer import djo_losses
 
 SOURCES = {"teacher_forced": ("teacher_forced", 1.0), "self_forced_t1": ("self_forced", 1.0)}
 SOURCES["self_forced_greedy"] = ("self_forced", 0.0)

@@ -19,14 +19,14 @@ import torch
 from common import environment, median_seconds, write_json
 from transformers import AutoTokenizer, JanusForConditionalGeneration
 
-from echogen_rl.collators import PMTPCollator
+from echogen_rl.data.collators import PMTPCollator
 from echogen_rl.data.palette import CAPTION_WORDS
 from echogen_rl.data.shapes import phrase_pool
 from echogen_rl.layout import Entity, Layout
-from echogen_rl.modeling import masked_cross_entropy, mixed_forward
-from echogen_rl.pmtp_trainer import pmtp_losses
-from echogen_rl.prompts import PromptBuilder, pad_segments
-from echogen_rl.tiny import TinyJanusConfig, build_tiny_checkpoint
+from echogen_rl.models.modeling import masked_cross_entropy, mixed_forward
+from echogen_rl.models.prompts import PromptBuilder, pad_segments
+from echogen_rl.models.tiny import TinyJanusConfig, build_tiny_checkpoint
+from echogen_rl.trainer.pmtp_trainer import pmtp_losses
 
 
 def layoutsam_like_examples(n: int, n_codes: int, codebook: int, seed: int = 0) -> list[dict]:

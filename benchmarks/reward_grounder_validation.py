@@ -20,16 +20,23 @@ from pathlib import Path
 import numpy as np
 from common import provenance
 
-from echogen_rl.coco_ap import ResampledAP
 from echogen_rl.data.shapes import ShapesConfig
-from echogen_rl.evaluation import write_report
-from echogen_rl.grounding import Grounder
-from echogen_rl.jobs import Job, run_jobs
+from echogen_rl.eval.coco_ap import ResampledAP
+from echogen_rl.eval.evaluation import write_report
+from echogen_rl.eval.reward_check import reward_check, reward_gate, summarize_reward_check
+from echogen_rl.experiments.jobs import Job, run_jobs
+from echogen_rl.experiments.study import (
+    SCORING_BATCH,
+    _run_settings,
+    evaluate_model,
+    load_trained,
+    study_layouts,
+    train_run,
+)
 from echogen_rl.layout import Layout
-from echogen_rl.prompts import PromptBuilder
-from echogen_rl.reward_check import reward_check, reward_gate, summarize_reward_check
-from echogen_rl.study import SCORING_BATCH, _run_settings, evaluate_model, load_trained, study_layouts, train_run
-from echogen_rl.tiny import ensure_tiny_checkpoint
+from echogen_rl.models.grounding import Grounder
+from echogen_rl.models.prompts import PromptBuilder
+from echogen_rl.models.tiny import ensure_tiny_checkpoint
 
 METRICS = ("cycle_miou_ref", "tolerant_l2i", "strict50", "color")
 

@@ -21,7 +21,7 @@ from common import CONFIGS, DTYPES, checkpoint, environment, median_seconds, ran
 from transformers import AutoTokenizer, JanusForConditionalGeneration
 
 from echogen_rl.data.shapes import ShapesConfig, sample_shapes
-from echogen_rl.prompts import PromptBuilder, pad_segments
+from echogen_rl.models.prompts import PromptBuilder, pad_segments
 from echogen_rl.rollout.torch_engine import TorchRolloutEngine
 
 

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from echogen_rl.evaluation import write_report
-from echogen_rl.observe import SampleImagesCallback
-from echogen_rl.recipe_runner import REPO, run_recipe, run_settings
-from echogen_rl.tiny import build_tiny_checkpoint
+from echogen_rl.eval.evaluation import write_report
+from echogen_rl.models.tiny import build_tiny_checkpoint
+from echogen_rl.scripts.runner import REPO, run_recipe, run_settings
+from echogen_rl.trainer.callbacks import SampleImagesCallback
 
 STAGES = {
     "pmtp": {"max_steps": 20, "num_train_samples": 320},

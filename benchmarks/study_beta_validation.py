@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from echogen_rl.coco_ap import ResampledAP
 from echogen_rl.data.shapes import ShapesConfig, build_shapes_dataset
-from echogen_rl.evaluation import write_report
+from echogen_rl.eval.coco_ap import ResampledAP
+from echogen_rl.eval.evaluation import write_report
+from echogen_rl.experiments.study import VALIDATION_SEED, _run_settings, evaluate_model, load_trained, train_run
 from echogen_rl.layout import Layout
-from echogen_rl.study import VALIDATION_SEED, _run_settings, evaluate_model, load_trained, train_run
 
 METRICS = ("cycle_miou_ref", "cycle_miou_policy", "tolerant_l2i", "strict50", "color")
 

@@ -10,7 +10,7 @@ import sys
 
 
 def _init_tiny(args: argparse.Namespace) -> int:
-    from .tiny import TinyJanusConfig, build_tiny_checkpoint
+    from echogen_rl.models.tiny import TinyJanusConfig, build_tiny_checkpoint
 
     config = TinyJanusConfig(
         hidden_size=args.hidden_size, num_layers=args.num_layers, grid_size=args.grid_size, seed=args.seed
@@ -21,7 +21,7 @@ def _init_tiny(args: argparse.Namespace) -> int:
 
 
 def _study(args: argparse.Namespace) -> int:
-    from .study import StudyBudget, run_study
+    from echogen_rl.experiments.study import StudyBudget, run_study
 
     budget = StudyBudget.quick() if args.quick else StudyBudget()
     if args.layouts is not None:
@@ -38,7 +38,7 @@ def _study(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import DemoBudget, run_demo
+    from echogen_rl.experiments.demo import DemoBudget, run_demo
 
     if args.quick and args.shipped:
         raise ValueError("--quick and --shipped are alternatives; give one of them")
@@ -50,7 +50,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _dry_run(args: argparse.Namespace) -> int:
     import signal
 
-    from .dry_run import format_report, run_dry_run
+    from echogen_rl.experiments.dry_run import format_report, run_dry_run
 
     # A killed run must still remove its temporary checkpoint (GBs at real size): SIGTERM unwinds as Ctrl-C does.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -69,7 +69,7 @@ def _dry_run(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .evaluation import run_eval
+    from echogen_rl.eval.evaluation import run_eval
 
     run_eval(
         args.model,
@@ -88,7 +88,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .export import export_checkpoint
+    from echogen_rl.models.export import export_checkpoint
 
     out = export_checkpoint(args.checkpoint, args.output, merge=args.merge, overwrite=args.overwrite, base=args.base)
     print(f"{'merged model' if args.merge else 'export'} written to {out}")
@@ -96,7 +96,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from .generate import read_layout, run_generate
+    from echogen_rl.eval.generate import read_layout, run_generate
 
     if args.layout is None and not args.box:
         raise ValueError('give a layout: --layout FILE.json, or --box "phrase:x1,y1,x2,y2" (repeatable)')
@@ -121,7 +121,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from .observe import plot_runs
+    from echogen_rl.trainer.callbacks import plot_runs
 
     if not args.out.endswith(".png"):
         raise ValueError(f"--out {args.out}: the plot is a PNG; end the name in .png")
@@ -132,7 +132,7 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _ground(args: argparse.Namespace) -> int:
-    from .generate import parse_phrases, run_ground
+    from echogen_rl.eval.generate import parse_phrases, run_ground
 
     phrases = None if args.detect else parse_phrases(args.phrases)
     result = run_ground(

@@ -2,47 +2,11 @@
 
     accelerate launch recipes/djo.py --config recipes/configs/djo/shapes_tiny.yaml
 
-DJO starts from a PMTP checkpoint (`model_name_or_path`); a missing one that a shipped PMTP config makes is
-named with its command. Any field can be overridden on the command line, e.g. `--max_steps 50`.
+The stage's `main` lives in the package ([`echogen_rl.scripts.djo`]); this file is its entry point for
+`accelerate launch`. Any field can be overridden on the command line, e.g. `--max_steps 50`.
 """
 
-from pathlib import Path
-
-from transformers import set_seed
-
-from echogen_rl.data.sources import LayoutDataArguments, build_layout_datasets, vq_tokenizer_for
-from echogen_rl.djo_config import DJOConfig
-from echogen_rl.djo_trainer import DJOTrainer
-from echogen_rl.loading import JanusModelConfig, load_janus, lora_config_from, require_start_checkpoint
-from echogen_rl.recipe_runner import RecipeParser
-
-
-def main(script_args: LayoutDataArguments, training_args: DJOConfig, model_args: JanusModelConfig):
-    require_start_checkpoint(model_args.model_name_or_path, Path(__file__).parent / "pmtp.py")
-    set_seed(training_args.seed)
-    with training_args.main_process_first(desc="checkpoint and data"):
-        model, tokenizer = load_janus(
-            model_args.model_name_or_path,
-            model_args.dtype,
-            model_args.attn_implementation,
-            model_args.build_tiny_if_missing,
-        )
-        # Real images are encoded once by the model's VQ model, cached by its weights (shared by every stage).
-        train_dataset, eval_dataset, _ = build_layout_datasets(script_args, vq_tokenizer_for(script_args, model))
-
-    trainer = DJOTrainer(
-        model,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,
-        peft_config=lora_config_from(model_args),
-    )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
-    trainer.save_state()  # trainer_state.json beside the model: `echogen-rl plot` reads its curves
-
+from echogen_rl.scripts.djo import main, make_parser
 
 if __name__ == "__main__":
-    parser = RecipeParser((LayoutDataArguments, DJOConfig, JanusModelConfig))
-    main(*parser.parse_args_and_config())
+    main(*make_parser().parse_args_and_config())

@@ -15,7 +15,7 @@ torch.set_num_threads(1)  # two xdist workers on two cores
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """The tiny Janus checkpoint, built once per test session (per xdist worker)."""
-    from echogen_rl.tiny import build_tiny_checkpoint
+    from echogen_rl.models.tiny import build_tiny_checkpoint
 
     return build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-janus")
 
@@ -53,6 +53,6 @@ def noisy_model(tiny_model):
 
 @pytest.fixture(scope="session")
 def prompts(tiny_tokenizer):
-    from echogen_rl.prompts import PromptBuilder
+    from echogen_rl.models.prompts import PromptBuilder
 
     return PromptBuilder(tiny_tokenizer, num_image_tokens=64)

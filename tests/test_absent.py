@@ -3,14 +3,14 @@
 import pytest
 import torch
 
-from echogen_rl.collators import AbsentPhrases, LoopLossCollator, PMTPCollator, dataset_phrases
+from echogen_rl.data.collators import AbsentPhrases, LoopLossCollator, PMTPCollator, dataset_phrases
 from echogen_rl.data.shapes import build_shapes_dataset, phrase_pool
-from echogen_rl.djo_config import DJOConfig
-from echogen_rl.grounding import restrict_to_phrases
 from echogen_rl.layout import Entity, Layout, grounding_answer, parse_layout
-from echogen_rl.pmtp_config import PMTPConfig
-from echogen_rl.prompts import IGNORE_INDEX
-from rewards import cycle_iou, grounding_format
+from echogen_rl.models.grounding import restrict_to_phrases
+from echogen_rl.models.prompts import IGNORE_INDEX
+from echogen_rl.rewards import cycle_iou, grounding_format
+from echogen_rl.trainer.djo_config import DJOConfig
+from echogen_rl.trainer.pmtp_config import PMTPConfig
 
 RED = Entity("red circle", (0.0, 0.0, 0.5, 0.5))
 BLUE = Entity("blue square", (0.5, 0.5, 1.0, 1.0))

@@ -18,23 +18,23 @@ from hypothesis import strategies as st
 from PIL import Image
 from transformers import JanusForConditionalGeneration
 
-from echogen_rl.collators import PMTPCollator
-from echogen_rl.cyclerl_config import CycleRLConfig
-from echogen_rl.cyclerl_trainer import CycleRLTrainer
+from echogen_rl.data.collators import PMTPCollator
 from echogen_rl.data.common import BadSampleWarning, FilterStats
 from echogen_rl.data.palette import PALETTE
 from echogen_rl.data.random_layouts import build_random_layout_dataset
 from echogen_rl.data.shapes import build_shapes_dataset, phrase_pool
 from echogen_rl.data.sources import LayoutDataArguments, build_layout_datasets
-from echogen_rl.djo_config import DJOConfig
-from echogen_rl.image_tokenizers import PaletteTokenizer
 from echogen_rl.layout import Entity, Layout, LayoutError
-from echogen_rl.loading import JanusModelConfig
-from echogen_rl.modeling import unwrap_janus
-from echogen_rl.pmtp_config import PMTPConfig
-from echogen_rl.pmtp_trainer import PMTPTrainer
-from echogen_rl.recipe_runner import ConfigTypeError, RecipeParser
-from rewards import RewardError
+from echogen_rl.models.image_tokenizers import PaletteTokenizer
+from echogen_rl.models.loading import JanusModelConfig
+from echogen_rl.models.modeling import unwrap_janus
+from echogen_rl.rewards import RewardError
+from echogen_rl.scripts.runner import ConfigTypeError, RecipeParser
+from echogen_rl.trainer.cyclerl_config import CycleRLConfig
+from echogen_rl.trainer.cyclerl_trainer import CycleRLTrainer
+from echogen_rl.trainer.djo_config import DJOConfig
+from echogen_rl.trainer.pmtp_config import PMTPConfig
+from echogen_rl.trainer.pmtp_trainer import PMTPTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -273,7 +273,7 @@ FOREIGN_KEY = {"pmtp": "loop_weight", "djo": "guidance_scale", "cyclerl": "pack_
 def _parse(stage, tmp_path, **changes):
     names = RECIPES[stage]
     # The recipe parses exactly these dataclasses (recipes are not importable, so read the source).
-    assert f"RecipeParser(({', '.join(names)}))" in (ROOT / "recipes" / f"{stage}.py").read_text()
+    assert f"RecipeParser(({', '.join(names)}))" in (ROOT / "echogen_rl" / "scripts" / f"{stage}.py").read_text()
     values = yaml.safe_load((ROOT / "recipes/configs" / stage / "shapes_tiny.yaml").read_text())
     config = tmp_path / f"{stage}.yaml"
     config.write_text(yaml.safe_dump({**values, **changes}))

@@ -5,12 +5,12 @@ import torch
 from peft import LoraConfig
 from trl import GRPOTrainer
 
-from echogen_rl.cyclerl_config import CycleRLConfig
-from echogen_rl.cyclerl_trainer import CycleRLTrainer
 from echogen_rl.data.random_layouts import build_random_layout_dataset, parse_prompt_text
 from echogen_rl.data.shapes import phrase_pool
-from echogen_rl.loading import DEFAULT_LORA_TARGETS
-from echogen_rl.prompts import PromptBuilder, pad_segments
+from echogen_rl.models.loading import DEFAULT_LORA_TARGETS
+from echogen_rl.models.prompts import PromptBuilder, pad_segments
+from echogen_rl.trainer.cyclerl_config import CycleRLConfig
+from echogen_rl.trainer.cyclerl_trainer import CycleRLTrainer
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +115,7 @@ def test_grpo_steps_change_lora_parameters_and_log_finite_rewards(tiny_model, ti
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=DEFAULT_LORA_TARGETS)
     args = _config(tmp_path, max_steps=3, beta=0.04, grounding_model="reference")  # the disabled adapter
     # An untrained grounder earns cycle rewards of 0 everywhere (no advantage); box_fill varies between images.
-    funcs = ["cycle_iou", "grounding_format", "recipes/examples/custom_reward.py:box_fill"]
+    funcs = ["cycle_iou", "grounding_format", "rewards/custom_reward.py:box_fill"]
     trainer = CycleRLTrainer(
         tiny_model, funcs, args, train_dataset=prompts_ds, processing_class=tiny_tokenizer, peft_config=lora
     )
@@ -146,7 +146,7 @@ def test_full_finetuning_without_lora(tiny_model, tiny_tokenizer, prompts_ds, tm
             processing_class=tiny_tokenizer,
         )
     args = _config(tmp_path, max_steps=2, grounding_model="policy")
-    funcs = ["recipes/examples/custom_reward.py:box_fill"]
+    funcs = ["rewards/custom_reward.py:box_fill"]
     trainer = CycleRLTrainer(tiny_model, funcs, args, train_dataset=prompts_ds, processing_class=tiny_tokenizer)
     head = tiny_model.model.generation_head.vision_head.weight.detach().clone()
     trainer.train()
@@ -154,7 +154,7 @@ def test_full_finetuning_without_lora(tiny_model, tiny_tokenizer, prompts_ds, tm
 
 
 def test_reference_grounding_uses_the_disabled_adapter(noisy_model, tiny_tokenizer, prompts_ds, tmp_path):
-    from echogen_rl.grounding import Grounder
+    from echogen_rl.models.grounding import Grounder
 
     codes = torch.randint(0, 9, (3, 64), generator=torch.Generator().manual_seed(0))
     phrases = [["red circle"], ["blue square", "red square"], ["white triangle"]]

@@ -17,8 +17,8 @@ import pytest
 import torch
 from transformers import JanusForConditionalGeneration
 
-from echogen_rl.djo_trainer import djo_losses
-from echogen_rl.pmtp_trainer import pmtp_losses
+from echogen_rl.trainer.djo_trainer import djo_losses
+from echogen_rl.trainer.pmtp_trainer import pmtp_losses
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "tests" / "scripts"

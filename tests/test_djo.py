@@ -6,16 +6,16 @@ import pytest
 import torch
 from trl import TrlParser
 
-from echogen_rl import djo_trainer
-from echogen_rl.collators import LoopLossCollator, PMTPCollator
+from echogen_rl.data.collators import LoopLossCollator, PMTPCollator
 from echogen_rl.data.shapes import build_shapes_dataset
 from echogen_rl.data.sources import LayoutDataArguments
-from echogen_rl.djo_config import DJOConfig
-from echogen_rl.djo_trainer import DJOTrainer, djo_losses, gumbel_tau, soft_image_tokens, warmup_loop_weight
-from echogen_rl.loading import JanusModelConfig
-from echogen_rl.modeling import embed_codes, soft_code_embeddings
-from echogen_rl.pmtp_trainer import pmtp_losses
-from echogen_rl.prompts import IGNORE_INDEX
+from echogen_rl.models.loading import JanusModelConfig
+from echogen_rl.models.modeling import embed_codes, soft_code_embeddings
+from echogen_rl.models.prompts import IGNORE_INDEX
+from echogen_rl.trainer import djo_trainer
+from echogen_rl.trainer.djo_config import DJOConfig
+from echogen_rl.trainer.djo_trainer import DJOTrainer, djo_losses, gumbel_tau, soft_image_tokens, warmup_loop_weight
+from echogen_rl.trainer.pmtp_trainer import pmtp_losses
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -175,7 +175,7 @@ def test_recipe_without_its_pmtp_checkpoint_names_the_command(tmp_path, monkeypa
 
 
 def test_a_missing_local_start_that_no_config_makes_is_named(tmp_path, monkeypatch):
-    from echogen_rl.loading import require_start_checkpoint
+    from echogen_rl.models.loading import require_start_checkpoint
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "outputs").mkdir()

@@ -3,10 +3,12 @@
 import pytest
 import torch
 
-from echogen_rl.collators import LoopLossCollator
+from echogen_rl.data.collators import LoopLossCollator
 from echogen_rl.data.shapes import build_shapes_dataset
-from echogen_rl.djo_config import DJOConfig
-from echogen_rl.djo_loop import (
+from echogen_rl.models.modeling import unwrap_janus
+from echogen_rl.rollout.torch_engine import TorchRolloutEngine
+from echogen_rl.trainer.djo_config import DJOConfig
+from echogen_rl.trainer.djo_loop import (
     autoregressive_loop,
     autoregressive_memory_gib,
     gumbel_at,
@@ -14,9 +16,7 @@ from echogen_rl.djo_loop import (
     sample_images,
     self_forced_logits,
 )
-from echogen_rl.djo_trainer import DJOTrainer, djo_losses
-from echogen_rl.modeling import unwrap_janus
-from echogen_rl.rollout.torch_engine import TorchRolloutEngine
+from echogen_rl.trainer.djo_trainer import DJOTrainer, djo_losses
 
 
 @pytest.fixture(scope="module")

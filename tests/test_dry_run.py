@@ -13,21 +13,21 @@ import yaml
 from PIL import Image
 from transformers import JanusConfig, JanusForConditionalGeneration, Trainer, TrainerCallback
 
-from echogen_rl.architectures import (
+from echogen_rl.cli import main as cli_main
+from echogen_rl.data.sources import LayoutDataArguments, build_layout_datasets, load_coco, load_layoutsam
+from echogen_rl.data.synthetic import synthesize_missing, write_coco, write_layoutsam
+from echogen_rl.experiments.dry_run import cpu_adjustments, estimate_gpu_memory, infer_stage, run_dry_run
+from echogen_rl.layout import LAYOUT_TAGS, Layout
+from echogen_rl.models.architectures import (
     Architecture,
     build_random_checkpoint,
     load_architecture,
     resolve_architecture,
     write_random_checkpoint,
 )
-from echogen_rl.cli import main as cli_main
-from echogen_rl.data.sources import LayoutDataArguments, build_layout_datasets, load_coco, load_layoutsam
-from echogen_rl.data.synthetic import synthesize_missing, write_coco, write_layoutsam
-from echogen_rl.dry_run import cpu_adjustments, estimate_gpu_memory, infer_stage, run_dry_run
-from echogen_rl.image_tokenizers import PaletteTokenizer
-from echogen_rl.layout import LAYOUT_TAGS, Layout
-from echogen_rl.loading import load_janus
-from echogen_rl.tiny import SPECIAL_TOKENS, build_tiny_tokenizer, tiny_vocabulary
+from echogen_rl.models.image_tokenizers import PaletteTokenizer
+from echogen_rl.models.loading import load_janus
+from echogen_rl.models.tiny import SPECIAL_TOKENS, build_tiny_tokenizer, tiny_vocabulary
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "recipes" / "configs"
@@ -36,7 +36,7 @@ GPU_CONFIGS = sorted(CONFIGS.glob("*/janus_pro_*.yaml"))
 
 def _small_architecture(path: Path) -> Path:
     """Janus-Pro-1B's config at toy size (vocabulary 2048, 8 x 8 image codes): the real layout, seconds to run."""
-    arch = json.loads((ROOT / "echogen_rl/architectures/janus_pro_1b.json").read_text())
+    arch = json.loads((ROOT / "echogen_rl/models/architectures/janus_pro_1b.json").read_text())
     arch["text_config"].update(
         vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=2, head_dim=16
     )
@@ -94,7 +94,7 @@ def test_shipped_architectures_have_the_published_sizes():
 def test_architecture_follows_the_chain_of_configs_back_to_a_hub_id(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the chain's relative outputs/... must not exist
     arch = resolve_architecture("outputs/pmtp-janus-pro-1b-coco")
-    assert arch.config.text_config.hidden_size == 2048 and arch.via == [str(CONFIGS / "pmtp/janus_pro_1b_coco.yaml")]
+    assert arch.config.text_config.hidden_size == 2048 and arch.via == ["recipes/configs/pmtp/janus_pro_1b_coco.yaml"]
     arch = resolve_architecture("outputs/djo-shapes-tiny")  # DJO <- PMTP <- the tiny checkpoint
     assert arch.config is None
     assert [Path(v).parent.name for v in arch.via] == ["djo", "pmtp"]
@@ -232,8 +232,8 @@ def test_dry_run_of_the_tiny_shapes_configs(stage, tmp_path, capsys):
         and report["architecture"]["via"]
         == {
             "pmtp": [],
-            "djo": [str(CONFIGS / "pmtp/shapes_tiny.yaml")],
-            "cyclerl": [str(CONFIGS / "djo/shapes_tiny.yaml"), str(CONFIGS / "pmtp/shapes_tiny.yaml")],
+            "djo": ["recipes/configs/pmtp/shapes_tiny.yaml"],
+            "cyclerl": ["recipes/configs/djo/shapes_tiny.yaml", "recipes/configs/pmtp/shapes_tiny.yaml"],
         }[stage]
     )
     assert report["changed"]["max_steps"] == 2 and report["overrides"] == ["--seed", "3"]
@@ -345,7 +345,7 @@ def test_cpu_dry_run_that_cannot_fit_is_refused_before_it_starts(monkeypatch):
     fp32 = SimpleNamespace(use_peft=False, dtype="float32")
     with_reference = SimpleNamespace(bf16=True, beta=0.04, optim="adamw_torch_fused")
     memory = SimpleNamespace(total=24 * 2**30)
-    monkeypatch.setattr("echogen_rl.dry_run.psutil.virtual_memory", lambda: memory)
+    monkeypatch.setattr("echogen_rl.experiments.dry_run.psutil.virtual_memory", lambda: memory)
     with pytest.raises(ValueError, match=r"policy and reference model\) and gradients alone take 21\.\d GiB"):
         cpu_adjustments(big, "cyclerl", with_reference, fp32)
     assert cpu_adjustments(big, "cyclerl", SimpleNamespace(bf16=True, beta=0.0, optim="adamw_torch"), fp32)["optim"]

@@ -11,9 +11,9 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from echogen_rl.cli import main
-from echogen_rl.coco_ap import COCO_IMAGE_SIZE
 from echogen_rl.data.shapes import ShapesConfig, build_shapes_dataset, codes_to_image, phrase_pool, render_codes
-from echogen_rl.evaluation import (
+from echogen_rl.eval.coco_ap import COCO_IMAGE_SIZE
+from echogen_rl.eval.evaluation import (
     coco_ap,
     color_accuracy,
     cycle_miou,
@@ -302,7 +302,7 @@ def test_eval_cli_applies_adapter(tiny_checkpoint, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import JanusForConditionalGeneration
 
-    from echogen_rl.loading import DEFAULT_LORA_TARGETS
+    from echogen_rl.models.loading import DEFAULT_LORA_TARGETS
 
     model = JanusForConditionalGeneration.from_pretrained(tiny_checkpoint)
     # Random (not zero) LoRA weights, so that the adapter changes what the model generates.
@@ -317,7 +317,7 @@ def test_eval_cli_applies_adapter(tiny_checkpoint, tmp_path):
 
 
 def test_spatial_does_not_let_a_misnamed_blob_stand_in():
-    from echogen_rl.evaluation import spatial_accuracy
+    from echogen_rl.eval.evaluation import spatial_accuracy
     from echogen_rl.layout import Entity, Layout
 
     target = Layout([Entity("red square", (0.0, 0.0, 0.2, 0.2)), Entity("blue circle", (0.6, 0.6, 0.8, 0.8))])
@@ -328,7 +328,7 @@ def test_spatial_does_not_let_a_misnamed_blob_stand_in():
 
 def test_mask_iou_ranks_an_exact_drawing_above_a_filled_box_above_nothing():
     from echogen_rl.data.shapes import render_codes
-    from echogen_rl.evaluation import mask_iou, mask_iou_per_image
+    from echogen_rl.eval.evaluation import mask_iou, mask_iou_per_image
 
     cfg = ShapesConfig()
     target = Layout([Entity("red circle", (0.0, 0.0, 0.5, 0.5)), Entity("blue triangle", (0.5, 0.5, 1.0, 1.0))])
@@ -353,7 +353,7 @@ def test_mask_iou_ranks_an_exact_drawing_above_a_filled_box_above_nothing():
 
 
 def test_resampled_ap_equals_pycocotools_on_any_multiset_of_images():
-    from echogen_rl.coco_ap import ResampledAP
+    from echogen_rl.eval.coco_ap import ResampledAP
 
     cfg = ShapesConfig()
     data = build_shapes_dataset(48, seed=11, config=cfg)

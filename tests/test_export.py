@@ -9,17 +9,17 @@ from huggingface_hub import ModelCard
 from peft import LoraConfig, PeftModel
 from transformers import AutoTokenizer, JanusForConditionalGeneration
 
-from echogen_rl import export
 from echogen_rl.cli import main
 from echogen_rl.data.shapes import build_shapes_dataset
 from echogen_rl.layout import Layout
-from echogen_rl.loading import DEFAULT_LORA_TARGETS
-from echogen_rl.modeling import image_logits, mixed_forward, text_logits
-from echogen_rl.pmtp_config import PMTPConfig
-from echogen_rl.pmtp_trainer import PMTPTrainer
-from echogen_rl.prompts import IGNORE_INDEX, PromptBuilder, pad_segments
+from echogen_rl.models import export
+from echogen_rl.models.loading import DEFAULT_LORA_TARGETS
+from echogen_rl.models.modeling import image_logits, mixed_forward, text_logits
+from echogen_rl.models.prompts import IGNORE_INDEX, PromptBuilder, pad_segments
+from echogen_rl.models.tiny import TinyJanusConfig, build_tiny_checkpoint
 from echogen_rl.rollout.torch_engine import TorchRolloutEngine
-from echogen_rl.tiny import TinyJanusConfig, build_tiny_checkpoint
+from echogen_rl.trainer.pmtp_config import PMTPConfig
+from echogen_rl.trainer.pmtp_trainer import PMTPTrainer
 
 TOLERANCE = 1e-5
 

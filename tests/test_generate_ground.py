@@ -8,14 +8,14 @@ from transformers import AutoTokenizer, JanusForConditionalGeneration
 
 from echogen_rl.cli import main
 from echogen_rl.data.shapes import build_shapes_dataset
-from echogen_rl.evaluation import generate_images
-from echogen_rl.export import attach_adapter, export_checkpoint
-from echogen_rl.grounding import Grounder
-from echogen_rl.image_tokenizers import PaletteTokenizer
+from echogen_rl.eval.evaluation import generate_images
 from echogen_rl.layout import Entity, Layout
-from echogen_rl.loading import DEFAULT_LORA_TARGETS
-from echogen_rl.prompts import PromptBuilder
-from echogen_rl.tiny import TinyJanusConfig, build_tiny_checkpoint
+from echogen_rl.models.export import attach_adapter, export_checkpoint
+from echogen_rl.models.grounding import Grounder
+from echogen_rl.models.image_tokenizers import PaletteTokenizer
+from echogen_rl.models.loading import DEFAULT_LORA_TARGETS
+from echogen_rl.models.prompts import PromptBuilder
+from echogen_rl.models.tiny import TinyJanusConfig, build_tiny_checkpoint
 
 BOXES = ["red square:0.1,0.1,0.5,0.5", "blue circle:0.5,0.5,0.9,0.9"]
 LAYOUT = Layout([Entity("red square", (0.1, 0.1, 0.5, 0.5)), Entity("blue circle", (0.5, 0.5, 0.9, 0.9))], "shapes")

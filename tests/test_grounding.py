@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from echogen_rl.grounding import Grounder, restrict_to_phrases
 from echogen_rl.layout import Entity, Layout, parse_layout
-from echogen_rl.modeling import embed_mixed
-from echogen_rl.prompts import pad_segments
+from echogen_rl.models.grounding import Grounder, restrict_to_phrases
+from echogen_rl.models.modeling import embed_mixed
+from echogen_rl.models.prompts import pad_segments
 
 PHRASES = [["red circle", "blue square"], ["green triangle"], ["white rectangle", "red circle", "cyan square"]]
 

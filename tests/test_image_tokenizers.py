@@ -4,7 +4,7 @@ import torch
 from PIL import Image
 
 from echogen_rl.data.palette import PALETTE
-from echogen_rl.image_tokenizers import JanusVQTokenizer, PaletteTokenizer
+from echogen_rl.models.image_tokenizers import JanusVQTokenizer, PaletteTokenizer
 
 
 def test_palette_round_trip_is_exact():

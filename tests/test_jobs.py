@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from echogen_rl.jobs import Job, JobError, follow_thread_share, run_jobs
+from echogen_rl.experiments.jobs import Job, JobError, follow_thread_share, run_jobs
 
 
 def record(path: str, needs: str | None = None) -> dict:
@@ -117,7 +117,7 @@ def sleep_and_report(path: str) -> None:
 def test_workers_end_when_the_pool_process_is_killed(tmp_path):
     pid_file = tmp_path / "worker.pid"
     script = (
-        "from echogen_rl.jobs import Job, run_jobs\n"
+        "from echogen_rl.experiments.jobs import Job, run_jobs\n"
         "import sys; sys.path.insert(0, sys.argv[1])\n"
         "from test_jobs import sleep_and_report\n"
         "if __name__ == '__main__':\n"

@@ -3,7 +3,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from echogen_rl.layout import Entity, Layout
-from echogen_rl.modeling import (
+from echogen_rl.models.modeling import (
     block_causal_mask,
     embed_codes,
     embed_mixed,
@@ -12,7 +12,7 @@ from echogen_rl.modeling import (
     soft_code_embeddings,
     unwrap_janus,
 )
-from echogen_rl.prompts import pad_segments
+from echogen_rl.models.prompts import pad_segments
 
 LAYOUT = Layout([Entity("red circle", (0.125, 0.25, 0.5, 0.625))], "a red circle")
 CODES = [(3 * i) % 9 for i in range(64)]

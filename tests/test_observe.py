@@ -9,13 +9,13 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.tensorboard import SummaryWriter
 
 from echogen_rl.cli import main
-from echogen_rl.cyclerl_config import CycleRLConfig
-from echogen_rl.cyclerl_trainer import CycleRLTrainer
 from echogen_rl.data.random_layouts import build_random_layout_dataset
 from echogen_rl.data.shapes import build_shapes_dataset, phrase_pool
-from echogen_rl.observe import SampleImagesCallback
-from echogen_rl.pmtp_config import PMTPConfig
-from echogen_rl.pmtp_trainer import PMTPTrainer
+from echogen_rl.trainer.callbacks import SampleImagesCallback
+from echogen_rl.trainer.cyclerl_config import CycleRLConfig
+from echogen_rl.trainer.cyclerl_trainer import CycleRLTrainer
+from echogen_rl.trainer.pmtp_config import PMTPConfig
+from echogen_rl.trainer.pmtp_trainer import PMTPTrainer
 
 COMMON = dict(max_steps=2, logging_steps=1, save_strategy="no", use_cpu=True, bf16=False, seed=0)
 
@@ -51,7 +51,7 @@ def logged_runs(tmp_path_factory):
     """A PMTP and a CycleRL run of 2 steps each, logging to TensorBoard, saved."""
     from transformers import AutoTokenizer, JanusForConditionalGeneration
 
-    from echogen_rl.tiny import build_tiny_checkpoint
+    from echogen_rl.models.tiny import build_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("observe")
     ckpt = build_tiny_checkpoint(root / "tiny")

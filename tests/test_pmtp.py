@@ -4,11 +4,11 @@ import pytest
 import torch
 from trl import SFTTrainer
 
-from echogen_rl.collators import PMTPCollator
+from echogen_rl.data.collators import PMTPCollator
 from echogen_rl.data.shapes import build_shapes_dataset
-from echogen_rl.modeling import mixed_forward
-from echogen_rl.pmtp_config import PMTPConfig
-from echogen_rl.pmtp_trainer import PMTPTrainer, pmtp_losses
+from echogen_rl.models.modeling import mixed_forward
+from echogen_rl.trainer.pmtp_config import PMTPConfig
+from echogen_rl.trainer.pmtp_trainer import PMTPTrainer, pmtp_losses
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def test_oversized_sample_and_bad_layout_are_named(prompts, shapes):
 
 def test_no_leak_from_l2i_to_i2l(noisy_model, prompts, shapes):
     """Changing any L2I token leaves every I2L hidden state (hence logit) of the same row unchanged."""
-    from echogen_rl.modeling import block_causal_mask
+    from echogen_rl.models.modeling import block_causal_mask
 
     batch = PMTPCollator(prompts)(_examples(shapes, 2))
     seg = batch["segment_ids"][0]

@@ -13,14 +13,14 @@ import torch
 from accelerate.utils import DistributedType
 from transformers import JanusForConditionalGeneration
 
-from echogen_rl.cyclerl_config import CycleRLConfig
-from echogen_rl.cyclerl_trainer import CycleRLTrainer
 from echogen_rl.data.random_layouts import build_random_layout_dataset
 from echogen_rl.data.shapes import build_shapes_dataset, phrase_pool
-from echogen_rl.djo_config import DJOConfig
-from echogen_rl.djo_trainer import DJOTrainer
-from echogen_rl.pmtp_config import PMTPConfig
-from echogen_rl.pmtp_trainer import PMTPTrainer
+from echogen_rl.trainer.cyclerl_config import CycleRLConfig
+from echogen_rl.trainer.cyclerl_trainer import CycleRLTrainer
+from echogen_rl.trainer.djo_config import DJOConfig
+from echogen_rl.trainer.djo_trainer import DJOTrainer
+from echogen_rl.trainer.pmtp_config import PMTPConfig
+from echogen_rl.trainer.pmtp_trainer import PMTPTrainer
 
 STAGES = ("pmtp", "djo", "cyclerl")
 
@@ -109,7 +109,7 @@ def test_an_update_of_1e_6_changes_fp32_master_weights_and_not_bf16_ones(tiny_ch
 def test_fsdp_is_refused_with_what_to_use_instead():
     from types import SimpleNamespace
 
-    from echogen_rl.modeling import check_sharding
+    from echogen_rl.models.modeling import check_sharding
 
     check_sharding(SimpleNamespace(is_fsdp_enabled=False))
     with pytest.raises(ValueError, match=r"does not support FSDP.*ddp.yaml.*zero2.yaml / zero3.yaml"):

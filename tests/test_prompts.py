@@ -4,7 +4,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from echogen_rl.layout import LAYOUT_TAGS, Entity, Layout, parse_layout
-from echogen_rl.prompts import IGNORE_INDEX, PromptBuilder, add_layout_tokens, pad_segments
+from echogen_rl.models.prompts import IGNORE_INDEX, PromptBuilder, add_layout_tokens, pad_segments
 
 LAYOUT = Layout(
     [Entity("red circle", (0.125, 0.25, 0.5, 0.625)), Entity("blue square", (0.5, 0.0, 1.0, 0.5))], "two shapes"
@@ -83,7 +83,7 @@ def test_add_layout_tokens_to_a_tokenizer_without_them(tiny_model):
 
 
 def test_unconditional_segment_is_the_cfg_row_of_sampling(prompts):
-    from echogen_rl.modeling import uncond_prompt_ids
+    from echogen_rl.models.modeling import uncond_prompt_ids
 
     seg = prompts.l2i(LAYOUT, CODES)
     blank = prompts.unconditional(seg)

@@ -4,9 +4,12 @@ generate, ground, eval. Every command's output exists, and the final model beats
 import json
 import re
 import shlex
+from pathlib import Path
 
 from echogen_rl.cli import main
-from echogen_rl.recipe_runner import REPO, run_recipe
+from echogen_rl.scripts.runner import run_recipe
+
+REPO = Path(__file__).resolve().parents[1]
 
 # What the quick budget adds to each printed recipe command (the shipped configs' own values otherwise).
 QUICK = {

@@ -12,11 +12,11 @@ import yaml
 from transformers import JanusForConditionalGeneration
 from trl import TrlParser
 
-from echogen_rl.cyclerl_config import CycleRLConfig
 from echogen_rl.data.sources import LayoutDataArguments
-from echogen_rl.djo_config import DJOConfig
-from echogen_rl.loading import JanusModelConfig
-from echogen_rl.pmtp_config import PMTPConfig
+from echogen_rl.models.loading import JanusModelConfig
+from echogen_rl.trainer.cyclerl_config import CycleRLConfig
+from echogen_rl.trainer.djo_config import DJOConfig
+from echogen_rl.trainer.pmtp_config import PMTPConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE_DATACLASSES = {

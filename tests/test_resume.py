@@ -10,15 +10,15 @@ import torch
 from peft import LoraConfig
 from transformers import JanusForConditionalGeneration, TrainerCallback
 
-from echogen_rl.cyclerl_config import CycleRLConfig
-from echogen_rl.cyclerl_trainer import CycleRLTrainer
 from echogen_rl.data.random_layouts import build_random_layout_dataset
 from echogen_rl.data.shapes import build_shapes_dataset, phrase_pool
-from echogen_rl.djo_config import DJOConfig
-from echogen_rl.djo_trainer import DJOTrainer
-from echogen_rl.loading import DEFAULT_LORA_TARGETS
-from echogen_rl.pmtp_config import PMTPConfig
-from echogen_rl.pmtp_trainer import PMTPTrainer
+from echogen_rl.models.loading import DEFAULT_LORA_TARGETS
+from echogen_rl.trainer.cyclerl_config import CycleRLConfig
+from echogen_rl.trainer.cyclerl_trainer import CycleRLTrainer
+from echogen_rl.trainer.djo_config import DJOConfig
+from echogen_rl.trainer.djo_trainer import DJOTrainer
+from echogen_rl.trainer.pmtp_config import PMTPConfig
+from echogen_rl.trainer.pmtp_trainer import PMTPTrainer
 
 
 class StopAt(TrainerCallback):
@@ -130,7 +130,7 @@ def _cyclerl_maker(checkpoint, tokenizer, max_steps: int, **overrides):
         model = JanusForConditionalGeneration.from_pretrained(checkpoint)
         lora = LoraConfig(r=4, lora_alpha=8, target_modules=DEFAULT_LORA_TARGETS)
         # box_fill varies between images; an untrained grounder's cycle reward is 0 everywhere (no advantage).
-        rewards = ["cycle_iou", "recipes/examples/custom_reward.py:box_fill"]
+        rewards = ["cycle_iou", "rewards/custom_reward.py:box_fill"]
         return CycleRLTrainer(
             model, rewards, config, train_dataset=prompts, processing_class=tokenizer, peft_config=lora
         )

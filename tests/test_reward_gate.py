@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from echogen_rl.collators import PMTPCollator
+from echogen_rl.data.collators import PMTPCollator
 from echogen_rl.data.shapes import (
     KindNegatives,
     ShapesConfig,
@@ -18,12 +18,12 @@ from echogen_rl.data.shapes import (
     render_filled_boxes,
     shape_mask,
 )
-from echogen_rl.evaluation import filled_box_rate, strict_recall50
-from echogen_rl.grounding import GroundingResult
+from echogen_rl.eval.evaluation import filled_box_rate, strict_recall50
+from echogen_rl.eval.reward_check import REWARD_GATE_MARGIN, reward_check, reward_gate, summarize_reward_check
+from echogen_rl.experiments.study import run_study
 from echogen_rl.layout import Layout, grounding_answer
-from echogen_rl.prompts import PromptBuilder
-from echogen_rl.reward_check import REWARD_GATE_MARGIN, reward_check, reward_gate, summarize_reward_check
-from echogen_rl.study import run_study
+from echogen_rl.models.grounding import GroundingResult
+from echogen_rl.models.prompts import PromptBuilder
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def test_pmtp_collator_shows_the_negative_to_the_grounder_only(tiny_tokenizer, s
     layouts, codes = shapes
     prompts = PromptBuilder(tiny_tokenizer, 64)
     collator = PMTPCollator(prompts, None, pack=False, kinds=KindNegatives(1.0))
-    from echogen_rl.collators import _unit_hash
+    from echogen_rl.data.collators import _unit_hash
 
     checked = 0
     for layout, grid in zip(layouts, codes):
@@ -162,9 +162,9 @@ def test_the_monitor_trips_on_painted_boxes_and_not_on_drawings(shapes):
 
 
 def test_cyclerl_logs_the_monitor_on_the_shapes_world(tiny_model, tiny_tokenizer, tmp_path):
-    from echogen_rl.cyclerl_config import CycleRLConfig
-    from echogen_rl.cyclerl_trainer import CycleRLTrainer
     from echogen_rl.data.random_layouts import add_prompt_column
+    from echogen_rl.trainer.cyclerl_config import CycleRLConfig
+    from echogen_rl.trainer.cyclerl_trainer import CycleRLTrainer
 
     data = add_prompt_column(build_shapes_dataset(8, seed=2))
     args = CycleRLConfig(
@@ -200,7 +200,7 @@ def test_a_seed_set_refuses_a_folder_of_another_set(tmp_path):
 
 
 def test_the_seed_sets_score_disjoint_layouts():
-    from echogen_rl.study import SEED_SETS, study_layouts
+    from echogen_rl.experiments.study import SEED_SETS, study_layouts
 
     a, _ = study_layouts("held_out", 64, ShapesConfig(), "a")
     b, _ = study_layouts("held_out", 64, ShapesConfig(), "b")
@@ -211,7 +211,7 @@ def test_the_seed_sets_score_disjoint_layouts():
 
 
 def test_the_loop_collator_asks_other_kinds_but_never_redraws(tiny_tokenizer, shapes):
-    from echogen_rl.collators import LoopLossCollator
+    from echogen_rl.data.collators import LoopLossCollator
 
     layouts, codes = shapes
     prompts = PromptBuilder(tiny_tokenizer, 64)

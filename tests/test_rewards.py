@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from echogen_rl.layout import Entity, Layout
-from rewards import (
+from echogen_rl.rewards import (
     REWARDS,
     RewardError,
     cycle_center,
@@ -96,7 +96,7 @@ def test_failing_rewards_are_named():
 
 
 def test_example_reward_in_recipes_reads_image_codes():
-    reward = load_reward("recipes/examples/custom_reward.py:box_fill")
+    reward = load_reward("rewards/custom_reward.py:box_fill")
     layout = Layout([Entity("red square", (0.0, 0.0, 0.5, 0.5))])
     full = [1 if (i // 8 < 4 and i % 8 < 4) else 0 for i in range(64)]
     out = reward(["p", "q"], ["c", "d"], target_layouts=[layout, layout], image_codes=[full, [0] * 64])
@@ -104,8 +104,8 @@ def test_example_reward_in_recipes_reads_image_codes():
 
 
 def test_shuffled_rewards_permute_within_the_batch_and_together():
-    from rewards.controls import ShuffledReward
-    from rewards.registry import load_reward
+    from echogen_rl.rewards.controls import ShuffledReward
+    from echogen_rl.rewards.registry import load_reward
 
     def first(prompts, completions, **kwargs):
         return [0.1, None, 0.3, 0.4, 0.5, 0.6]
@@ -123,4 +123,4 @@ def test_shuffled_rewards_permute_within_the_batch_and_together():
         ]  # the same permutation
         seen.add(tuple(x))
     assert len(seen) > 1  # a new permutation per batch
-    assert load_reward("rewards.controls:shuffled_cycle_iou").__name__ == "shuffled_cycle_iou"
+    assert load_reward("echogen_rl.rewards.controls:shuffled_cycle_iou").__name__ == "shuffled_cycle_iou"

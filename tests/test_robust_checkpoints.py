@@ -9,7 +9,7 @@ from PIL import Image
 from transformers import JanusForConditionalGeneration
 
 from echogen_rl.cli import main
-from echogen_rl.loading import CheckpointError, check_checkpoint, load_janus
+from echogen_rl.models.loading import CheckpointError, check_checkpoint, load_janus
 
 
 @pytest.fixture

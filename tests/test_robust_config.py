@@ -1,16 +1,19 @@
 """Config values are type-checked when the YAML is read: the error names the file, the key, the value and the type."""
 
+from pathlib import Path
+
 import pytest
 import yaml
 
-from echogen_rl.recipe_runner import (
-    REPO,
+from echogen_rl.scripts.runner import (
     ConfigTypeError,
     check_value,
     load_recipe,
     parse_recipe_args,
     recipe_classes,
 )
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _parse(tmp_path, stage, **changes):

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from echogen_rl.layout import Entity, Layout
-from echogen_rl.modeling import image_token_logprobs
-from echogen_rl.prompts import pad_segments
+from echogen_rl.models.modeling import image_token_logprobs
+from echogen_rl.models.prompts import pad_segments
 from echogen_rl.rollout.torch_engine import TorchRolloutEngine
 
 LAYOUTS = [

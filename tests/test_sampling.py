@@ -5,13 +5,18 @@ import warnings
 import pytest
 from transformers import GenerationConfig, JanusForConditionalGeneration
 
-from echogen_rl.cyclerl_config import CycleRLConfig
-from echogen_rl.cyclerl_trainer import CycleRLTrainer
 from echogen_rl.data.random_layouts import build_random_layout_dataset
 from echogen_rl.data.shapes import build_shapes_dataset, phrase_pool
-from echogen_rl.pmtp_config import PMTPConfig
-from echogen_rl.pmtp_trainer import PMTPTrainer
-from echogen_rl.sampling import has_unconditional_branch, record_sampling, resolve_guidance_scale, resolve_temperature
+from echogen_rl.models.sampling import (
+    has_unconditional_branch,
+    record_sampling,
+    resolve_guidance_scale,
+    resolve_temperature,
+)
+from echogen_rl.trainer.cyclerl_config import CycleRLConfig
+from echogen_rl.trainer.cyclerl_trainer import CycleRLTrainer
+from echogen_rl.trainer.pmtp_config import PMTPConfig
+from echogen_rl.trainer.pmtp_trainer import PMTPTrainer
 
 
 def test_the_tiny_checkpoint_records_no_cfg_and_a_cfg_scale_on_it_warns(tiny_model):

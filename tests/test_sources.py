@@ -14,8 +14,8 @@ from echogen_rl.data.layoutsam import load_layoutsam
 from echogen_rl.data.palette import PALETTE
 from echogen_rl.data.shapes import build_shapes_dataset
 from echogen_rl.data.sources import EVAL_SEED_OFFSET, LayoutDataArguments, build_layout_datasets
-from echogen_rl.image_tokenizers import PaletteTokenizer
 from echogen_rl.layout import Entity, Layout
+from echogen_rl.models.image_tokenizers import PaletteTokenizer
 
 W, H = 40, 30
 
@@ -376,7 +376,7 @@ def test_vq_code_cache_is_keyed_by_the_vq_weights(tiny_checkpoint):
     checkpoint whose VQ model differs gets its own."""
     from transformers import JanusForConditionalGeneration
 
-    from echogen_rl.image_tokenizers import JanusVQTokenizer
+    from echogen_rl.models.image_tokenizers import JanusVQTokenizer
 
     pmtp = JanusForConditionalGeneration.from_pretrained(tiny_checkpoint)
     djo = JanusForConditionalGeneration.from_pretrained(tiny_checkpoint)

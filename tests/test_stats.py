@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from echogen_rl.stats import bootstrap_ci, paired_difference
+from echogen_rl.eval.stats import bootstrap_ci, paired_difference
 
 
 def test_one_seed_interval_agrees_with_scipy_percentile_bootstrap():

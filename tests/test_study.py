@@ -12,10 +12,18 @@ from echogen_rl.data.shapes import (
     render_codes,
     render_filled_boxes,
 )
-from echogen_rl.grounding import GroundingResult
+from echogen_rl.eval.reward_check import DRAWINGS, reward_check
+from echogen_rl.experiments.study import (
+    COMPARISONS,
+    StudyBudget,
+    run_study,
+    score_codes,
+    scores_path,
+    study_layouts,
+    summarize,
+)
 from echogen_rl.layout import Layout
-from echogen_rl.reward_check import DRAWINGS, reward_check
-from echogen_rl.study import COMPARISONS, StudyBudget, run_study, score_codes, scores_path, study_layouts, summarize
+from echogen_rl.models.grounding import GroundingResult
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +53,8 @@ def test_study_writes_paired_comparisons_with_intervals(quick_study):
     assert "Reward gate (the djo grounder, correct - filled >= 0.15): failed" in table
     # Each arm of each seed trained from the shipped config, with the study's changes recorded.
     assert saved["settings"]["cyclerl_shuffled/seed1"]["reward_funcs"] == [
-        "rewards.controls:shuffled_cycle_iou",
-        "rewards.controls:shuffled_grounding_format",
+        "echogen_rl.rewards.controls:shuffled_cycle_iou",
+        "echogen_rl.rewards.controls:shuffled_grounding_format",
     ]
     assert saved["settings"]["pmtp_continued/seed0"]["learning_rate"] == 2.0e-4  # DJO's restart, from its config
     assert saved["configs"]["djo"] == "recipes/configs/djo/shapes_tiny.yaml"  # repository-relative, no machine path
@@ -160,7 +168,8 @@ def test_reward_check_ranks_a_correct_drawing_above_filled_boxes_above_an_empty_
 
 
 def test_the_study_command_passes_the_world_and_stages_to_the_budget(monkeypatch, tmp_path, capsys):
-    from echogen_rl import cli, study
+    from echogen_rl import cli
+    from echogen_rl.experiments import study
 
     seen = {}
     monkeypatch.setattr(study, "run_study", lambda out, budget, **kwargs: seen.update(budget=budget, **kwargs))
@@ -204,7 +213,7 @@ def test_scoring_grounds_once_when_the_scored_model_is_the_reference():
 
 
 def test_a_claim_stands_only_when_every_seed_set_holds_it_and_its_reward_gate_passed():
-    from echogen_rl.study_report import format_replication
+    from echogen_rl.experiments.study_report import format_replication
 
     def report(low, evidence=True):
         cell = {"diff": low + 0.01, "ci_low": low, "ci_high": low + 0.02}
@@ -229,7 +238,7 @@ def test_a_claim_stands_only_when_every_seed_set_holds_it_and_its_reward_gate_pa
 def test_the_readme_replication_table_is_rendered_from_the_committed_studies():
     from pathlib import Path
 
-    from echogen_rl.study_report import format_replication
+    from echogen_rl.experiments.study_report import format_replication
 
     root = Path(__file__).resolve().parents[1]
     results = root / "benchmarks" / "results"

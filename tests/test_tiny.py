@@ -6,7 +6,7 @@ from transformers import AutoTokenizer, JanusForConditionalGeneration
 
 from echogen_rl.data.palette import PALETTE
 from echogen_rl.layout import LAYOUT_TAGS, Entity, Layout
-from echogen_rl.tiny import BOI_TOKEN, EOS_TOKEN, USER_TOKEN, TinyJanusConfig, build_tiny_checkpoint
+from echogen_rl.models.tiny import BOI_TOKEN, EOS_TOKEN, USER_TOKEN, TinyJanusConfig, build_tiny_checkpoint
 
 
 def test_checkpoint_loads_by_path_and_runs_forward(tiny_checkpoint):
@@ -70,7 +70,7 @@ def test_bad_tiny_config_names_the_field():
 def test_generation_embeddings_tell_codes_apart(tiny_model):
     """The tiny model's code embeddings start at unit scale, like a trained VQ codebook: after the aligner, distinct
     codes are far more distinct than at the default 0.02 init, where they reached the model as nearly one vector."""
-    from echogen_rl.modeling import embed_codes
+    from echogen_rl.models.modeling import embed_codes
 
     def min_distance():
         emb = embed_codes(tiny_model, torch.arange(len(PALETTE))).detach()

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from echogen_rl.eval.visualize import RECOVERED_COLOR, TARGET_COLOR, image_grid, overlay, save_png
 from echogen_rl.layout import Entity, Layout
-from echogen_rl.visualize import RECOVERED_COLOR, TARGET_COLOR, image_grid, overlay, save_png
 
 
 def test_overlay_draws_both_layouts_at_their_boxes():

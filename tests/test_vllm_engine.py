@@ -13,16 +13,16 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 from test_rollout import _batch, _special  # noqa: E402
 from transformers import AutoTokenizer, JanusForConditionalGeneration  # noqa: E402
 
-from echogen_rl.cyclerl_trainer import CycleRLTrainer  # noqa: E402
 from echogen_rl.data.random_layouts import build_random_layout_dataset  # noqa: E402
 from echogen_rl.data.shapes import phrase_pool  # noqa: E402
 from echogen_rl.layout import Entity, Layout  # noqa: E402
-from echogen_rl.loading import DEFAULT_LORA_TARGETS  # noqa: E402
-from echogen_rl.modeling import image_token_logprobs  # noqa: E402
-from echogen_rl.prompts import PromptBuilder  # noqa: E402
+from echogen_rl.models.loading import DEFAULT_LORA_TARGETS  # noqa: E402
+from echogen_rl.models.modeling import image_token_logprobs  # noqa: E402
+from echogen_rl.models.prompts import PromptBuilder  # noqa: E402
+from echogen_rl.models.tiny import TinyJanusConfig, build_tiny_checkpoint  # noqa: E402
 from echogen_rl.rollout.torch_engine import TorchRolloutEngine  # noqa: E402
 from echogen_rl.rollout.vllm_engine import VLLMRolloutEngine, generation_weights  # noqa: E402
-from echogen_rl.tiny import TinyJanusConfig, build_tiny_checkpoint  # noqa: E402
+from echogen_rl.trainer.cyclerl_trainer import CycleRLTrainer  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
@@ -206,7 +206,7 @@ def test_cyclerl_trains_with_the_vllm_engine(tiny_checkpoint, tmp_path):
         vllm_enforce_eager=True,
     )
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=DEFAULT_LORA_TARGETS)
-    funcs = ["cycle_iou", "recipes/examples/custom_reward.py:box_fill"]
+    funcs = ["cycle_iou", "rewards/custom_reward.py:box_fill"]
     dataset = build_random_layout_dataset(16, 0, phrase_pool(), grid_size=8)
     trainer = CycleRLTrainer(model, funcs, args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}

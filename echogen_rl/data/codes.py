@@ -16,7 +16,7 @@ from echogen_rl.data.common import (
     open_image,
     report_bad,
 )
-from echogen_rl.image_tokenizers import ImageTokenizer
+from echogen_rl.models.image_tokenizers import ImageTokenizer
 
 
 def encode_image_codes(

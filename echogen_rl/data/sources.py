@@ -20,7 +20,7 @@ from echogen_rl.data.codes import encode_image_codes
 from echogen_rl.data.common import BAD_SAMPLE_ACTIONS, BadSampleWarning, FilterStats, check_choice, check_int
 from echogen_rl.data.layoutsam import REGION_CAPTION_COLUMNS, load_layoutsam
 from echogen_rl.data.shapes import ShapesConfig, build_shapes_dataset
-from echogen_rl.image_tokenizers import ImageTokenizer, JanusVQTokenizer
+from echogen_rl.models.image_tokenizers import ImageTokenizer, JanusVQTokenizer
 
 __all__ = [
     "BAD_SAMPLE_ACTIONS",

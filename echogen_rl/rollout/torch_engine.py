@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import StaticCache
 
-from ..modeling import (
+from echogen_rl.models.modeling import (
     cache_kwargs,
     cached_decoding,
     embed_codes,
@@ -14,8 +14,8 @@ from ..modeling import (
     sampling_logprobs,
     unwrap_janus,
 )
-from ..modeling import uncond_prompt_ids as make_uncond
-from .base import RolloutEngine, RolloutOutput
+from echogen_rl.models.modeling import uncond_prompt_ids as make_uncond
+from echogen_rl.rollout.base import RolloutEngine, RolloutOutput
 
 
 def gumbel_noise(shape: tuple[int, ...], generator: torch.Generator | None, device) -> torch.Tensor:

@@ -23,10 +23,10 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from ..modeling import uncond_prompt_ids as make_uncond
-from ..modeling import unwrap_janus
-from .base import RolloutEngine, RolloutOutput
-from .vllm_plugin import ARCHITECTURE, register
+from echogen_rl.models.modeling import uncond_prompt_ids as make_uncond
+from echogen_rl.models.modeling import unwrap_janus
+from echogen_rl.rollout.base import RolloutEngine, RolloutOutput
+from echogen_rl.rollout.vllm_plugin import ARCHITECTURE, register
 
 INSTALL_HINT = (
     "rollout_engine='vllm' needs vLLM: `pip install 'echogen-rl[vllm]'` on a GPU machine, or "
@@ -82,7 +82,7 @@ def generation_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tens
     """
     from peft.tuners.lora import LoraLayer
 
-    from .vllm_plugin import vllm_name
+    from echogen_rl.rollout.vllm_plugin import vllm_name
 
     janus = unwrap_janus(model)
     lora_layers: list[str] = []

@@ -30,7 +30,7 @@ from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.llama import LlamaDecoderLayer
 
-from .vllm_plugin import vllm_name
+from echogen_rl.rollout.vllm_plugin import vllm_name
 
 STACKED = (
     (".qkv_proj", ".q_proj", "q"),

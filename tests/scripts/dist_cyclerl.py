@@ -11,11 +11,11 @@ from _dist import common_args, parse_args, trainable, write_rank
 from peft import LoraConfig
 from transformers import AutoTokenizer, JanusForConditionalGeneration
 
-from echogen_rl.cyclerl_config import CycleRLConfig
-from echogen_rl.cyclerl_trainer import CycleRLTrainer
 from echogen_rl.data.random_layouts import build_random_layout_dataset
 from echogen_rl.data.shapes import phrase_pool
-from echogen_rl.loading import DEFAULT_LORA_TARGETS
+from echogen_rl.models.loading import DEFAULT_LORA_TARGETS
+from echogen_rl.trainer.cyclerl_config import CycleRLConfig
+from echogen_rl.trainer.cyclerl_trainer import CycleRLTrainer
 
 RECORD = {"prompts": [], "rewards": [], "advantages": []}
 

@@ -13,10 +13,10 @@ from _dist import common_args, fingerprint, parse_args, trainable, write_rank
 from transformers import AutoTokenizer, JanusForConditionalGeneration
 
 from echogen_rl.data.shapes import build_shapes_dataset
-from echogen_rl.djo_config import DJOConfig
-from echogen_rl.djo_trainer import DJOTrainer
-from echogen_rl.pmtp_config import PMTPConfig
-from echogen_rl.pmtp_trainer import PMTPTrainer
+from echogen_rl.trainer.djo_config import DJOConfig
+from echogen_rl.trainer.djo_trainer import DJOTrainer
+from echogen_rl.trainer.pmtp_config import PMTPConfig
+from echogen_rl.trainer.pmtp_trainer import PMTPTrainer
 
 # stage -> (trainer, config class, stage-specific config, the batch key to fingerprint)
 STAGES = {

@@ -1,0 +1,256 @@
+"""`echogen-rl demo`: the three stages end to end on the shapes world, offline on a CPU.
+
+It builds the tiny checkpoint, trains PMTP -> DJO -> CycleRL by running the shipped shapes configs through
+their recipes (`recipes/configs/<stage>/shapes_tiny.yaml`; a budget changes only the fields it lists),
+evaluates after each stage on held-out layouts (the oracle detector reads the generated code grids
+exactly), and trains a "separate" baseline with the PMTP config's steps: one model on L2I only, another on
+I2L only, no joint packing. It prints a table and writes `report.json` and a PNG grid per stage.
+The numbers are whatever this budget gives; nothing is tuned to the held-out set.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, JanusForConditionalGeneration
+
+from echogen_rl.data.shapes import ShapesConfig, build_shapes_dataset
+from echogen_rl.eval.evaluation import cycle_miou, evaluate_i2l, evaluate_l2i, mask_iou
+from echogen_rl.eval.visualize import image_grid, overlay, save_png
+from echogen_rl.experiments.jobs import Job, default_workers, run_jobs
+from echogen_rl.layout import Layout
+from echogen_rl.models.architectures import SHIPPED_CONFIGS, config_name
+from echogen_rl.models.grounding import Grounder
+from echogen_rl.models.image_tokenizers import PaletteTokenizer
+from echogen_rl.models.prompts import PromptBuilder
+from echogen_rl.models.sampling import resolve_guidance_scale
+from echogen_rl.models.tiny import build_tiny_checkpoint
+from echogen_rl.scripts.runner import FollowThreadShare, run_recipe, run_settings
+
+HELD_OUT_SEED = 3_000_017  # far from the training seeds (0) and the eval split (1_000_003)
+COLUMNS = (
+    "ap",
+    "ap50",
+    "color",
+    "tolerant_l2i",
+    "cycle_miou_ref",
+    "cycle_miou",
+    "grounding_acc50",
+    "grounding_miou",
+)
+
+
+@dataclass
+class DemoBudget:
+    """What the demo changes in the shipped shapes configs (`recipes/configs/<stage>/shapes_tiny.yaml`), per stage
+    as `{field: value}`, and how many held-out layouts it scores.
+
+    The default fits 10 minutes on 2 cores, running side by side: PMTP and each separate baseline train 420 steps
+    (the config's 1000), DJO 100 (200) and CycleRL 40 (120). `DemoBudget.shipped()` changes nothing but where runs
+    write (about 25 minutes); `DemoBudget.quick()` is the smoke-test budget.
+    """
+
+    eval_layouts: int = 64
+    pmtp: dict = field(default_factory=lambda: {"max_steps": 420})
+    djo: dict = field(default_factory=lambda: {"max_steps": 100})
+    cyclerl: dict = field(default_factory=lambda: {"max_steps": 40})
+
+    @classmethod
+    def shipped(cls) -> DemoBudget:
+        return cls(pmtp={}, djo={}, cyclerl={})
+
+    @classmethod
+    def quick(cls) -> DemoBudget:
+        return cls(
+            eval_layouts=8,
+            pmtp={"max_steps": 4, "num_train_samples": 64},
+            djo={"max_steps": 3, "num_train_samples": 32, "warmup_steps": 1},
+            cyclerl={"max_steps": 2, "num_train_samples": 8, "per_device_train_batch_size": 8, "num_generations": 4},
+        )
+
+
+def _shipped(stage: str) -> Path:
+    return SHIPPED_CONFIGS / stage / "shapes_tiny.yaml"
+
+
+def train_stage(stage: str, out: str, changes: dict) -> list[dict]:
+    """Runs the stage's shipped shapes config through its recipe with `changes` (a demo job); returns its log."""
+    trainer = run_recipe(stage, _shipped(stage), {**changes, **run_settings(out)}, [FollowThreadShare()])
+    return trainer.state.log_history
+
+
+def _load(path: Path, base: Path | None = None):
+    """A trained stage: a full checkpoint, or `base` with the stage's LoRA adapter merged in."""
+    model = JanusForConditionalGeneration.from_pretrained(base or path)
+    if (path / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    return model.eval()
+
+
+def evaluate_stage(out: str, stage: str, l2i: str, i2l: str, base: str | None, eval_layouts: int) -> dict:
+    """Scores one stage on the held-out layouts (a demo job) and draws its picture (the untrained model gets none):
+    L2I by the model at `l2i` (the oracle detector), grounding and the cycle's return trip by the one at `i2l`, and
+    `cycle_miou_ref`, the return trip by PMTP's grounder, fixed for every stage."""
+    out = Path(out)
+    tokenizer = AutoTokenizer.from_pretrained(out / "tiny-janus")
+    shapes = ShapesConfig()
+    layouts, real_codes = _held_out(eval_layouts, shapes)
+    l2i_model = _load(Path(l2i), Path(base) if base else None)
+    i2l_model = l2i_model if i2l == l2i else _load(Path(i2l))
+    # Sampled as the checkpoint records (the shapes configs train no unconditional branch: no CFG).
+    guidance = resolve_guidance_scale(l2i_model, None, "demo")
+    l2i_result = evaluate_l2i(
+        l2i_model, tokenizer, layouts, "oracle", shapes, guidance_scale=guidance, seed=0, batch_size=len(layouts)
+    )
+    i2l_result = evaluate_i2l(i2l_model, tokenizer, real_codes, layouts)
+    codes, phrases = l2i_result["codes"], [lay.phrases for lay in layouts]
+    prompts = PromptBuilder(tokenizer, real_codes.shape[1])
+    recovered = l2i_result["recovered"]
+    if i2l_model is not l2i_model:
+        recovered = [g.layout for g in Grounder(i2l_model, prompts)(codes, phrases)]
+    metrics = {k: l2i_result["metrics"].get(k) for k in ("ap", "ap50", "ap75", "spatial", "color")}
+    metrics["tolerant_l2i"] = mask_iou(codes, layouts, shapes)
+    metrics["cycle_miou"] = cycle_miou(recovered, layouts)
+    metrics["grounding_acc50"] = i2l_result["acc50"]
+    metrics["grounding_miou"] = i2l_result["miou"]
+    metrics["grounding_parse_failure_rate"] = i2l_result["parse_failure_rate"]
+    # A stage cannot raise `cycle_miou_ref` by changing its own grounder.
+    reference = Grounder(_load(out / "pmtp"), prompts)
+    metrics["cycle_miou_ref"] = cycle_miou([g.layout for g in reference(codes, phrases)], layouts)
+    if stage != "untrained":
+        palette = PaletteTokenizer(shapes.grid_size, shapes.patch_size)
+        _picture(stage, {"codes": codes, "recovered": recovered}, layouts, palette, out)
+    return metrics
+
+
+def _held_out(n: int, shapes: ShapesConfig) -> tuple[list[Layout], torch.Tensor]:
+    held_out = build_shapes_dataset(n, seed=HELD_OUT_SEED, config=shapes)
+    layouts = [Layout.from_json(s) for s in held_out["layout"]]
+    for layout, caption in zip(layouts, held_out["caption"]):
+        layout.caption = caption
+    return layouts, torch.tensor(held_out["image_codes"])
+
+
+def _picture(stage: str, pictures: dict, layouts, palette: PaletteTokenizer, out: Path, n: int = 8) -> Path:
+    images = palette.decode(pictures["codes"][:n])
+    tiles = [overlay(im, lay, rec) for im, lay, rec in zip(images, layouts[:n], pictures["recovered"][:n])]
+    titles = [" / ".join(lay.phrases) for lay in layouts[:n]]
+    return save_png(image_grid(tiles, columns=4, titles=titles), out / "pictures" / f"{stage}.png")
+
+
+def _fmt(value) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+
+
+def format_stage_table(stages: dict[str, dict]) -> str:
+    """The demo's table: one row per stage, the metrics of `COLUMNS`."""
+    width = max(len(s) for s in stages)
+    lines = [f"{'stage':<{width}}  " + "  ".join(f"{c:>15}" for c in COLUMNS)]
+    for stage, metrics in stages.items():
+        lines.append(f"{stage:<{width}}  " + "  ".join(f"{_fmt(metrics.get(c)):>15}" for c in COLUMNS))
+    return "\n".join(lines)
+
+
+def _last(history: list[dict], key: str):
+    values = [h[key] for h in history if key in h]
+    return values[-1] if values else None
+
+
+def run_demo(
+    output_dir: str | os.PathLike,
+    overwrite: bool = False,
+    budget: DemoBudget | None = None,
+    workers: int | None = None,
+) -> dict:
+    """Runs the demo; writes `report.json`, `data.png` and `pictures/<stage>.png` to `output_dir`.
+
+    The stages train in order, and the separate baseline beside them, `workers` runs at a time
+    ([`echogen_rl.experiments.jobs.run_jobs`]; default one per core, at most 4); each stage is scored as soon as it has trained.
+    Each run's output goes to a log in its folder.
+    """
+    budget = budget or DemoBudget()
+    out = Path(output_dir)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out} is not empty; pass --overwrite to replace it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    torch.manual_seed(0)
+
+    ckpt = build_tiny_checkpoint(out / "tiny-janus")
+    shapes = ShapesConfig()
+    held_out = build_shapes_dataset(budget.eval_layouts, seed=HELD_OUT_SEED, config=shapes)
+    layouts = [Layout.from_json(s) for s in held_out["layout"][:8]]
+    save_png(image_grid([overlay(im, lay) for im, lay in zip(held_out["image"][:8], layouts)], 4), out / "data.png")
+    cache = {"cache_dir": str(out / "cache")}
+    separate = {**budget.pmtp, "model_name_or_path": str(ckpt), **cache}
+    runs = {  # stage: (config stage, changes, the stage it starts from)
+        "pmtp": ("pmtp", {**budget.pmtp, "model_name_or_path": str(ckpt), **cache}, None),
+        "djo": ("djo", {**budget.djo, "model_name_or_path": str(out / "pmtp"), **cache}, "pmtp"),
+        "cyclerl": ("cyclerl", {**budget.cyclerl, "model_name_or_path": str(out / "djo"), **cache}, "djo"),
+        # The baseline: L2I and I2L as two models, the PMTP config's steps each, no joint packing.
+        "separate-l2i": ("pmtp", {**separate, "text_loss_weight": 0.0}, None),
+        "separate-i2l": ("pmtp", {**separate, "image_loss_weight": 0.0}, None),
+    }
+    jobs = [
+        Job(
+            f"train {name}",
+            train_stage,
+            {"stage": stage, "out": str(out / name), "changes": changes},
+            (f"train {after}",) if after else (),
+            out / name / "train.log",
+        )
+        for name, (stage, changes, after) in runs.items()
+    ]
+    evaluations = {  # stage: (L2I model, I2L model, base of a LoRA adapter, trained runs it needs)
+        "untrained": (ckpt, ckpt, None, ("pmtp",)),
+        "pmtp": (out / "pmtp", out / "pmtp", None, ("pmtp",)),
+        "djo": (out / "djo", out / "djo", None, ("pmtp", "djo")),
+        "cyclerl": (out / "cyclerl", out / "cyclerl", out / "djo", ("pmtp", "cyclerl")),
+        "separate": (out / "separate-l2i", out / "separate-i2l", None, ("pmtp", "separate-l2i", "separate-i2l")),
+    }
+    for stage, (l2i, i2l, base, needs) in evaluations.items():
+        kwargs = {
+            "out": str(out),
+            "stage": stage,
+            "l2i": str(l2i),
+            "i2l": str(i2l),
+            "eval_layouts": budget.eval_layouts,
+        }
+        kwargs["base"] = str(base) if base else None
+        log = out / "logs" / f"score_{stage}.log"
+        jobs.append(Job(f"score {stage}", evaluate_stage, kwargs, tuple(f"train {n}" for n in needs), log, light=True))
+    print(f"[demo] {len(runs)} runs to train, {len(evaluations)} stages to score; logs in each run's folder")
+    done = run_jobs(jobs, workers, prefix="[demo]")
+    stages = {stage: done[f"score {stage}"] for stage in evaluations}
+    history = {name: done[f"train {name}"] for name in ("pmtp", "djo", "cyclerl")}
+
+    cyclerl_rewards = [h["rewards/cycle_iou/mean"] for h in history["cyclerl"] if "rewards/cycle_iou/mean" in h]
+    report = {
+        "stages": stages,
+        "training": {
+            "pmtp": {k: _last(history["pmtp"], k) for k in ("loss_img", "loss_text", "accuracy_img", "accuracy_text")},
+            "djo": {k: _last(history["djo"], k) for k in ("loss_l2i", "loss_loop", "tau")},
+            "cyclerl": {"cycle_iou_reward_per_log": cyclerl_rewards},
+        },
+        "budget": asdict(budget),
+        "configs": {stage: config_name(_shipped(stage)) for stage in ("pmtp", "djo", "cyclerl")},
+        "held_out_layouts": budget.eval_layouts,
+        "workers": workers or default_workers(),
+        "seconds": time.perf_counter() - start,
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(format_stage_table(stages))
+    print(f"report: {out / 'report.json'}; pictures: {out / 'pictures'} (green: target boxes, magenta: grounded)")
+    print(f"{report['seconds']:.0f} s")
+    return report

@@ -1,0 +1,169 @@
+"""Loading a Janus checkpoint, its tokenizer and a LoRA config from TRL's `ModelConfig`."""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors import safe_open
+from transformers import AutoTokenizer, JanusForConditionalGeneration
+from trl import ModelConfig, get_peft_config
+
+from echogen_rl.models.prompts import add_layout_tokens
+from echogen_rl.models.tiny import ensure_tiny_checkpoint
+
+# LoRA on the language model and the image head: the SigLIP understanding path is unused by training, and its
+# projections share names (q_proj, v_proj, ...) with the Llama's.
+DEFAULT_LORA_TARGETS = r".*(language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)|generation_head\.(proj_out|vision_head))"
+
+
+def producing_config(path: str, configs_dir: str | os.PathLike, stage: str = "*") -> Path | None:
+    """The config under `configs_dir/<stage>/` whose `output_dir` is `path`: the run that makes that checkpoint."""
+    for config in sorted(Path(configs_dir).glob(f"{stage}/*.yaml")):
+        if Path(str((yaml.safe_load(config.read_text()) or {}).get("output_dir", ""))) == Path(path):
+            return config
+    return None
+
+
+def require_start_checkpoint(path: str, producer: str | os.PathLike) -> None:
+    """Stops a recipe before loading anything when its start checkpoint is the not-yet-made output of a shipped
+    config of the stage before, and names the command that makes it.
+
+    Args:
+        path (`str`): the recipe's `model_name_or_path`.
+        producer (`str` or `os.PathLike`): the previous stage's recipe, e.g. `recipes/pmtp.py`; its configs are
+            read from `configs/<stage>/*.yaml` beside it.
+    """
+    if (Path(path) / "config.json").exists():
+        return
+    producer = Path(producer)
+    config = producing_config(path, producer.parent / "configs", producer.stem)
+    if config is not None:
+        raise SystemExit(
+            f"the start checkpoint {path} does not exist yet. Make it with:\n"
+            f"  accelerate launch recipes/{producer.name} --config recipes/configs/{producer.stem}/{config.name}"
+        )
+    # A path whose folder exists here is meant as a local checkpoint, not a hub id: say so rather than ask the hub.
+    if len(Path(path).parts) > 1 and Path(path).parent.is_dir():
+        raise SystemExit(
+            f"no checkpoint at {path} (no config.json), and no shipped {producer.stem} config writes it. Point "
+            f"model_name_or_path at the output_dir of your {producer.stem} run."
+        )
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be read; the message names the file and what is wrong with it."""
+
+
+# The files a loader reads from a checkpoint or adapter folder (other JSON, e.g. trainer_state.json, is not read).
+_CHECKPOINT_JSON = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "adapter_config.json",
+    "model.safetensors.index.json",
+)
+
+
+def check_checkpoint(path: str | os.PathLike) -> None:
+    """Reads every file a load of the folder `path` would read, and raises a [`CheckpointError`] naming the first
+    one that is unreadable (truncated or not JSON, a safetensors file with a broken header or cut short). A path
+    that is not a local folder (a hub id) is left to its loader."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return
+    for name in _CHECKPOINT_JSON:
+        file = folder / name
+        if file.is_file():
+            try:
+                json.loads(file.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise CheckpointError(f"{file}: not valid JSON, the file is truncated or corrupt ({err})") from None
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), "pt"):
+                pass
+        except Exception as err:  # safetensors raises its own SafetensorError, and OSError on unreadable files
+            raise CheckpointError(f"{file}: not a readable safetensors file, truncated or corrupt ({err})") from None
+
+
+@contextmanager
+def loading_errors(what: str):
+    """Turns what `from_pretrained` raises on a bad checkpoint into one [`CheckpointError`] line that names `what`
+    (a missing folder or hub id stays an `OSError` for the caller to name)."""
+    try:
+        yield
+    except (CheckpointError, OSError):
+        raise
+    except Exception as err:  # transformers, huggingface_hub and tokenizers each raise their own kinds
+        detail = " ".join(str(err).split())[:300]
+        raise CheckpointError(f"{what}: cannot be loaded ({type(err).__name__}: {detail})") from err
+
+
+def load_janus(
+    model_name_or_path: str,
+    dtype: str | torch.dtype | None = None,
+    attn_implementation: str | None = None,
+    build_tiny_if_missing: bool = False,
+):
+    """Loads a `JanusForConditionalGeneration` and its tokenizer, adding the layout tags when missing.
+
+    Args:
+        model_name_or_path (`str`): a local checkpoint or a hub id (e.g. `deepseek-community/Janus-Pro-1B`).
+        dtype (`str` or `torch.dtype`, *optional*): e.g. `"bfloat16"`; `None` or `"auto"` keeps the checkpoint's.
+        attn_implementation (`str`, *optional*): `"sdpa"` (default in transformers), `"eager"`, ...
+        build_tiny_if_missing (`bool`, *optional*, defaults to `False`): if `model_name_or_path` is a local
+            path with no checkpoint, build the offline tiny checkpoint there first.
+
+    Returns:
+        `tuple[JanusForConditionalGeneration, PreTrainedTokenizerBase]`
+    """
+    path = Path(model_name_or_path)
+    if build_tiny_if_missing and not (path / "config.json").exists():
+        print(f"no checkpoint at {path}: building the offline tiny Janus checkpoint there")
+        ensure_tiny_checkpoint(path)
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype)
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    check_checkpoint(path)
+    with loading_errors(str(model_name_or_path)):
+        model = JanusForConditionalGeneration.from_pretrained(model_name_or_path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    add_layout_tokens(tokenizer, model)
+    return model, tokenizer
+
+
+def lora_config_from(model_args):
+    """TRL's `get_peft_config`, with LoRA on the language model's projections unless targets are given."""
+    config = get_peft_config(model_args)
+    if config is not None and not model_args.lora_target_modules:
+        config.target_modules = DEFAULT_LORA_TARGETS
+    return config
+
+
+@dataclass
+class JanusModelConfig(ModelConfig):
+    r"""
+    TRL's [`~trl.ModelConfig`] plus one field. LoRA targets default to the language model's projections.
+
+    Parameters:
+        build_tiny_if_missing (`bool`, *optional*, defaults to `False`):
+            If `model_name_or_path` is a local path without a checkpoint, build the offline tiny Janus
+            checkpoint there (the offline default of the shapes recipes).
+    """
+
+    build_tiny_if_missing: bool = field(
+        default=False,
+        metadata={"help": "Build the offline tiny Janus checkpoint at model_name_or_path if none is there."},
+    )
