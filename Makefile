@@ -16,7 +16,7 @@ DEMO_DIR ?= outputs/demo
 STUDY_DIR ?= outputs/study
 PYTEST_ARGS ?= -n 2
 
-.PHONY: install install-vllm test test-vllm test-low demo study quality bench clean
+.PHONY: install install-vllm test test-wheel test-vllm test-low demo study quality bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,7 @@ $(VLLM_VENV)/.installed: pyproject.toml
 install-vllm: $(VLLM_VENV)/.installed
 
 test: install install-vllm
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest $(PYTEST_ARGS)
 	$(VPY) -m pytest $(PYTEST_ARGS) $(VLLM_TESTS)
 
@@ -50,6 +51,10 @@ test-vllm: install-vllm
 # The whole core suite at the low end of the transformers range.
 test-low: install-vllm
 	$(VPY) -m pytest $(PYTEST_ARGS) --ignore=tests/test_vllm_engine.py
+
+# The package as a user installs it: a wheel in a fresh venv, run from another folder (CI runs it after `make test`).
+test-wheel: install
+	$(PY) -m pytest -m slow tests/test_installed_wheel.py
 
 test-slow: install
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)

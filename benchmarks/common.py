@@ -77,14 +77,11 @@ def environment() -> dict:
 
 
 def provenance() -> dict:
-    """What ran: the commit (`+dirty` when the tree had changes) and the environment."""
-    import subprocess
+    """What ran: the commit (`+dirty` when the tree had changes), the package versions and the hardware, plus the
+    benchmark's environment (threads, vLLM)."""
+    from echogen_rl.experiments.provenance import provenance as run_provenance
 
-    def git(*args):
-        return subprocess.run(["git", *args], capture_output=True, text=True).stdout.strip()
-
-    commit = git("rev-parse", "HEAD") + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
-    return {"commit": commit, "environment": environment()}
+    return {**run_provenance(), "environment": environment()}
 
 
 def write_json(result: dict, out: str | None) -> None:

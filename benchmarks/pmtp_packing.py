@@ -20,10 +20,10 @@ from common import environment, median_seconds, write_json
 from transformers import AutoTokenizer, JanusForConditionalGeneration
 
 from echogen_rl.data.collators import PMTPCollator
-from echogen_rl.data.palette import CAPTION_WORDS
 from echogen_rl.data.shapes import phrase_pool
 from echogen_rl.layout import Entity, Layout
 from echogen_rl.models.modeling import masked_cross_entropy, mixed_forward
+from echogen_rl.models.palette import CAPTION_WORDS
 from echogen_rl.models.prompts import PromptBuilder, pad_segments
 from echogen_rl.models.tiny import TinyJanusConfig, build_tiny_checkpoint
 from echogen_rl.trainer.pmtp_trainer import pmtp_losses

@@ -19,9 +19,12 @@ from pathlib import Path
 import torch
 
 from echogen_rl.eval.evaluation import write_report
+from echogen_rl.experiments.jobs import run_settings
 from echogen_rl.models.tiny import build_tiny_checkpoint
-from echogen_rl.scripts.runner import REPO, run_recipe, run_settings
+from echogen_rl.scripts.runner import run_recipe
 from echogen_rl.trainer.callbacks import SampleImagesCallback
+
+REPO = Path(__file__).resolve().parents[1]
 
 STAGES = {
     "pmtp": {"max_steps": 20, "num_train_samples": 320},

@@ -20,7 +20,6 @@ from transformers import JanusForConditionalGeneration
 
 from echogen_rl.data.collators import PMTPCollator
 from echogen_rl.data.common import BadSampleWarning, FilterStats
-from echogen_rl.data.palette import PALETTE
 from echogen_rl.data.random_layouts import build_random_layout_dataset
 from echogen_rl.data.shapes import build_shapes_dataset, phrase_pool
 from echogen_rl.data.sources import LayoutDataArguments, build_layout_datasets
@@ -28,6 +27,7 @@ from echogen_rl.layout import Entity, Layout, LayoutError
 from echogen_rl.models.image_tokenizers import PaletteTokenizer
 from echogen_rl.models.loading import JanusModelConfig
 from echogen_rl.models.modeling import unwrap_janus
+from echogen_rl.models.palette import PALETTE
 from echogen_rl.rewards import RewardError
 from echogen_rl.scripts.runner import ConfigTypeError, RecipeParser
 from echogen_rl.trainer.cyclerl_config import CycleRLConfig

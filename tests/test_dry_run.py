@@ -244,6 +244,18 @@ def test_dry_run_of_the_tiny_shapes_configs(stage, tmp_path, capsys):
     else:
         assert changed["tensors_changed"] == changed["tensors_sampled"] > 0
     assert not list(tmp_path.glob("echogen-dry-run-*"))  # the checkpoint, data and output are removed
+    # The result names what ran, and no path of this machine: the config by its repository path, the temporary
+    # folder by its role.
+    text = report_file.read_text()
+    assert (
+        str(tmp_path) not in text
+        and str(ROOT) not in text
+        and report["config"] == f"recipes/configs/{stage}/shapes_tiny.yaml"
+    )
+    assert report["changed"]["output_dir"] == "<temporary>/output"
+    assert (
+        set(report["provenance"]) == {"commit", "versions", "hardware"} and report["provenance"]["hardware"]["cores"]
+    )
 
 
 @pytest.mark.parametrize("config", GPU_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")

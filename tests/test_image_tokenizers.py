@@ -3,8 +3,8 @@ import pytest
 import torch
 from PIL import Image
 
-from echogen_rl.data.palette import PALETTE
 from echogen_rl.models.image_tokenizers import JanusVQTokenizer, PaletteTokenizer
+from echogen_rl.models.palette import PALETTE
 
 
 def test_palette_round_trip_is_exact():

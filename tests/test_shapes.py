@@ -5,7 +5,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from echogen_rl.data.palette import CAPTION_WORDS, COLOR_NAMES, PALETTE, SHAPES
 from echogen_rl.data.shapes import (
     ShapesConfig,
     build_shapes_dataset,
@@ -17,6 +16,7 @@ from echogen_rl.data.shapes import (
     shape_mask,
 )
 from echogen_rl.layout import Entity, Layout
+from echogen_rl.models.palette import CAPTION_WORDS, COLOR_NAMES, PALETTE, SHAPES
 
 CONFIG = ShapesConfig()
 SAMPLES = [sample_shapes(seed) for seed in range(300)]

@@ -11,11 +11,11 @@ from echogen_rl.data.coco import load_coco
 from echogen_rl.data.codes import encode_image_codes
 from echogen_rl.data.common import BadSampleWarning, FilterStats
 from echogen_rl.data.layoutsam import load_layoutsam
-from echogen_rl.data.palette import PALETTE
 from echogen_rl.data.shapes import build_shapes_dataset
 from echogen_rl.data.sources import EVAL_SEED_OFFSET, LayoutDataArguments, build_layout_datasets
 from echogen_rl.layout import Entity, Layout
 from echogen_rl.models.image_tokenizers import PaletteTokenizer
+from echogen_rl.models.palette import PALETTE
 
 W, H = 40, 30
 

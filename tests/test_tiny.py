@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, JanusForConditionalGeneration
 
-from echogen_rl.data.palette import PALETTE
 from echogen_rl.layout import LAYOUT_TAGS, Entity, Layout
+from echogen_rl.models.palette import PALETTE
 from echogen_rl.models.tiny import BOI_TOKEN, EOS_TOKEN, USER_TOKEN, TinyJanusConfig, build_tiny_checkpoint
 
 

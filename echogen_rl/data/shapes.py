@@ -18,8 +18,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from echogen_rl.data.palette import COLOR_NAMES, PALETTE, SHAPES
 from echogen_rl.layout import Entity, Layout
+from echogen_rl.models.palette import COLOR_NAMES, PALETTE, SHAPES
 
 # Below 3 cells a disk is a square and a triangle a rectangle, so these kinds only exist from 3 cells up.
 MIN_ROUND_CELLS = 3

@@ -22,7 +22,6 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from echogen_rl.data.palette import COLOR_NAMES, PALETTE
 from echogen_rl.data.shapes import (
     ShapesConfig,
     build_shapes_dataset,
@@ -39,6 +38,7 @@ from echogen_rl.models.grounding import Grounder
 from echogen_rl.models.image_tokenizers import JanusVQTokenizer, PaletteTokenizer
 from echogen_rl.models.loading import check_checkpoint, load_janus
 from echogen_rl.models.modeling import unwrap_janus
+from echogen_rl.models.palette import COLOR_NAMES, PALETTE
 from echogen_rl.models.prompts import PromptBuilder, pad_segments
 from echogen_rl.models.sampling import resolve_guidance_scale
 from echogen_rl.rollout.torch_engine import TorchRolloutEngine

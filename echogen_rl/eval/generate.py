@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from echogen_rl.data.palette import PALETTE
 from echogen_rl.eval.evaluation import generate_images
 from echogen_rl.eval.visualize import RECOVERED_COLOR, draw_layout, image_grid, overlay, save_png
 from echogen_rl.layout import Entity, Layout, LayoutError, validate_layout
@@ -26,6 +25,7 @@ from echogen_rl.models.grounding import Grounder
 from echogen_rl.models.image_tokenizers import ImageTokenizer, JanusVQTokenizer, PaletteTokenizer
 from echogen_rl.models.loading import load_janus
 from echogen_rl.models.modeling import unwrap_janus
+from echogen_rl.models.palette import PALETTE
 from echogen_rl.models.prompts import PromptBuilder
 from echogen_rl.models.sampling import resolve_guidance_scale, resolve_temperature
 

@@ -24,7 +24,7 @@ from transformers import AutoTokenizer, JanusForConditionalGeneration
 from echogen_rl.data.shapes import ShapesConfig, build_shapes_dataset
 from echogen_rl.eval.evaluation import cycle_miou, evaluate_i2l, evaluate_l2i, mask_iou
 from echogen_rl.eval.visualize import image_grid, overlay, save_png
-from echogen_rl.experiments.jobs import Job, default_workers, run_jobs
+from echogen_rl.experiments.jobs import FollowThreadShare, Job, default_workers, run_jobs, run_settings
 from echogen_rl.layout import Layout
 from echogen_rl.models.architectures import SHIPPED_CONFIGS, config_name
 from echogen_rl.models.grounding import Grounder
@@ -32,7 +32,7 @@ from echogen_rl.models.image_tokenizers import PaletteTokenizer
 from echogen_rl.models.prompts import PromptBuilder
 from echogen_rl.models.sampling import resolve_guidance_scale
 from echogen_rl.models.tiny import build_tiny_checkpoint
-from echogen_rl.scripts.runner import FollowThreadShare, run_recipe, run_settings
+from echogen_rl.scripts.runner import run_recipe
 
 HELD_OUT_SEED = 3_000_017  # far from the training seeds (0) and the eval split (1_000_003)
 COLUMNS = (

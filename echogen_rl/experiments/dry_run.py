@@ -39,7 +39,13 @@ from transformers import JanusForConditionalGeneration, Trainer, TrainerCallback
 from trl import SFTConfig
 
 from echogen_rl.data.synthetic import synthesize_missing
-from echogen_rl.models.architectures import SHIPPED_CONFIGS, resolve_architecture, write_random_checkpoint
+from echogen_rl.experiments.provenance import provenance
+from echogen_rl.models.architectures import (
+    SHIPPED_CONFIGS,
+    config_name,
+    resolve_architecture,
+    write_random_checkpoint,
+)
 from echogen_rl.models.modeling import unwrap_janus
 from echogen_rl.scripts.runner import as_cli as _as_cli
 from echogen_rl.scripts.runner import load_recipe as _load_recipe
@@ -49,7 +55,6 @@ from echogen_rl.trainer.djo_config import DJOConfig
 from echogen_rl.trainer.pmtp_config import PMTPConfig
 
 STAGES = {"pmtp": PMTPConfig, "djo": DJOConfig, "cyclerl": CycleRLConfig}
-REPO = Path(__file__).resolve().parents[2]
 GIB = 1024**3
 
 
@@ -268,9 +273,14 @@ def _probed(trainer_cls: type, probe: StepProbe) -> type:
 def _launch_config(config: Path) -> tuple[str, dict] | None:
     """The accelerate config that the YAML's launch command (in its comments) names, and its contents."""
     match = re.search(r"--config_file\s+(\S+\.yaml)", config.read_text())
-    for base in (Path.cwd(), REPO) if match else ():
-        if (base / match.group(1)).is_file():
-            return match.group(1), yaml.safe_load((base / match.group(1)).read_text())
+    if match is None:
+        return None
+    # As the user runs it (from their folder), else the shipped file it names (package data).
+    name = match.group(1)
+    shipped = SHIPPED_CONFIGS.parent / "accelerate_configs" / Path(name).name
+    for path in (Path.cwd() / name, shipped if name.startswith("recipes/accelerate_configs/") else None):
+        if path is not None and path.is_file():
+            return name, yaml.safe_load(path.read_text())
     return None
 
 
@@ -392,14 +402,17 @@ def run_dry_run(
         "last_log": next((h for h in reversed(probe.trainer.state.log_history) if "loss" in h), {}),
     }
     report = {
-        "config": str(config),
+        "config": config_name(config),
         "stage": stage,
         "architecture": {"source": arch.source, "via": arch.via},
         "changed": changed,
         "overrides": list(overrides),
         "measured": measured,
         "estimate": estimate_gpu_memory(measured, stage, training_args, model_args, _launch_config(config)),
+        "provenance": provenance(),
     }
+    # The temporary folder is gone: the report names it by its role, not by this machine's path.
+    report = json.loads(json.dumps(report, default=str).replace(str(work), "<temporary>"))
     if json_path is not None:
         Path(json_path).write_text(json.dumps(report, indent=2, default=str) + "\n")
     return report
@@ -410,7 +423,7 @@ def format_report(report: dict) -> str:
     m, e, p = report["measured"], report["estimate"], report["measured"]["parameters"]
     gib = lambda b: f"{b / GIB:.2f} GiB" if abs(b) >= GIB / 10 else f"{b / 2**20:.1f} MiB"  # noqa: E731
     seconds = ", ".join(f"{s['seconds']:.1f}" for s in m["steps"])
-    changed = {k: "(temporary)" if "echogen-dry-run-" in str(v) else v for k, v in report["changed"].items()}
+    changed = {k: "(temporary)" if "<temporary>" in str(v) else v for k, v in report["changed"].items()}
     lines = [
         f"dry run of {report['config']} (stage {report['stage']}) on {m['device']}",
         f"  architecture: {report['architecture']['source']}, random init"

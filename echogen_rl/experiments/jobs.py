@@ -28,6 +28,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from transformers import TrainerCallback
+
 
 @dataclass
 class Job:
@@ -251,3 +253,29 @@ def run_jobs(
         skipped = f"; {len(pending)} jobs not started" if pending else ""
         raise JobError(_failed(job, err) + skipped) from err
     return results
+
+
+def run_settings(output_dir, seed: int = 0) -> dict:
+    """What a run inside a demo or a study changes besides its budget: where it writes, its seed, and no
+    intermediate saving, evaluation or reporting."""
+    return {
+        "output_dir": str(output_dir),
+        "seed": seed,
+        "save_strategy": "no",
+        "eval_strategy": "no",
+        "num_eval_samples": 0,
+        "report_to": "none",
+    }
+
+
+class FollowThreadShare(TrainerCallback):
+    """Before each step, takes up the threads a job pool now gives the run ([`echogen_rl.experiments.jobs.follow_thread_share`]):
+    a stage on the critical path gets the core a finished job left. `threads` lists the counts it ran on, in order."""
+
+    def __init__(self):
+        self.threads: list[int] = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        threads = follow_thread_share()
+        if not self.threads or self.threads[-1] != threads:
+            self.threads.append(threads)

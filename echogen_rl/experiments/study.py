@@ -49,7 +49,8 @@ from echogen_rl.eval.evaluation import (
 )
 from echogen_rl.eval.reward_check import DRAWINGS, REWARD_GROUNDERS, reward_check, reward_gate, summarize_reward_check
 from echogen_rl.eval.stats import bootstrap_ci, paired_difference
-from echogen_rl.experiments.jobs import Job, default_workers, run_jobs
+from echogen_rl.experiments.jobs import FollowThreadShare, Job, default_workers, run_jobs, run_settings
+from echogen_rl.experiments.provenance import provenance
 from echogen_rl.experiments.study_report import (
     format_arms,
     format_comparisons,
@@ -63,7 +64,7 @@ from echogen_rl.models.grounding import Grounder
 from echogen_rl.models.loading import load_janus
 from echogen_rl.models.prompts import PromptBuilder
 from echogen_rl.models.tiny import TinyJanusConfig, ensure_tiny_checkpoint
-from echogen_rl.scripts.runner import FollowThreadShare, run_recipe, run_settings
+from echogen_rl.scripts.runner import run_recipe
 
 VALIDATION_SEED = 4_000_037
 HELD_OUT_SEED = 5_000_011  # far from every training seed and from the recipes' eval split (+1_000_003)
@@ -138,35 +139,6 @@ class StudyBudget:
             cyclerl={"max_steps": 2, "num_train_samples": 8, "per_device_train_batch_size": 8, "num_generations": 4},
             n_resamples=200,
         )
-
-
-def provenance() -> dict:
-    """What ran: the commit (when run from a checkout; `+dirty` with local changes) and the software and CPU."""
-    import platform
-    import subprocess
-
-    import transformers
-    import trl
-
-    def git(*args):
-        try:
-            done = subprocess.run(["git", *args], capture_output=True, text=True, cwd=SHIPPED_CONFIGS, timeout=10)
-        except (OSError, subprocess.SubprocessError):
-            return ""
-        return done.stdout.strip() if done.returncode == 0 else ""
-
-    commit = git("rev-parse", "HEAD")
-    if commit and git("status", "--porcelain", "--untracked-files=no"):
-        commit += "+dirty"
-    return {
-        "commit": commit or None,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "trl": trl.__version__,
-        "machine": platform.machine(),
-        "processor": platform.processor(),
-        "cpus": os.cpu_count(),
-    }
 
 
 def _config(stage: str) -> Path:

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from echogen_rl.data.palette import PALETTE
+from echogen_rl.models.palette import PALETTE
 
 
 class ImageTokenizer(ABC):

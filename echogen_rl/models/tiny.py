@@ -31,8 +31,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from echogen_rl.data.palette import CAPTION_WORDS, COLOR_NAMES, PALETTE, SHAPES
 from echogen_rl.layout import COORD_SCALE, LAYOUT_TAGS
+from echogen_rl.models.palette import CAPTION_WORDS, COLOR_NAMES, PALETTE, SHAPES
 
 # Janus-Pro's own spellings, so that prompt code is the same for the tiny model and the real one.
 BOS_TOKEN = "<｜begin▁of▁sentence｜>"

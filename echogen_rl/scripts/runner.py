@@ -16,8 +16,6 @@ from pathlib import Path
 from transformers import Trainer, TrainerCallback
 from trl import TrlParser
 
-from echogen_rl.experiments.jobs import follow_thread_share
-
 STAGES = ("pmtp", "djo", "cyclerl")
 
 
@@ -47,32 +45,6 @@ def recipe_classes(recipe) -> tuple:
     """The dataclasses of the recipe's `main`: `(script_args, training_args, model_args)`."""
     hints = typing.get_type_hints(recipe.main)
     return tuple(hints[name] for name in ("script_args", "training_args", "model_args"))
-
-
-def run_settings(output_dir, seed: int = 0) -> dict:
-    """What a run inside a demo or a study changes besides its budget: where it writes, its seed, and no
-    intermediate saving, evaluation or reporting."""
-    return {
-        "output_dir": str(output_dir),
-        "seed": seed,
-        "save_strategy": "no",
-        "eval_strategy": "no",
-        "num_eval_samples": 0,
-        "report_to": "none",
-    }
-
-
-class FollowThreadShare(TrainerCallback):
-    """Before each step, takes up the threads a job pool now gives the run ([`echogen_rl.experiments.jobs.follow_thread_share`]):
-    a stage on the critical path gets the core a finished job left. `threads` lists the counts it ran on, in order."""
-
-    def __init__(self):
-        self.threads: list[int] = []
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        threads = follow_thread_share()
-        if not self.threads or self.threads[-1] != threads:
-            self.threads.append(threads)
 
 
 def run_recipe(

@@ -215,8 +215,8 @@ class SampleImagesCallback(TrainerCallback):
 
     def _decode(self, model, codes) -> list[Image.Image]:
         if self._decoder is None:
-            from echogen_rl.data.palette import PALETTE
             from echogen_rl.eval.generate import image_tokenizer_for
+            from echogen_rl.models.palette import PALETTE
 
             vq = image_tokenizer_for(model)
             # The tiny checkpoint's codebook is the shapes palette: draw its codes as the shapes world does.
