@@ -16,7 +16,7 @@ DEMO_DIR ?= outputs/demo
 STUDY_DIR ?= outputs/study
 PYTEST_ARGS ?= -n 2
 
-.PHONY: install install-vllm test test-wheel test-vllm test-low demo study quality bench clean
+.PHONY: docs install install-vllm test test-wheel test-vllm test-low demo study quality bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -77,3 +77,7 @@ bench: install
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) outputs .pytest_cache
+
+# The docs' tables, rendered from the committed results (`make test` checks them).
+docs: install
+	$(PY) docs/render.py

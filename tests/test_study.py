@@ -233,22 +233,3 @@ def test_a_claim_stands_only_when_every_seed_set_holds_it_and_its_reward_gate_pa
     )
     assert "| `cyclerl_vs_sft_continued` | cycle_miou_ref | " in table and "no evidence (reward gate) |" in table
     assert "cyclerl_vs_shuffled_reward" not in table  # a comparison a set lacks is left out
-
-
-def test_the_readme_replication_table_is_rendered_from_the_committed_studies():
-    from pathlib import Path
-
-    from echogen_rl.experiments.study_report import format_replication
-
-    root = Path(__file__).resolve().parents[1]
-    results = root / "benchmarks" / "results"
-    reports = {
-        "a": json.loads((results / "study" / "study.json").read_text()),
-        "b": json.loads((results / "study_b" / "study.json").read_text()),
-    }
-    assert reports["a"]["seed_set"]["name"] == "a" and reports["b"]["seed_set"]["name"] == "b"
-    marker = "<!-- rendered: format_replication(a=benchmarks/results/study/study.json"
-    readme = (root / "README.md").read_text()
-    assert marker in readme
-    block = readme.split(marker, 1)[1].split("\n", 1)[1]
-    assert block.startswith(format_replication(reports))
