@@ -5,8 +5,9 @@ import torch
 from peft import LoraConfig
 from trl import GRPOTrainer
 
-from echogen_rl.data.random_layouts import build_random_layout_dataset, parse_prompt_text
+from echogen_rl.data.random_layouts import build_random_layout_dataset
 from echogen_rl.data.shapes import phrase_pool
+from echogen_rl.layout import Layout
 from echogen_rl.models.loading import DEFAULT_LORA_TARGETS
 from echogen_rl.models.prompts import PromptBuilder, pad_segments
 from echogen_rl.trainer.cyclerl_config import CycleRLConfig
@@ -104,10 +105,13 @@ def test_rewards_receive_layouts_and_codes(tiny_model, tiny_tokenizer, prompts_d
     )
     trainer.train()
     assert seen["n"] == 8 and len(seen["codes"][0]) == 64
-    assert (
-        seen["targets"][0].phrases
-        == parse_prompt_text(seen["targets"][0].caption + " " + seen["targets"][0].to_text()).phrases
-    )
+    # Each target a reward gets is the layout its row's prompt was written from (the row's JSON `layout` column,
+    # another path than the prompt text the trainer parses).
+    for target, source in zip(seen["targets"], seen["layout"], strict=True):
+        written = Layout.from_json(source)
+        assert target.phrases == written.phrases and target.caption == written.caption
+        for got, want in zip(target.entities, written.entities, strict=True):
+            assert got.box == pytest.approx(want.box, abs=1e-6)
     assert isinstance(seen["layout"][0], str)  # dataset columns come along
 
 

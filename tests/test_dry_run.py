@@ -337,13 +337,26 @@ def test_real_size_dry_run_of_every_gpu_config(config, tmp_path, monkeypatch):
     assert report["estimate"]["single_device_bytes"] > report["estimate"]["weights_bytes"]
 
 
-def test_cpu_adjustments_compute_in_float32_and_drop_adamw_states_only_where_they_cannot_fit(monkeypatch):
+# Full fine-tuning of Janus-Pro-1B in float32 with AdamW takes about 27 GiB: AdamW's states are dropped (SGD) where
+# that exceeds 70% of the memory, and the run is refused where weights and gradients alone (14.0 GiB) exceed 85%.
+@pytest.mark.parametrize(
+    "memory_gib, full_fine_tuning",
+    [(16, "refused"), (24, {"bf16": False, "optim": "sgd"}), (64, {"bf16": False}), (128, {"bf16": False})],
+)
+def test_cpu_adjustments_compute_in_float32_and_drop_adamw_states_only_where_they_cannot_fit(
+    memory_gib, full_fine_tuning, monkeypatch
+):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    memory = SimpleNamespace(total=memory_gib * 2**30)  # the machine's memory is what the code reads, faked
+    monkeypatch.setattr("echogen_rl.experiments.dry_run.psutil.virtual_memory", lambda: memory)
     big = resolve_architecture("deepseek-community/Janus-Pro-1B")
     full = SimpleNamespace(bf16=True, beta=0.0, optim="adamw_torch_fused")
     fp32 = SimpleNamespace(use_peft=False, dtype="float32")
-    # Janus-Pro-1B in float32 with AdamW: about 27 GiB, more than 70% of this machine's memory.
-    assert cpu_adjustments(big, "pmtp", full, fp32) == {"bf16": False, "optim": "sgd"}
+    if full_fine_tuning == "refused":
+        with pytest.raises(ValueError, match=r"weights and gradients alone take 14\.0 GiB"):
+            cpu_adjustments(big, "pmtp", full, fp32)
+    else:
+        assert cpu_adjustments(big, "pmtp", full, fp32) == full_fine_tuning
     assert cpu_adjustments(big, "cyclerl", full, SimpleNamespace(use_peft=True, dtype="float32")) == {"bf16": False}
     tiny = resolve_architecture("outputs/tiny-janus", build_tiny_if_missing=True)
     assert cpu_adjustments(tiny, "pmtp", SimpleNamespace(bf16=False, beta=0.0, optim="adamw_torch"), fp32) == {}

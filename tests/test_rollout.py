@@ -126,3 +126,75 @@ def test_compiled_engine_samples_the_same_codes(noisy_model, prompts, device):
         assert torch.equal(out.codes, eager.codes)
         # Fused kernels round differently; the noisy model's logits are large (weights of std 0.2).
         torch.testing.assert_close(out.logprobs, eager.logprobs, atol=1e-3, rtol=0)
+
+
+def _naive_logprobs(model, ids, mask, codes, special, guidance, temperature, top_k, mode):
+    """The sampled distribution recomputed from scratch with transformers' own modules, sharing no code with the
+    engine or the trainer: each prompt alone (its padding stripped), one full forward with no cache per CFG branch,
+    then the CFG combination, temperature, top-k and log-softmax written out here, in float64."""
+    bos, boi, pad = special
+    janus = model.model
+    out = []
+    for row, row_mask, row_codes in zip(ids, mask, codes):
+        prompt = row[row_mask.bool()]
+        # Janus's unconditional row: the prompt with every token but BOS and <begin_of_image> replaced by padding.
+        uncond_prompt = torch.where((prompt == bos) | (prompt == boi), prompt, torch.full_like(prompt, pad))
+
+        def branch(p, row_codes=row_codes):
+            embeds = torch.cat(
+                [
+                    janus.language_model.embed_tokens(p),
+                    janus.generation_aligner(janus.generation_embeddings(row_codes[:-1])),
+                ]
+            )
+            hidden = janus.language_model(inputs_embeds=embeds[None]).last_hidden_state[0]
+            return janus.generation_head(hidden[len(p) - 1 :]).double()  # the positions that predict each code
+
+        logits = branch(prompt)
+        if mode == "cfg":
+            uncond = branch(uncond_prompt)
+            logits = uncond + guidance * (logits - uncond)
+        if temperature > 0:
+            logits = logits / temperature
+        if top_k is not None:
+            kth = logits.topk(top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        out.append(torch.log_softmax(logits, dim=-1).gather(-1, row_codes[:, None])[:, 0])
+    return torch.stack(out).float()
+
+
+@pytest.mark.parametrize(
+    "guidance,temperature,top_k,mode",
+    [(5.0, 1.0, None, "cfg"), (3.0, 0.7, 4, "cfg"), (1.0, 1.3, 5, "cond"), (2.0, 1.0, None, "cond")],
+)
+@torch.no_grad()
+def test_sampled_logprobs_equal_an_independent_naive_recomputation(
+    noisy_model, prompts, guidance, temperature, top_k, mode
+):
+    """Against `_naive_logprobs`, which shares no code with `sampling_logprobs`: a wrong CFG, temperature or top-k
+    formula in the engine or the trainer's recomputation fails here (both sides above call the same function)."""
+    ids, mask = _batch(prompts, LAYOUTS)
+    out = _engine(noisy_model, prompts).generate(
+        ids, mask, guidance if mode == "cfg" else 1.0, temperature, top_k, torch.Generator().manual_seed(0)
+    )
+    assert len(set(out.codes.flatten().tolist())) > 3
+    naive = _naive_logprobs(noisy_model, ids, mask, out.codes, _special(prompts), guidance, temperature, top_k, mode)
+    assert torch.isfinite(naive).all()
+    trainer = image_token_logprobs(
+        noisy_model, ids, mask, out.codes, _special(prompts), guidance, temperature, top_k, mode
+    )
+    torch.testing.assert_close(trainer, naive, atol=1e-4, rtol=0)
+    if mode == "cfg":
+        torch.testing.assert_close(out.logprobs, naive, atol=1e-4, rtol=0)
+
+
+def test_the_naive_reference_can_tell_a_wrong_formula(noisy_model, prompts):
+    """The reference is sensitive to what it checks: another guidance scale or temperature moves it past the
+    tolerance used above."""
+    ids, mask = _batch(prompts, LAYOUTS)
+    with torch.no_grad():
+        out = _engine(noisy_model, prompts).generate(ids, mask, 3.0, 0.7, 4, torch.Generator().manual_seed(0))
+        right = _naive_logprobs(noisy_model, ids, mask, out.codes, _special(prompts), 3.0, 0.7, 4, "cfg")
+        for wrong in [(2.0, 0.7, 4), (3.0, 1.0, 4), (3.0, 0.7, None)]:
+            other = _naive_logprobs(noisy_model, ids, mask, out.codes, _special(prompts), *wrong, "cfg")
+            assert (other - right).abs().max() > 1e-3, wrong

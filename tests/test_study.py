@@ -105,8 +105,13 @@ def test_arms_differ_and_the_study_resumes_without_retraining(quick_study, capsy
 def test_a_validation_study_reuses_the_runs_and_keeps_the_held_out_report(quick_study):
     out, report = quick_study
     held_out = (out / "study.json").read_text()
+    runs = sorted(out.glob("**/study_run.json"))
+    stamps = {p: p.stat().st_mtime_ns for p in runs} | {
+        p: p.stat().st_mtime_ns for p in out.glob("**/model.safetensors")
+    }
     # In-process: the fixture ran the pool.
     validation = run_study(out, StudyBudget.quick(), split="validation", workers=1)
+    assert len(runs) >= 11 and {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing was trained again
     assert (out / "study.json").read_text() == held_out
     assert json.loads((out / "study_validation.json").read_text())["split"] == "validation"
     # Other layouts, the same trained runs: scores differ, the settings do not.
