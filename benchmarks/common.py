@@ -85,6 +85,11 @@ def provenance() -> dict:
 
 
 def write_json(result: dict, out: str | None) -> None:
+    """Print `result` and write it to `out` atomically, with what ran (commit, versions, hardware) added."""
+    if "commit" not in result:
+        from echogen_rl.experiments.provenance import provenance as run_provenance
+
+        result = {**result, "provenance": run_provenance()}
     text = json.dumps(result, indent=2)
     print(text)
     if out:

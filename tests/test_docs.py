@@ -44,3 +44,23 @@ def test_the_readme_python_example_runs_as_printed(tmp_path, monkeypatch, capsys
     assert namespace["trainer"].state.global_step == 20
     assert namespace["codes"].shape == (1, 64)
     assert capsys.readouterr().out.strip().endswith(repr(namespace["found"].layout.entities))
+
+
+def test_committed_results_name_no_machine_path_and_record_what_ran():
+    import json
+    import subprocess
+
+    files = subprocess.run(
+        ["git", "ls-files", "benchmarks/results", "docs"], capture_output=True, text=True, cwd=REPO, check=True
+    ).stdout.split()
+    assert files
+    absolute = re.compile(r"(?<![\w.<])/(?:work|tmp|root|home|opt|usr|Users|mnt|var)/")
+    for name in files:
+        path = REPO / name
+        if path.suffix not in (".json", ".md", ".log"):
+            continue
+        text = path.read_text()
+        assert not absolute.search(text), f"{name}: {absolute.search(text).group(0)}..."
+        if path.suffix == ".json":
+            data = json.loads(text)
+            assert "provenance" in data or {"commit", "hardware"} <= set(data), f"{name}: no provenance"

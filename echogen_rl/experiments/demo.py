@@ -25,6 +25,7 @@ from echogen_rl.data.shapes import ShapesConfig, build_shapes_dataset
 from echogen_rl.eval.evaluation import cycle_miou, evaluate_i2l, evaluate_l2i, mask_iou
 from echogen_rl.eval.visualize import image_grid, overlay, save_png
 from echogen_rl.experiments.jobs import FollowThreadShare, Job, default_workers, run_jobs, run_settings
+from echogen_rl.experiments.provenance import provenance
 from echogen_rl.layout import Layout
 from echogen_rl.models.architectures import SHIPPED_CONFIGS, config_name
 from echogen_rl.models.grounding import Grounder
@@ -248,6 +249,7 @@ def run_demo(
         "held_out_layouts": budget.eval_layouts,
         "workers": workers or default_workers(),
         "seconds": time.perf_counter() - start,
+        "provenance": provenance(),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(format_stage_table(stages))
