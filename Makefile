@@ -73,7 +73,9 @@ bench: install
 	mkdir -p outputs/bench
 	$(PY) benchmarks/rollout.py --threads 1 --out outputs/bench/rollout.json
 	$(PY) benchmarks/grounding.py --threads 1 --out outputs/bench/grounding.json
-	$(PY) benchmarks/scoring_batch.py --threads 1 --out outputs/bench/scoring_batch.json
+	$(PY) benchmarks/pmtp_packing.py --threads 1 --out outputs/bench/packing.json
+	$(PY) benchmarks/pmtp_packing.py --threads 1 --block-mask --out outputs/bench/packing_block.json
+	$(PY) benchmarks/scoring_batch.py --threads 1 $(if $(wildcard outputs/demo/djo),--model outputs/demo/djo,) --out outputs/bench/scoring_batch.json
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) outputs .pytest_cache

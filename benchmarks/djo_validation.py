@@ -31,15 +31,8 @@ from echogen_rl.eval.evaluation import write_report
 from echogen_rl.eval.reward_check import reward_check, reward_gate, summarize_reward_check
 from echogen_rl.eval.stats import bootstrap_ci, paired_difference
 from echogen_rl.experiments.jobs import Job, run_jobs
-from echogen_rl.experiments.study import (
-    SCORING_BATCH,
-    _config,
-    _run_settings,
-    evaluate_model,
-    load_trained,
-    study_layouts,
-    train_run,
-)
+from echogen_rl.experiments.study import _config, _run_settings, train_run
+from echogen_rl.experiments.study_scoring import SCORING_BATCH, evaluate_model, load_trained, study_layouts
 from echogen_rl.models.grounding import Grounder
 from echogen_rl.models.prompts import PromptBuilder
 

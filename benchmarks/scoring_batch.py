@@ -1,6 +1,6 @@
 """Seconds to score the study's held-out layouts (generate greedily, then ground) per batch size, against batch 64.
 
-The study generates and grounds its layouts in batches (`echogen_rl.experiments.study.SCORING_BATCH`); at the tiny model's
+The study generates and grounds its layouts in batches (`echogen_rl.experiments.study_scoring.SCORING_BATCH`); at the tiny model's
 size a decoding step costs mostly per-call overhead, so larger batches take fewer steps in all. Greedy codes and
 groundings must not depend on the batch size: `same_as_baseline` checks both. Medians of `--repeats` runs, one
 thread (the study scores on one), in one process; JSON keys `generate_ratio_vs_64`, `ground_ratio_vs_64`.
@@ -21,8 +21,8 @@ from common import checkpoint, environment, median_seconds, randomize_, write_js
 from transformers import AutoTokenizer, JanusForConditionalGeneration
 
 from echogen_rl.data.shapes import ShapesConfig
-from echogen_rl.eval.evaluation import generate_images
-from echogen_rl.experiments.study import study_layouts
+from echogen_rl.eval.inference import generate_images
+from echogen_rl.experiments.study_scoring import study_layouts
 from echogen_rl.models.grounding import Grounder
 from echogen_rl.models.prompts import PromptBuilder
 

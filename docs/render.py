@@ -34,7 +34,139 @@ def replication() -> str:
     return format_replication({"a": _json("study/study.json"), "b": _json("study_b/study.json")}) + "\n"
 
 
-RENDERERS = {"demo-table": demo_table, "replication": replication}
+GIB = 2**30
+DRY_RUN_ORDER = (
+    "pmtp_janus_pro_1b_coco",
+    "pmtp_janus_pro_1b_layoutsam",
+    "djo_janus_pro_1b",
+    "cyclerl_janus_pro_1b_full",
+    "cyclerl_janus_pro_1b_lora",
+)
+
+
+def _dry_runs(folder: str) -> list[dict]:
+    found = {p.stem: json.loads(p.read_text()) for p in (RESULTS / folder).glob("*.json")}
+    return [found[name] for name in DRY_RUN_ORDER if name in found]
+
+
+def _config(report: dict) -> str:
+    return "`" + report["config"].removeprefix("recipes/configs/") + "`"
+
+
+def _estimates(report: dict) -> tuple[str, str]:
+    estimate = report["estimate"]
+    launch = estimate["launch"]
+    kind = launch["kind"].removeprefix("DeepSpeed ") if launch["kind"].startswith("DeepSpeed") else launch["kind"]
+    return (
+        f"{estimate['single_device_bytes'] / GIB:.1f} GiB (batch {estimate['per_device_batch']})",
+        f"{estimate['sharded_bytes'] / GIB:.1f} GiB ({kind}, {launch['num_processes']} processes)",
+    )
+
+
+def dry_run_cpu() -> str:
+    rows = [
+        "| config | step (s, CPU) | tokens/step | trainable params | CPU peak RSS | est. GPU memory, 1 device "
+        "| est. under the YAML's launch config |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for report in _dry_runs("dry_run"):
+        measured = report["measured"]
+        (step,) = measured["steps"]
+        sgd = " (sgd)" if report["changed"].get("optim") == "sgd" else ""
+        rows.append(
+            f"| {_config(report)} | {step['seconds']:.1f} | {step['tokens']} "
+            f"| {measured['parameters']['trainable'] / 1e9:.2f} B | {measured['process_peak_bytes'] / GIB:.1f} GiB{sgd} "
+            f"| {' | '.join(_estimates(report))} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+def dry_run_gpu() -> str:
+    rows = [
+        "| config | GPU | steps (s) | tokens/step | peak memory | estimate, 1 device | estimate under the YAML's launch config |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for report in _dry_runs("dry_run_gpu"):
+        measured = report["measured"]
+        steps = ", ".join(f"{s['seconds']:.1f}" for s in measured["steps"])
+        rows.append(
+            f"| {_config(report)} | {measured['device']} | {steps} | {measured['steps'][-1]['tokens']} "
+            f"| {measured['process_peak_bytes'] / GIB:.1f} GiB | {' | '.join(_estimates(report))} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+def benchmarks() -> str:
+    rollout, grounding = _json("rollout.json")["configs"], _json("grounding.json")
+    packed, block, scoring = _json("packing.json"), _json("packing_block.json"), _json("scoring_batch.json")
+    rows = [
+        "| benchmark | file | ours | baseline | ratio |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, c in rollout.items():
+        shape = (
+            f"{c['num_layers']} layers x {c['hidden_size']}, {c['num_image_tokens']} codes, batch {c['batch_size']}"
+        )
+        rows.append(
+            f"| rollout, {name} ({shape}), CFG 5, greedy, compiled engine (first call compiles: "
+            f"{c['compile_s']:.1f} s) | `rollout.json` | {c['engine_images_per_s']:.2f} images/s "
+            f"| {c['hf_images_per_s']:.2f} images/s (`generate`) | {c['ratio_vs_hf']:.2f}x |"
+        )
+        rows.append(
+            f"| same, eager engine | `rollout.json` | {c['engine_eager_images_per_s']:.2f} images/s "
+            f"| {c['hf_images_per_s']:.2f} images/s | {c['ratio_eager_vs_hf']:.2f}x |"
+        )
+    rows.append(
+        f"| grounding, {grounding['config']}, {grounding['num_images']} images x {grounding['phrases_per_image']} phrases "
+        f"| `grounding.json` | {grounding['grounder_images_per_s']:.1f} images/s "
+        f"| {grounding['naive_images_per_s']:.1f} images/s (`generate` per image) | {grounding['ratio_vs_naive']:.2f}x |"
+    )
+    for result, how in ((packed, "segment attention"), (block, "a dense 4D block mask")):
+        rows.append(
+            f"| PMTP step, LayoutSAM-like lengths, packed, {how} | `{'packing' if result is packed else 'packing_block'}.json` "
+            f"| {result['packed_tokens_per_s']:.0f} useful tokens/s | {result['unpacked_tokens_per_s']:.0f} (two padded task batches) "
+            f"| {result['ratio_vs_unpacked']:.2f}x |"
+        )
+    batches = scoring["batches"]
+    best = max(batches, key=int)
+    rows.append(
+        f"| scoring {scoring['layouts']} held-out layouts (greedy), model `{scoring['model']}`, batches of {best} "
+        f"| `scoring_batch.json` | generate {batches[best]['generate_s']:.2f} s, ground {batches[best]['ground_s']:.2f} s "
+        f"| {batches['64']['generate_s']:.2f} s, {batches['64']['ground_s']:.2f} s (batches of 64) "
+        f"| {batches[best]['generate_ratio_vs_64']:.2f}x, {batches[best]['ground_ratio_vs_64']:.2f}x "
+        f"({'same' if batches[best]['same_as_baseline'] else 'different'} codes and groundings) |"
+    )
+    return "\n".join(rows) + "\n"
+
+
+def vllm_rollout() -> str:
+    rows = [
+        "| config | file | torch engine (images/s) | vLLM engine (images/s) | vLLM / torch | greedy codes equal | engine start, weight sync |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for file in ("rollout_vllm.json", "rollout_vllm_large.json"):
+        for name, c in _json(file)["configs"].items():
+            torch_side = f"{c['engine_eager_images_per_s']:.3g} eager"
+            if "engine_images_per_s" in c:
+                torch_side = f"{c['engine_images_per_s']:.3g} compiled, " + torch_side
+            v = c["vllm"]
+            shape = f"{c['num_layers']} x {c['hidden_size']}, {c['num_image_tokens']} codes, batch {c['batch_size']}"
+            rows.append(
+                f"| {name} ({shape}, {c['dtype']}) | `{file}` | {torch_side} | {v['images_per_s']:.3g} "
+                f"| {v['ratio_vs_torch']:.2f}x | {'yes' if v['parity_greedy'] else 'no'} "
+                f"| {v['start_s']:.1f} s, {v['sync_s']:.2f} s |"
+            )
+    return "\n".join(rows) + "\n"
+
+
+RENDERERS = {
+    "demo-table": demo_table,
+    "replication": replication,
+    "dry-run-cpu": dry_run_cpu,
+    "dry-run-gpu": dry_run_gpu,
+    "benchmarks": benchmarks,
+    "vllm-rollout": vllm_rollout,
+}
 
 
 def render(text: str, where: str) -> str:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import sys
+from pathlib import Path
 
 
 def _init_tiny(args: argparse.Namespace) -> int:
@@ -22,6 +24,7 @@ def _init_tiny(args: argparse.Namespace) -> int:
 
 def _study(args: argparse.Namespace) -> int:
     from echogen_rl.experiments.study import StudyBudget, run_study
+    from echogen_rl.experiments.study_report import format_results
 
     budget = StudyBudget.quick() if args.quick else StudyBudget()
     if args.layouts is not None:
@@ -33,24 +36,32 @@ def _study(args: argparse.Namespace) -> int:
     }
     stages = tuple(args.stages) if args.stages else budget.stages
     budget = dataclasses.replace(budget, world={**budget.world, **world}, stages=stages)  # checks both
-    run_study(args.output_dir, budget, split=args.split, seeds=args.seeds, workers=args.jobs, seed_set=args.seed_set)
+    report = run_study(
+        args.output_dir, budget, split=args.split, seeds=args.seeds, workers=args.jobs, seed_set=args.seed_set
+    )
+    print(format_results(report, Path(args.output_dir)))
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from echogen_rl.experiments.demo import DemoBudget, run_demo
+    from echogen_rl.experiments.demo import DemoBudget, format_stage_table, run_demo
 
     if args.quick and args.shipped:
         raise ValueError("--quick and --shipped are alternatives; give one of them")
     budget = DemoBudget.quick() if args.quick else DemoBudget.shipped() if args.shipped else DemoBudget()
-    run_demo(args.output_dir, overwrite=args.overwrite, budget=budget, workers=args.jobs)
+    report = run_demo(args.output_dir, overwrite=args.overwrite, budget=budget, workers=args.jobs)
+    out = Path(args.output_dir)
+    print(format_stage_table(report["stages"]))
+    print(f"report: {out / 'report.json'}; pictures: {out / 'pictures'} (green: target boxes, magenta: grounded)")
+    print(f"{report['seconds']:.0f} s")
     return 0
 
 
 def _dry_run(args: argparse.Namespace) -> int:
     import signal
 
-    from echogen_rl.experiments.dry_run import format_report, run_dry_run
+    from echogen_rl.experiments.dry_run import run_dry_run
+    from echogen_rl.experiments.dry_run_report import format_report
 
     # A killed run must still remove its temporary checkpoint (GBs at real size): SIGTERM unwinds as Ctrl-C does.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -142,11 +153,7 @@ def _ground(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="echogen-rl", description=__doc__)
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an error, not only its line")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_init_tiny(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("init-tiny", help="write the offline tiny Janus checkpoint to OUTPUT_DIR")
     p.add_argument("output_dir")
     p.add_argument("--hidden-size", type=int, default=128)
@@ -156,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT_DIR")
     p.set_defaults(func=_init_tiny)
 
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the offline CPU demo on the shapes world")
     p.add_argument("--output-dir", default="outputs/demo")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
@@ -164,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=None, help="runs side by side (default: one per core, at most 4)")
     p.set_defaults(func=_demo)
 
+
+def _add_dry_run(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "dry-run",
         help="a real-size step of a training config on a random-init model: time, tokens, memory, GPU estimate",
@@ -184,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="config fields after --, e.g. -- --gradient_checkpointing false")
     p.set_defaults(func=_dry_run)
 
+
+def _add_study(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "study",
         help="each stage against its controls, over several seeds, with confidence intervals (shapes world)",
@@ -207,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_study)
 
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate L2I and I2L on held-out layouts; writes eval.json and eval.png")
     p.add_argument("--model", required=True, help="Janus checkpoint directory or hub id")
     p.add_argument("--adapter", help="PEFT adapter directory, merged into the model")
@@ -229,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="layouts per rollout (changes the sampled images)")
     p.add_argument("--device", help="defaults to cuda when available, else cpu")
     p.set_defaults(func=_eval)
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a trained checkpoint as a LoRA adapter or, with --merge, a merged model")
     p.add_argument("--checkpoint", required=True, help="a trainer output directory or one of its checkpoint-N")
     p.add_argument("--output", required=True, help="the export directory")
@@ -237,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT")
     p.set_defaults(func=_export)
 
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="images for one layout, and a grid with the layout drawn")
     p.add_argument("--model", required=True, help="Janus checkpoint directory or hub id")
     p.add_argument("--adapter", help="PEFT adapter directory, merged into the model")
@@ -259,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="defaults to cuda when available, else cpu")
     p.set_defaults(func=_generate)
 
+
+def _add_ground(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ground", help="the model's boxes for phrases (or all objects) in an image, as JSON")
     p.add_argument("--model", required=True, help="Janus checkpoint directory or hub id")
     p.add_argument("--adapter", help="PEFT adapter directory, merged into the model")
@@ -271,16 +293,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="defaults to cuda when available, else cpu")
     p.set_defaults(func=_ground)
 
+
+def _add_plot(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plot", help="stage curves (loss, reward, cycle mIoU) of several runs on one PNG")
     p.add_argument("--runs", nargs="+", required=True, help="run folders (trainer output_dir or checkpoint-N)")
     p.add_argument("--out", required=True, help="the PNG to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.set_defaults(func=_plot)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="echogen-rl", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error, not only its line")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_init_tiny(sub)
+    _add_demo(sub)
+    _add_dry_run(sub)
+    _add_study(sub)
+    _add_eval(sub)
+    _add_export(sub)
+    _add_generate(sub)
+    _add_ground(sub)
+    _add_plot(sub)
     return parser
+
+
+def _configure_logging() -> None:
+    """Shows the package's progress messages (its loggers' INFO and up) on the terminal as plain lines, unless the
+    program running this (a test harness, a notebook) configured logging itself. Other libraries' loggers stay at
+    WARNING, as Python shows them when nothing is configured."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="%(message)s")
+        logging.getLogger("echogen_rl").setLevel(logging.INFO)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _configure_logging()
     try:
         return args.func(args)
     except (FileExistsError, FileNotFoundError, ValueError) as err:  # CheckpointError and bad input among them

@@ -5,7 +5,8 @@ import torch
 
 from echogen_rl.data.collators import AbsentPhrases, LoopLossCollator, PMTPCollator, dataset_phrases
 from echogen_rl.data.shapes import build_shapes_dataset, phrase_pool
-from echogen_rl.layout import Entity, Layout, grounding_answer, parse_layout
+from echogen_rl.layout import Entity, Layout, grounding_answer
+from echogen_rl.layout_text import parse_layout
 from echogen_rl.models.grounding import restrict_to_phrases
 from echogen_rl.models.prompts import IGNORE_INDEX
 from echogen_rl.rewards import cycle_iou, grounding_format

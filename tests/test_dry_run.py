@@ -16,7 +16,8 @@ from transformers import JanusConfig, JanusForConditionalGeneration, Trainer, Tr
 from echogen_rl.cli import main as cli_main
 from echogen_rl.data.sources import LayoutDataArguments, build_layout_datasets, load_coco, load_layoutsam
 from echogen_rl.data.synthetic import synthesize_missing, write_coco, write_layoutsam
-from echogen_rl.experiments.dry_run import cpu_adjustments, estimate_gpu_memory, infer_stage, run_dry_run
+from echogen_rl.experiments.dry_run import cpu_adjustments, infer_stage, run_dry_run
+from echogen_rl.experiments.dry_run_report import estimate_gpu_memory
 from echogen_rl.layout import LAYOUT_TAGS, Layout
 from echogen_rl.models.architectures import (
     Architecture,

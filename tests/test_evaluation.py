@@ -12,18 +12,11 @@ from pycocotools.cocoeval import COCOeval
 
 from echogen_rl.cli import main
 from echogen_rl.data.shapes import ShapesConfig, build_shapes_dataset, codes_to_image, phrase_pool, render_codes
-from echogen_rl.eval.coco_ap import COCO_IMAGE_SIZE
-from echogen_rl.eval.evaluation import (
-    coco_ap,
-    color_accuracy,
-    cycle_miou,
-    evaluate_l2i,
-    format_table,
-    grounding_accuracy,
-    load_coco_results,
-    spatial_accuracy,
-    write_report,
-)
+from echogen_rl.eval.coco_ap import COCO_IMAGE_SIZE, coco_ap
+from echogen_rl.eval.coco_results import load_coco_results
+from echogen_rl.eval.evaluation import format_table, write_report
+from echogen_rl.eval.inference import evaluate_l2i
+from echogen_rl.eval.metrics import color_accuracy, cycle_miou, grounding_accuracy, spatial_accuracy
 from echogen_rl.layout import Entity, Layout
 
 # Two boxes with IoU exactly 2/3: a 0.5-wide box and the same box moved right by a fifth of its width.
@@ -317,7 +310,7 @@ def test_eval_cli_applies_adapter(tiny_checkpoint, tmp_path):
 
 
 def test_spatial_does_not_let_a_misnamed_blob_stand_in():
-    from echogen_rl.eval.evaluation import spatial_accuracy
+    from echogen_rl.eval.metrics import spatial_accuracy
     from echogen_rl.layout import Entity, Layout
 
     target = Layout([Entity("red square", (0.0, 0.0, 0.2, 0.2)), Entity("blue circle", (0.6, 0.6, 0.8, 0.8))])
@@ -328,7 +321,7 @@ def test_spatial_does_not_let_a_misnamed_blob_stand_in():
 
 def test_mask_iou_ranks_an_exact_drawing_above_a_filled_box_above_nothing():
     from echogen_rl.data.shapes import render_codes
-    from echogen_rl.eval.evaluation import mask_iou, mask_iou_per_image
+    from echogen_rl.eval.metrics import mask_iou, mask_iou_per_image
 
     cfg = ShapesConfig()
     target = Layout([Entity("red circle", (0.0, 0.0, 0.5, 0.5)), Entity("blue triangle", (0.5, 0.5, 1.0, 1.0))])

@@ -8,7 +8,7 @@ from transformers import AutoTokenizer, JanusForConditionalGeneration
 
 from echogen_rl.cli import main
 from echogen_rl.data.shapes import build_shapes_dataset
-from echogen_rl.eval.evaluation import generate_images
+from echogen_rl.eval.inference import generate_images
 from echogen_rl.layout import Entity, Layout
 from echogen_rl.models.export import attach_adapter, export_checkpoint
 from echogen_rl.models.grounding import Grounder
@@ -69,13 +69,13 @@ def test_generate_writes_the_sampled_images_and_a_grid(tiny_checkpoint, tmp_path
     ]
 
 
-def test_generate_reads_a_layout_file_and_decodes_with_the_vq_model(tiny_checkpoint, tmp_path, capsys):
+def test_generate_reads_a_layout_file_and_decodes_with_the_vq_model(tiny_checkpoint, tmp_path, caplog):
     layout_file = tmp_path / "layout.json"
     layout_file.write_text(LAYOUT.to_json())
     out = tmp_path / "vq.png"
     argv = ["generate", "--model", str(tiny_checkpoint), "--layout", str(layout_file), "--out", str(out), "--num", "1"]
     assert main(argv) == 0
-    assert "pass --palette" in capsys.readouterr().out
+    assert "pass --palette" in caplog.text
     with Image.open(tmp_path / "vq-0.png") as image:
         assert image.format == "PNG" and image.size == (32, 32)  # the tiny VQ decoder's 8x8 codes of 4 pixels
 

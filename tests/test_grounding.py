@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from echogen_rl.layout import Entity, Layout, parse_layout
+from echogen_rl.layout import Entity, Layout
+from echogen_rl.layout_text import parse_layout
 from echogen_rl.models.grounding import Grounder, restrict_to_phrases
 from echogen_rl.models.modeling import embed_mixed
 from echogen_rl.models.prompts import pad_segments

@@ -19,9 +19,9 @@ from echogen_rl.layout import (
     l1_distance,
     match_layouts,
     pairwise_iou,
-    parse_layout,
     validate_layout,
 )
+from echogen_rl.layout_text import parse_layout
 
 WORDS = ["red", "blue", "big", "square", "circle", "cat"]
 

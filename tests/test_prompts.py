@@ -3,7 +3,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from echogen_rl.layout import LAYOUT_TAGS, Entity, Layout, parse_layout
+from echogen_rl.layout import LAYOUT_TAGS, Entity, Layout
+from echogen_rl.layout_text import parse_layout
 from echogen_rl.models.prompts import IGNORE_INDEX, PromptBuilder, add_layout_tokens, pad_segments
 
 LAYOUT = Layout(

@@ -7,18 +7,16 @@ import pytest
 import torch
 
 from echogen_rl.data.collators import PMTPCollator
+from echogen_rl.data.kind_negatives import KindNegatives, draw_other_kinds, other_kind_masks
 from echogen_rl.data.shapes import (
-    KindNegatives,
     ShapesConfig,
     build_shapes_dataset,
     detect_from_codes,
-    draw_other_kinds,
-    other_kind_masks,
     render_codes,
     render_filled_boxes,
     shape_mask,
 )
-from echogen_rl.eval.evaluation import filled_box_rate, strict_recall50
+from echogen_rl.eval.metrics import filled_box_rate, strict_recall50
 from echogen_rl.eval.reward_check import REWARD_GATE_MARGIN, reward_check, reward_gate, summarize_reward_check
 from echogen_rl.experiments.study import run_study
 from echogen_rl.layout import Layout, grounding_answer
@@ -200,7 +198,7 @@ def test_a_seed_set_refuses_a_folder_of_another_set(tmp_path):
 
 
 def test_the_seed_sets_score_disjoint_layouts():
-    from echogen_rl.experiments.study import SEED_SETS, study_layouts
+    from echogen_rl.experiments.study_scoring import SEED_SETS, study_layouts
 
     a, _ = study_layouts("held_out", 64, ShapesConfig(), "a")
     b, _ = study_layouts("held_out", 64, ShapesConfig(), "b")

@@ -1,6 +1,7 @@
 """The study end to end on a quick budget: every arm trains from the shipped configs and is scored."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -13,15 +14,9 @@ from echogen_rl.data.shapes import (
     render_filled_boxes,
 )
 from echogen_rl.eval.reward_check import DRAWINGS, reward_check
-from echogen_rl.experiments.study import (
-    COMPARISONS,
-    StudyBudget,
-    run_study,
-    score_codes,
-    scores_path,
-    study_layouts,
-    summarize,
-)
+from echogen_rl.experiments.study import StudyBudget, run_study
+from echogen_rl.experiments.study_scoring import score_codes, scores_path, study_layouts
+from echogen_rl.experiments.study_statistics import COMPARISONS, summarize
 from echogen_rl.layout import Layout
 from echogen_rl.models.grounding import GroundingResult
 
@@ -84,7 +79,7 @@ def test_ap_intervals_run_as_jobs_agree_with_intervals_run_here(quick_study):
             assert metrics[metric] == report["comparisons"][name][metric], (name, metric)
 
 
-def test_arms_differ_and_the_study_resumes_without_retraining(quick_study, capsys):
+def test_arms_differ_and_the_study_resumes_without_retraining(quick_study, caplog):
     out, report = quick_study
     cyclerl = (out / "seed0" / "cyclerl" / "adapter_model.safetensors").read_bytes()
     sft = (out / "seed0" / "sft_continued" / "adapter_model.safetensors").read_bytes()
@@ -96,9 +91,10 @@ def test_arms_differ_and_the_study_resumes_without_retraining(quick_study, capsy
     logged = json.loads((out / "seed0" / "cyclerl" / "study_run.json").read_text())["log_history"]
     assert any("rewards/cycle_iou/mean" in h for h in logged)
     stamp = (out / "seed1" / "djo" / "study_run.json").stat().st_mtime
-    again = run_study(out, StudyBudget.quick())
+    with caplog.at_level(logging.INFO, logger="echogen_rl.experiments.study"):
+        again = run_study(out, StudyBudget.quick())
     assert (out / "seed1" / "djo" / "study_run.json").stat().st_mtime == stamp
-    assert "done before, kept" in capsys.readouterr().out
+    assert "done before, kept" in caplog.text
     assert again["comparisons"] == report["comparisons"]
 
 
@@ -174,10 +170,11 @@ def test_reward_check_ranks_a_correct_drawing_above_filled_boxes_above_an_empty_
 
 def test_the_study_command_passes_the_world_and_stages_to_the_budget(monkeypatch, tmp_path, capsys):
     from echogen_rl import cli
-    from echogen_rl.experiments import study
+    from echogen_rl.experiments import study, study_report
 
     seen = {}
     monkeypatch.setattr(study, "run_study", lambda out, budget, **kwargs: seen.update(budget=budget, **kwargs))
+    monkeypatch.setattr(study_report, "format_results", lambda report, out: "")  # no study ran: nothing to print
     argv = ["study", "--quick", "--output-dir", str(tmp_path), "--grid-size", "12", "--max-shapes", "4"]
     assert cli.main([*argv, "--stages", "djo", "--jobs", "1"]) == 0
     assert seen["budget"].world == {"grid_size": 12, "max_shapes": 4}

@@ -56,25 +56,7 @@ def encode_image_codes(
     if isinstance(decoded_feature, datasets.Image):
         dataset = dataset.cast_column("image", datasets.Image(decode=False))
 
-    def encode_batch(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
-        refs = [next((v for v in values if v is not None), None) for values in zip(*(batch[c] for c in image_columns))]
-        images: list[Image.Image | None] = []
-        errors: list[str] = []
-        for ref, index in zip(refs, indices):
-            try:
-                with open_image(ref) as image:
-                    images.append(image.convert("RGB"))  # convert() decodes every pixel, so errors surface here
-                errors.append("")
-            except Exception as err:  # PIL raises many exception types on malformed files
-                message = f"cannot read the image of {describe_image(ref, index)}: {type(err).__name__}: {err}"
-                if on_bad_sample == "raise":
-                    raise ValueError(message) from err
-                images.append(None)
-                errors.append(message)
-        good = [image for image in images if image is not None]
-        codes = iter(image_tokenizer.encode(good).tolist() if good else [])
-        return {"image_codes": [next(codes) if image is not None else [] for image in images], "image_error": errors}
-
+    encode_batch = _batch_encoder(image_tokenizer, image_columns, on_bad_sample)
     features = dataset.features.copy()
     features["image_codes"] = datasets.List(datasets.Value("int64"))
     features["image_error"] = datasets.Value("string")
@@ -103,3 +85,30 @@ def encode_image_codes(
         encoded = encoded.cast_column("image", decoded_feature)
     stats.rows_kept = len(encoded)
     return encoded, stats
+
+
+def _batch_encoder(image_tokenizer: ImageTokenizer, image_columns: list[str], on_bad_sample: str):
+    """The batched map function of [`encode_image_codes`]: each row's image (the first of `image_columns` that is
+    set) read and encoded, with `image_codes` `[]` and the reason in `image_error` for a row whose image cannot be
+    read (or a `ValueError` with `on_bad_sample="raise"`)."""
+
+    def encode_batch(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        refs = [next((v for v in values if v is not None), None) for values in zip(*(batch[c] for c in image_columns))]
+        images: list[Image.Image | None] = []
+        errors: list[str] = []
+        for ref, index in zip(refs, indices):
+            try:
+                with open_image(ref) as image:
+                    images.append(image.convert("RGB"))  # convert() decodes every pixel, so errors surface here
+                errors.append("")
+            except Exception as err:  # PIL raises many exception types on malformed files
+                message = f"cannot read the image of {describe_image(ref, index)}: {type(err).__name__}: {err}"
+                if on_bad_sample == "raise":
+                    raise ValueError(message) from err
+                images.append(None)
+                errors.append(message)
+        good = [image for image in images if image is not None]
+        codes = iter(image_tokenizer.encode(good).tolist() if good else [])
+        return {"image_codes": [next(codes) if image is not None else [] for image in images], "image_error": errors}
+
+    return encode_batch

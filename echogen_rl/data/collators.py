@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from echogen_rl.data.shapes import KindNegatives
+from echogen_rl.data.kind_negatives import KindNegatives
 from echogen_rl.layout import Layout, LayoutError
 from echogen_rl.models.prompts import IGNORE_INDEX, PromptBuilder, Segment, pad_segments
 

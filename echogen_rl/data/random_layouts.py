@@ -8,7 +8,8 @@ import numpy as np
 import torch
 from datasets import Dataset
 
-from echogen_rl.layout import GROUNDING_START, Entity, Layout, pairwise_iou, parse_layout
+from echogen_rl.layout import GROUNDING_START, Entity, Layout, pairwise_iou
+from echogen_rl.layout_text import parse_layout
 
 
 def l2i_prompt_text(layout: Layout) -> str:

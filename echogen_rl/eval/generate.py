@@ -10,6 +10,7 @@ the shapes are visible and grounding reads what was drawn.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from echogen_rl.eval.evaluation import generate_images
+from echogen_rl.eval.inference import generate_images
 from echogen_rl.eval.visualize import RECOVERED_COLOR, draw_layout, image_grid, overlay, save_png
 from echogen_rl.layout import Entity, Layout, LayoutError, validate_layout
 from echogen_rl.models.export import attach_adapter
@@ -28,6 +29,8 @@ from echogen_rl.models.modeling import unwrap_janus
 from echogen_rl.models.palette import PALETTE
 from echogen_rl.models.prompts import PromptBuilder
 from echogen_rl.models.sampling import resolve_guidance_scale, resolve_temperature
+
+logger = logging.getLogger(__name__)
 
 
 def load_model(model_name_or_path: str, adapter: str | None = None, device: str | None = None):
@@ -151,7 +154,7 @@ def run_generate(
     temperature = resolve_temperature(model, temperature)
     decoder = image_tokenizer_for(model, palette)
     if not palette and decoder.codebook_size == len(PALETTE):
-        print("this model's codebook is the shapes palette: pass --palette to see the shapes")
+        logger.warning("this model's codebook is the shapes palette: pass --palette to see the shapes")
     codes = generate_images(model, tokenizer, [layout] * num_images, guidance_scale, temperature, seed, batch_size)
     images = decoder.decode(codes)
     paths = [save_png(im, grid_path.with_name(f"{grid_path.stem}-{i}.png")) for i, im in enumerate(images)]

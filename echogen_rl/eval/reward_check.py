@@ -13,8 +13,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from echogen_rl.data.shapes import ShapesConfig, draw_other_kinds, render_codes, render_filled_boxes
-from echogen_rl.eval.evaluation import cycle_iou_per_image
+from echogen_rl.data.kind_negatives import draw_other_kinds
+from echogen_rl.data.shapes import ShapesConfig, render_codes, render_filled_boxes
+from echogen_rl.eval.metrics import cycle_iou_per_image
 from echogen_rl.eval.stats import bootstrap_ci, paired_difference
 from echogen_rl.layout import Layout
 

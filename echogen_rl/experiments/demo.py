@@ -4,13 +4,14 @@ It builds the tiny checkpoint, trains PMTP -> DJO -> CycleRL by running the ship
 their recipes (`recipes/configs/<stage>/shapes_tiny.yaml`; a budget changes only the fields it lists),
 evaluates after each stage on held-out layouts (the oracle detector reads the generated code grids
 exactly), and trains a "separate" baseline with the PMTP config's steps: one model on L2I only, another on
-I2L only, no joint packing. It prints a table and writes `report.json` and a PNG grid per stage.
+I2L only, no joint packing. It writes `report.json` and a PNG grid per stage, and `echogen-rl demo` prints a table.
 The numbers are whatever this budget gives; nothing is tuned to the held-out set.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -22,7 +23,8 @@ import torch
 from transformers import AutoTokenizer, JanusForConditionalGeneration
 
 from echogen_rl.data.shapes import ShapesConfig, build_shapes_dataset
-from echogen_rl.eval.evaluation import cycle_miou, evaluate_i2l, evaluate_l2i, mask_iou
+from echogen_rl.eval.inference import evaluate_i2l, evaluate_l2i
+from echogen_rl.eval.metrics import cycle_miou, mask_iou
 from echogen_rl.eval.visualize import image_grid, overlay, save_png
 from echogen_rl.experiments.jobs import FollowThreadShare, Job, default_workers, run_jobs, run_settings
 from echogen_rl.experiments.provenance import provenance
@@ -34,6 +36,8 @@ from echogen_rl.models.prompts import PromptBuilder
 from echogen_rl.models.sampling import resolve_guidance_scale
 from echogen_rl.models.tiny import build_tiny_checkpoint
 from echogen_rl.scripts.runner import run_recipe
+
+logger = logging.getLogger(__name__)
 
 HELD_OUT_SEED = 3_000_017  # far from the training seeds (0) and the eval split (1_000_003)
 COLUMNS = (
@@ -166,6 +170,76 @@ def _last(history: list[dict], key: str):
     return values[-1] if values else None
 
 
+def _data_picture(out: Path, eval_layouts: int, shapes: ShapesConfig) -> Path:
+    """`data.png`: the first 8 held-out layouts drawn over their real images."""
+    held_out = build_shapes_dataset(eval_layouts, seed=HELD_OUT_SEED, config=shapes)
+    layouts = [Layout.from_json(s) for s in held_out["layout"][:8]]
+    return save_png(
+        image_grid([overlay(im, lay) for im, lay in zip(held_out["image"][:8], layouts)], 4), out / "data.png"
+    )
+
+
+def _runs(out: Path, ckpt: Path, budget: DemoBudget) -> dict[str, tuple]:
+    """The runs to train, as `{name: (config stage, changes, the run it starts from)}`."""
+    cache = {"cache_dir": str(out / "cache")}
+    separate = {**budget.pmtp, "model_name_or_path": str(ckpt), **cache}
+    return {
+        "pmtp": ("pmtp", {**budget.pmtp, "model_name_or_path": str(ckpt), **cache}, None),
+        "djo": ("djo", {**budget.djo, "model_name_or_path": str(out / "pmtp"), **cache}, "pmtp"),
+        "cyclerl": ("cyclerl", {**budget.cyclerl, "model_name_or_path": str(out / "djo"), **cache}, "djo"),
+        # The baseline: L2I and I2L as two models, the PMTP config's steps each, no joint packing.
+        "separate-l2i": ("pmtp", {**separate, "text_loss_weight": 0.0}, None),
+        "separate-i2l": ("pmtp", {**separate, "image_loss_weight": 0.0}, None),
+    }
+
+
+def _evaluations(out: Path, ckpt: Path) -> dict[str, tuple]:
+    """The stages scored, as `{stage: (L2I model, I2L model, base of a LoRA adapter, trained runs it needs)}`."""
+    return {
+        "untrained": (ckpt, ckpt, None, ("pmtp",)),
+        "pmtp": (out / "pmtp", out / "pmtp", None, ("pmtp",)),
+        "djo": (out / "djo", out / "djo", None, ("pmtp", "djo")),
+        "cyclerl": (out / "cyclerl", out / "cyclerl", out / "djo", ("pmtp", "cyclerl")),
+        "separate": (out / "separate-l2i", out / "separate-i2l", None, ("pmtp", "separate-l2i", "separate-i2l")),
+    }
+
+
+def _jobs(out: Path, runs: dict[str, tuple], evaluations: dict[str, tuple], eval_layouts: int) -> list[Job]:
+    """A training job per run, each after the run it starts from, then a scoring job per stage."""
+    jobs = [
+        Job(
+            f"train {name}",
+            train_stage,
+            {"stage": stage, "out": str(out / name), "changes": changes},
+            (f"train {after}",) if after else (),
+            out / name / "train.log",
+        )
+        for name, (stage, changes, after) in runs.items()
+    ]
+    for stage, (l2i, i2l, base, needs) in evaluations.items():
+        kwargs = {
+            "out": str(out),
+            "stage": stage,
+            "l2i": str(l2i),
+            "i2l": str(i2l),
+            "eval_layouts": eval_layouts,
+        }
+        kwargs["base"] = str(base) if base else None
+        log = out / "logs" / f"score_{stage}.log"
+        jobs.append(Job(f"score {stage}", evaluate_stage, kwargs, tuple(f"train {n}" for n in needs), log, light=True))
+    return jobs
+
+
+def _training(history: dict[str, list[dict]]) -> dict:
+    """The report's `training`: the last logged losses and accuracies of each stage, CycleRL's rewards per log."""
+    cyclerl_rewards = [h["rewards/cycle_iou/mean"] for h in history["cyclerl"] if "rewards/cycle_iou/mean" in h]
+    return {
+        "pmtp": {k: _last(history["pmtp"], k) for k in ("loss_img", "loss_text", "accuracy_img", "accuracy_text")},
+        "djo": {k: _last(history["djo"], k) for k in ("loss_l2i", "loss_loop", "tau")},
+        "cyclerl": {"cycle_iou_reward_per_log": cyclerl_rewards},
+    }
+
+
 def run_demo(
     output_dir: str | os.PathLike,
     overwrite: bool = False,
@@ -176,7 +250,8 @@ def run_demo(
 
     The stages train in order, and the separate baseline beside them, `workers` runs at a time
     ([`echogen_rl.experiments.jobs.run_jobs`]; default one per core, at most 4); each stage is scored as soon as it has trained.
-    Each run's output goes to a log in its folder.
+    Each run's output goes to a log in its folder. `echogen-rl demo` prints the table of the report's `stages`
+    ([`format_stage_table`]).
     """
     budget = budget or DemoBudget()
     out = Path(output_dir)
@@ -189,61 +264,18 @@ def run_demo(
     torch.manual_seed(0)
 
     ckpt = build_tiny_checkpoint(out / "tiny-janus")
-    shapes = ShapesConfig()
-    held_out = build_shapes_dataset(budget.eval_layouts, seed=HELD_OUT_SEED, config=shapes)
-    layouts = [Layout.from_json(s) for s in held_out["layout"][:8]]
-    save_png(image_grid([overlay(im, lay) for im, lay in zip(held_out["image"][:8], layouts)], 4), out / "data.png")
-    cache = {"cache_dir": str(out / "cache")}
-    separate = {**budget.pmtp, "model_name_or_path": str(ckpt), **cache}
-    runs = {  # stage: (config stage, changes, the stage it starts from)
-        "pmtp": ("pmtp", {**budget.pmtp, "model_name_or_path": str(ckpt), **cache}, None),
-        "djo": ("djo", {**budget.djo, "model_name_or_path": str(out / "pmtp"), **cache}, "pmtp"),
-        "cyclerl": ("cyclerl", {**budget.cyclerl, "model_name_or_path": str(out / "djo"), **cache}, "djo"),
-        # The baseline: L2I and I2L as two models, the PMTP config's steps each, no joint packing.
-        "separate-l2i": ("pmtp", {**separate, "text_loss_weight": 0.0}, None),
-        "separate-i2l": ("pmtp", {**separate, "image_loss_weight": 0.0}, None),
-    }
-    jobs = [
-        Job(
-            f"train {name}",
-            train_stage,
-            {"stage": stage, "out": str(out / name), "changes": changes},
-            (f"train {after}",) if after else (),
-            out / name / "train.log",
-        )
-        for name, (stage, changes, after) in runs.items()
-    ]
-    evaluations = {  # stage: (L2I model, I2L model, base of a LoRA adapter, trained runs it needs)
-        "untrained": (ckpt, ckpt, None, ("pmtp",)),
-        "pmtp": (out / "pmtp", out / "pmtp", None, ("pmtp",)),
-        "djo": (out / "djo", out / "djo", None, ("pmtp", "djo")),
-        "cyclerl": (out / "cyclerl", out / "cyclerl", out / "djo", ("pmtp", "cyclerl")),
-        "separate": (out / "separate-l2i", out / "separate-i2l", None, ("pmtp", "separate-l2i", "separate-i2l")),
-    }
-    for stage, (l2i, i2l, base, needs) in evaluations.items():
-        kwargs = {
-            "out": str(out),
-            "stage": stage,
-            "l2i": str(l2i),
-            "i2l": str(i2l),
-            "eval_layouts": budget.eval_layouts,
-        }
-        kwargs["base"] = str(base) if base else None
-        log = out / "logs" / f"score_{stage}.log"
-        jobs.append(Job(f"score {stage}", evaluate_stage, kwargs, tuple(f"train {n}" for n in needs), log, light=True))
-    print(f"[demo] {len(runs)} runs to train, {len(evaluations)} stages to score; logs in each run's folder")
+    _data_picture(out, budget.eval_layouts, ShapesConfig())
+    runs = _runs(out, ckpt, budget)
+    evaluations = _evaluations(out, ckpt)
+    jobs = _jobs(out, runs, evaluations, budget.eval_layouts)
+    logger.info("[demo] %s runs to train, %s stages to score; logs in each run's folder", len(runs), len(evaluations))
     done = run_jobs(jobs, workers, prefix="[demo]")
     stages = {stage: done[f"score {stage}"] for stage in evaluations}
     history = {name: done[f"train {name}"] for name in ("pmtp", "djo", "cyclerl")}
 
-    cyclerl_rewards = [h["rewards/cycle_iou/mean"] for h in history["cyclerl"] if "rewards/cycle_iou/mean" in h]
     report = {
         "stages": stages,
-        "training": {
-            "pmtp": {k: _last(history["pmtp"], k) for k in ("loss_img", "loss_text", "accuracy_img", "accuracy_text")},
-            "djo": {k: _last(history["djo"], k) for k in ("loss_l2i", "loss_loop", "tau")},
-            "cyclerl": {"cycle_iou_reward_per_log": cyclerl_rewards},
-        },
+        "training": _training(history),
         "budget": asdict(budget),
         "configs": {stage: config_name(_shipped(stage)) for stage in ("pmtp", "djo", "cyclerl")},
         "held_out_layouts": budget.eval_layouts,
@@ -252,7 +284,4 @@ def run_demo(
         "provenance": provenance(),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(format_stage_table(stages))
-    print(f"report: {out / 'report.json'}; pictures: {out / 'pictures'} (green: target boxes, magenta: grounded)")
-    print(f"{report['seconds']:.0f} s")
     return report

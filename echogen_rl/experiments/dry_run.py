@@ -15,19 +15,18 @@ bf16, gradient checkpointing, LoRA, optimizer, max_length, ...) is the config's.
 config as on the recipe's command line.
 
 It prints, and writes with `--json`, what it measured (step time, tokens per step, memory, parameter counts) and an
-estimate of the GPU memory per device at the config's own batch (see [`estimate_gpu_memory`]).
+estimate of the GPU memory per device at the config's own batch (see
+[`echogen_rl.experiments.dry_run_report.estimate_gpu_memory`]); [`echogen_rl.experiments.dry_run_probe`] measures.
 """
 
 from __future__ import annotations
 
 import gc
 import json
+import logging
 import math
-import re
-import resource
 import shutil
 import tempfile
-import threading
 import time
 import typing
 from pathlib import Path
@@ -35,10 +34,12 @@ from pathlib import Path
 import psutil
 import torch
 import yaml
-from transformers import JanusForConditionalGeneration, Trainer, TrainerCallback
+from transformers import JanusForConditionalGeneration, Trainer
 from trl import SFTConfig
 
 from echogen_rl.data.synthetic import synthesize_missing
+from echogen_rl.experiments.dry_run_probe import StepProbe, measured, probed
+from echogen_rl.experiments.dry_run_report import GIB, estimate_gpu_memory, launch_config
 from echogen_rl.experiments.provenance import provenance
 from echogen_rl.models.architectures import (
     SHIPPED_CONFIGS,
@@ -46,7 +47,6 @@ from echogen_rl.models.architectures import (
     resolve_architecture,
     write_random_checkpoint,
 )
-from echogen_rl.models.modeling import unwrap_janus
 from echogen_rl.scripts.runner import as_cli as _as_cli
 from echogen_rl.scripts.runner import load_recipe as _load_recipe
 from echogen_rl.scripts.runner import parse_recipe_args as _parse
@@ -54,8 +54,9 @@ from echogen_rl.trainer.cyclerl_config import CycleRLConfig
 from echogen_rl.trainer.djo_config import DJOConfig
 from echogen_rl.trainer.pmtp_config import PMTPConfig
 
+logger = logging.getLogger(__name__)
+
 STAGES = {"pmtp": PMTPConfig, "djo": DJOConfig, "cyclerl": CycleRLConfig}
-GIB = 1024**3
 
 
 def infer_stage(config_path: str | Path, values: dict, stage: str | None = None) -> str:
@@ -152,176 +153,44 @@ def cpu_adjustments(arch, stage: str, training_args, model_args) -> dict:
     return changed
 
 
-class StepProbe(TrainerCallback):
-    """Times each optimizer step and measures its tokens and memory (CUDA allocated memory on a GPU, else the
-    process RSS sampled every 5 ms).
-
-    Per step: `seconds`; `tokens`, the positions the language model runs in the step's graph-building forwards
-    (padding excluded where the forward has a 2D attention mask); and, in bytes above the memory at the step's
-    start, `forward` (the peak before the backward: activations, and rollouts for CycleRL), `gradients` (held
-    after the backward) and `peak`.
-    """
-
-    def __init__(self):
-        self.cuda = torch.cuda.is_available()
-        self.steps: list[dict] = []
-        self.parameters: dict = {}
-        self.changed: dict = {}
-        self._process, self._peak, self._tokens, self._current = psutil.Process(), 0, 0, {}
-        self.clock, self.setup_seconds = time.perf_counter(), 0.0
-        self._sampling, self._thread, self._hook, self._lock = False, None, None, threading.Lock()
-
-    def _now(self) -> int:
-        return torch.cuda.memory_allocated() if self.cuda else self._process.memory_info().rss
-
-    def _peak_since_start(self) -> int:
-        return torch.cuda.max_memory_allocated() if self.cuda else max(self._peak, self._now())
-
-    def _sample(self) -> None:
-        while self._sampling:
-            with self._lock:  # a reset at a step's start must not be overwritten by the peak before it
-                self._peak = max(self._peak, self._now())
-            time.sleep(0.005)
-
-    def _count_tokens(self, module, args, kwargs) -> None:
-        if not torch.is_grad_enabled():
-            return  # rollouts, grounding and reference log-probs build no graph
-        mask, x = kwargs.get("attention_mask"), kwargs.get("inputs_embeds", kwargs.get("input_ids"))
-        x = args[0] if x is None and args else x
-        if isinstance(mask, torch.Tensor) and mask.ndim == 2:
-            self._tokens += int(mask.sum())
-        elif x is not None:
-            self._tokens += x.shape[0] * x.shape[1]
-
-    def attach(self, trainer: Trainer) -> None:
-        """Hooks the language model (token counts) and the accelerator's backward (memory before it)."""
-        self.trainer = trainer
-        language_model = unwrap_janus(trainer.model).model.language_model
-        self._hook = language_model.register_forward_pre_hook(self._count_tokens, with_kwargs=True)
-        backward = trainer.accelerator.backward
-
-        def measured_backward(loss, **kwargs):
-            self._current["forward"] = self._peak_since_start() - self._current["start"]
-            return backward(loss, **kwargs)
-
-        trainer.accelerator.backward = measured_backward
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.setup_seconds = time.perf_counter() - self.clock
-        params = list(self.trainer.model.parameters())
-        trainable = [p for p in params if p.requires_grad]
-        self.parameters = {
-            "total": sum(p.numel() for p in params),
-            "trainable": sum(p.numel() for p in trainable),
-            "weights_bytes": sum(p.numel() * p.element_size() for p in params),
-            "trainable_bytes": sum(p.numel() * p.element_size() for p in trainable),
-            "dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in trainable}),
-        }
-        self._before = [(p, p.detach().reshape(-1)[:64].clone()) for p in trainable]
-        if not self.cuda:
-            self._sampling, self._thread = True, threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
-        with self._lock:
-            self._peak, self._tokens = self._now(), 0
-        self._current = {"start": self._peak, "clock": time.perf_counter()}
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self._current["gradients"] = self._now() - self._current["start"]
-
-    def on_step_end(self, args, state, control, **kwargs):
-        c = self._current
-        self.steps.append(
-            {
-                "seconds": time.perf_counter() - c["clock"],
-                "tokens": self._tokens,
-                "start_bytes": c["start"],
-                "forward_bytes": c.get("forward", 0),
-                "gradients_bytes": c.get("gradients", 0),
-                "peak_bytes": self._peak_since_start() - c["start"],
-            }
-        )
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self._sampling = False
-        if self._thread is not None:
-            self._thread.join()
-        self._hook.remove()
-        moved = sum(not torch.equal(p.detach().reshape(-1)[:64], before) for p, before in self._before)
-        self.changed = {"tensors_sampled": len(self._before), "tensors_changed": int(moved)}
+def _architecture(config: Path, model_args, architecture: str | None):
+    """The architecture of the config's start checkpoint ([`resolve_architecture`]), which may be the output of a
+    config beside this one, or of a shipped one."""
+    config_dirs = [config.resolve().parent.parent] if config.parent.name in STAGES else []
+    config_dirs = list(dict.fromkeys([*config_dirs, SHIPPED_CONFIGS]))
+    return resolve_architecture(
+        model_args.model_name_or_path, model_args.build_tiny_if_missing, config_dirs, architecture
+    )
 
 
-def _probed(trainer_cls: type, probe: StepProbe) -> type:
-    class DryRunTrainer(trainer_cls):
-        """The recipe's trainer with the probe; the recipe's closing `save_model` writes nothing (GBs at 7B)."""
-
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.add_callback(probe)
-            probe.attach(self)
-
-        def save_model(self, output_dir=None, _internal_call=False):
-            pass
-
-    DryRunTrainer.__name__ = DryRunTrainer.__qualname__ = trainer_cls.__name__
-    return DryRunTrainer
-
-
-def _launch_config(config: Path) -> tuple[str, dict] | None:
-    """The accelerate config that the YAML's launch command (in its comments) names, and its contents."""
-    match = re.search(r"--config_file\s+(\S+\.yaml)", config.read_text())
-    if match is None:
-        return None
-    # As the user runs it (from their folder), else the shipped file it names (package data).
-    name = match.group(1)
-    shipped = SHIPPED_CONFIGS.parent / "accelerate_configs" / Path(name).name
-    for path in (Path.cwd() / name, shipped if name.startswith("recipes/accelerate_configs/") else None):
-        if path is not None and path.is_file():
-            return name, yaml.safe_load(path.read_text())
-    return None
+def _prepare(arch, work: Path, stage: str, values: dict, args: tuple, steps: int, batch_size: int, cpu_changes: dict):
+    """Writes the random-init checkpoint and the missing data into `work`; returns what the dry run changes
+    (`{field: value}`) and the seconds the checkpoint took (`{"checkpoint_seconds": s}`)."""
+    script_args, training_args, _ = args
+    logger.info("dry run: random-init checkpoint of %s in %s", arch.source, work)
+    clock = time.perf_counter()
+    changed = {"model_name_or_path": str(write_random_checkpoint(arch, work / "checkpoint"))}
+    phases = {"checkpoint_seconds": time.perf_counter() - clock}
+    gc.collect()
+    changed.update(dry_run_overrides(stage, values, training_args, steps, batch_size, work))
+    changed.update(cpu_changes)
+    if stage != "cyclerl" or training_args.prompt_source == "dataset":
+        changed.update(synthesize_missing(script_args, work / "data", changed["num_train_samples"]))
+    return changed, phases
 
 
-def estimate_gpu_memory(measured: dict, stage: str, training_args, model_args, launch) -> dict:
-    """GPU memory per device at the config's per-device batch, in bytes.
-
-    Weights (and a reference copy for CycleRL with `beta > 0` and no LoRA) in their loaded dtypes, gradients and
-    AdamW's two states in the trainable parameters' dtypes (8-bit optimizers: one byte each), plus the measured
-    forward memory scaled by real batch / dry batch. Gradient accumulation adds nothing. The single-device figure
-    is the sum; a ZeRO/FSDP launch config divides the terms it shards by its process count.
-    """
-    p, last = measured["parameters"], measured["steps"][-1]
-    optim = str(getattr(training_args.optim, "value", training_args.optim))
-    reference = stage == "cyclerl" and training_args.beta > 0 and not model_args.use_peft
-    scale = training_args.per_device_train_batch_size / measured["per_device_batch"]
-    terms = {
-        "weights": p["weights_bytes"] * (2 if reference else 1),
-        "gradients": p["trainable_bytes"],
-        "optimizer": 2 * (p["trainable"] if "8bit" in optim else p["trainable_bytes"]),
-        "activations": last["forward_bytes"] * scale,
-    }
-    estimate = {
-        "per_device_batch": training_args.per_device_train_batch_size,
-        "activation_scale": scale,
-        "optimizer": optim,
-        "reference_model": reference,
-        **{f"{k}_bytes": int(v) for k, v in terms.items()},
-        "single_device_bytes": int(sum(terms.values())),
-        "formula": "weights + gradients + optimizer + activations",
-    }
-    if launch is not None:
-        name, cfg = launch
-        kind, n = cfg.get("distributed_type"), int(cfg.get("num_processes", 1))
-        zero = (cfg.get("deepspeed_config") or {}).get("zero_stage", 0) if kind == "DEEPSPEED" else None
-        sharded = {1: ["optimizer"], 2: ["gradients", "optimizer"], 3: ["weights", "gradients", "optimizer"]}
-        shards = sharded.get(zero, []) if kind == "DEEPSPEED" else sharded[3] if kind == "FSDP" else []
-        how = f"DeepSpeed ZeRO-{zero}" if kind == "DEEPSPEED" else kind
-        estimate["launch"] = {"config": name, "kind": how, "num_processes": n, "sharded": shards}
-        estimate["sharded_formula"] = " + ".join(f"{t}/{n}" if t in shards else t for t in terms)
-        estimate["sharded_bytes"] = int(sum(v / n if t in shards else v for t, v in terms.items()))
-    return estimate
+def _run_probed(recipe, classes: tuple, config: Path, changed: dict, overrides) -> StepProbe:
+    """Runs the recipe's `main` on the config with `changed` and `overrides`, its trainer probed; returns the probe."""
+    probe = StepProbe()
+    name = next(k for k, v in vars(recipe).items() if isinstance(v, type) and issubclass(v, Trainer))
+    trainer_cls = getattr(recipe, name)
+    setattr(recipe, name, probed(trainer_cls, probe))  # the script module is shared: put it back after
+    probe.clock = time.perf_counter()
+    try:
+        recipe.main(*_parse(classes, config, [*_as_cli(changed), *overrides]))
+    finally:
+        setattr(recipe, name, trainer_cls)
+    return probe
 
 
 def run_dry_run(
@@ -356,59 +225,28 @@ def run_dry_run(
     classes = tuple(hints[name] for name in ("script_args", "training_args", "model_args"))
     # The run as the user would launch it (on a CPU-only machine, TrainingArguments refuses bf16 without use_cpu).
     cpu = [] if torch.cuda.is_available() else ["--use_cpu", "true"]
-    script_args, training_args, model_args = _parse(classes, config, [*cpu, *overrides])
-    # The start checkpoint may be the output of a config beside this one, or of a shipped one.
-    config_dirs = [config.resolve().parent.parent] if config.parent.name in STAGES else []
-    config_dirs = list(dict.fromkeys([*config_dirs, SHIPPED_CONFIGS]))
-    arch = resolve_architecture(
-        model_args.model_name_or_path, model_args.build_tiny_if_missing, config_dirs, architecture
-    )
+    args = _parse(classes, config, [*cpu, *overrides])
+    _, training_args, model_args = args
+    arch = _architecture(config, model_args, architecture)
     cpu_changes = cpu_adjustments(arch, stage, training_args, model_args)
     if work_dir is not None:
         Path(work_dir).mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="echogen-dry-run-", dir=work_dir))
     try:
-        print(f"dry run: random-init checkpoint of {arch.source} in {work}", flush=True)
-        clock = time.perf_counter()
-        changed = {"model_name_or_path": str(write_random_checkpoint(arch, work / "checkpoint"))}
-        phases = {"checkpoint_seconds": time.perf_counter() - clock}
-        gc.collect()
-        changed.update(dry_run_overrides(stage, values, training_args, steps, batch_size, work))
-        changed.update(cpu_changes)
-        if stage != "cyclerl" or training_args.prompt_source == "dataset":
-            changed.update(synthesize_missing(script_args, work / "data", changed["num_train_samples"]))
-        probe = StepProbe()
-        name = next(k for k, v in vars(recipe).items() if isinstance(v, type) and issubclass(v, Trainer))
-        trainer_cls = getattr(recipe, name)
-        setattr(recipe, name, _probed(trainer_cls, probe))  # the script module is shared: put it back after
-        probe.clock = time.perf_counter()
-        try:
-            recipe.main(*_parse(classes, config, [*_as_cli(changed), *overrides]))
-        finally:
-            setattr(recipe, name, trainer_cls)
+        changed, phases = _prepare(arch, work, stage, values, args, steps, batch_size, cpu_changes)
+        probe = _run_probed(recipe, classes, config, changed, overrides)
         phases["setup_seconds"] = probe.setup_seconds  # loading, data (VQ encoding), trainer
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    measured = {
-        "device": torch.cuda.get_device_name() if probe.cuda else "cpu",
-        **phases,
-        "per_device_batch": changed["per_device_train_batch_size"],
-        "steps": probe.steps,
-        "parameters": probe.parameters,
-        "trainable_values": probe.changed,
-        "process_peak_bytes": max(s["start_bytes"] + s["peak_bytes"] for s in probe.steps)
-        if probe.cuda
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # KiB on Linux
-        "last_log": next((h for h in reversed(probe.trainer.state.log_history) if "loss" in h), {}),
-    }
+    measurements = measured(probe, phases, changed["per_device_train_batch_size"])
     report = {
         "config": config_name(config),
         "stage": stage,
         "architecture": {"source": arch.source, "via": arch.via},
         "changed": changed,
         "overrides": list(overrides),
-        "measured": measured,
-        "estimate": estimate_gpu_memory(measured, stage, training_args, model_args, _launch_config(config)),
+        "measured": measurements,
+        "estimate": estimate_gpu_memory(measurements, stage, training_args, model_args, launch_config(config)),
         "provenance": provenance(),
     }
     # The temporary folder is gone: the report names it by its role, not by this machine's path.
@@ -416,47 +254,3 @@ def run_dry_run(
     if json_path is not None:
         Path(json_path).write_text(json.dumps(report, indent=2, default=str) + "\n")
     return report
-
-
-def format_report(report: dict) -> str:
-    """The report as the lines `echogen-rl dry-run` prints."""
-    m, e, p = report["measured"], report["estimate"], report["measured"]["parameters"]
-    gib = lambda b: f"{b / GIB:.2f} GiB" if abs(b) >= GIB / 10 else f"{b / 2**20:.1f} MiB"  # noqa: E731
-    seconds = ", ".join(f"{s['seconds']:.1f}" for s in m["steps"])
-    changed = {k: "(temporary)" if "<temporary>" in str(v) else v for k, v in report["changed"].items()}
-    lines = [
-        f"dry run of {report['config']} (stage {report['stage']}) on {m['device']}",
-        f"  architecture: {report['architecture']['source']}, random init"
-        + "".join(f"\n    via {v}" for v in report["architecture"]["via"]),
-        "  changed from the config: " + ", ".join(f"{k}={v}" for k, v in changed.items()),
-        f"  your overrides: {' '.join(report['overrides']) or 'none'}",
-        f"MEASURED ({len(m['steps'])} step(s), per-device batch {m['per_device_batch']}):",
-        f"  time                 checkpoint {m['checkpoint_seconds']:.0f} s, model and data {m['setup_seconds']:.0f} s, "
-        f"steps {seconds} s",
-        f"  tokens per step      {', '.join(str(s['tokens']) for s in m['steps'])}",
-        f"  parameters           {p['total']:,} total, {p['trainable']:,} trainable ({', '.join(p['dtypes'])})",
-        f"  peak memory          {gib(m['process_peak_bytes'])} ({'process RSS' if m['device'] == 'cpu' else 'CUDA allocated'})",
-        f"  during the last step {gib(m['steps'][-1]['start_bytes'])} at its start; above that: forward "
-        f"{gib(m['steps'][-1]['forward_bytes'])}, gradients {gib(m['steps'][-1]['gradients_bytes'])}, "
-        f"peak {gib(m['steps'][-1]['peak_bytes'])}",
-        f"  trainable tensors changed by training: {m['trainable_values'].get('tensors_changed')} of "
-        f"{m['trainable_values'].get('tensors_sampled')} sampled",
-        "  last log             "
-        + ", ".join(f"{k}={v:.4g}" for k, v in m["last_log"].items() if isinstance(v, float)),
-        f"ESTIMATED GPU memory per device at the config's per-device batch {e['per_device_batch']}:",
-        f"  weights              {gib(e['weights_bytes'])}"
-        + (" (with the reference model)" if e["reference_model"] else ""),
-        f"  gradients            {gib(e['gradients_bytes'])}",
-        f"  optimizer states     {gib(e['optimizer_bytes'])} ({e['optimizer']}, 2 per trainable parameter)",
-        f"  activations          {gib(e['activations_bytes'])} (measured forward x {e['activation_scale']:g})",
-        f"  one device           {gib(e['single_device_bytes'])} = {e['formula']}",
-        "  (the word-level tokenizer spells a coordinate as one token, Janus-Pro's as up to three digits: text is",
-        "  shorter than in the real run; a CPU step time says nothing about a GPU's)",
-    ]
-    if "launch" in e:
-        launch = e["launch"]
-        lines.append(
-            f"  {launch['config']}: {launch['kind']} over {launch['num_processes']} processes, "
-            f"{gib(e['sharded_bytes'])} = {e['sharded_formula']}"
-        )
-    return "\n".join(lines)

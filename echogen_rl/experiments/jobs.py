@@ -11,8 +11,8 @@ its share between steps by calling [`follow_thread_share`] (a training run does 
 [`echogen_rl.scripts.runner.FollowThreadShare`]); one that never calls it keeps the threads it started with
 (and a core it gave back is then shared until it ends).
 
-Each job's output goes to its own log file; the pool prints one line as each job ends. When a job fails, the jobs
-already running finish (their results are saved, and a study resumes from them), the rest are not started, and the
+Each job's output goes to its own log file; the pool logs one line as each job ends (this module's logger, at
+INFO). When a job fails, the jobs already running finish (their results are saved, and a study resumes from them), the rest are not started, and the
 error names the job and its log.
 """
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import logging
 import multiprocessing
 import os
 import sys
@@ -29,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import TrainerCallback
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -178,18 +181,28 @@ def run_jobs(
         import torch
 
         cores = torch.get_num_threads()
-    say = (lambda line: None) if quiet else (lambda line: print(f"{prefix} {line}".strip(), flush=True))
-    results: dict = {}
+    say = (lambda line: None) if quiet else (lambda line: logger.info("%s", f"{prefix} {line}".strip()))
     if workers == 1:
-        for job in jobs:
-            clock = time.perf_counter()
-            try:
-                results[job.name] = _run(job.fn, job.kwargs, cores, str(job.log) if job.log else None)
-            except Exception as err:
-                raise JobError(_failed(job, err)) from err
-            say(f"{len(results)}/{len(jobs)} {job.name}: {time.perf_counter() - clock:.0f} s")
-        return results
+        return _run_in_process(jobs, cores, say)
+    return _run_in_pool(jobs, workers, cores, say)
 
+
+def _run_in_process(jobs: list[Job], cores: int, say: Callable[[str], None]) -> dict:
+    """[`run_jobs`] with one worker: the jobs one after another in this process, each on `cores` threads."""
+    results: dict = {}
+    for job in jobs:
+        clock = time.perf_counter()
+        try:
+            results[job.name] = _run(job.fn, job.kwargs, cores, str(job.log) if job.log else None)
+        except Exception as err:
+            raise JobError(_failed(job, err)) from err
+        say(f"{len(results)}/{len(jobs)} {job.name}: {time.perf_counter() - clock:.0f} s")
+    return results
+
+
+def _run_in_pool(jobs: list[Job], workers: int, cores: int, say: Callable[[str], None]) -> dict:
+    """[`run_jobs`] with `workers` spawned processes sharing `cores` threads (see the module docstring)."""
+    results: dict = {}
     pending, running, failures = list(jobs), {}, []
     free, slots = cores, list(range(workers))
     context = multiprocessing.get_context("spawn")  # forking a process that has run torch's threads can hang
@@ -221,14 +234,7 @@ def run_jobs(
                 future = pool.submit(_run, job.fn, job.kwargs, threads, log, slot)
                 running[future] = (job, slot, time.perf_counter())
                 free -= threads
-            # Cores no job can start on go to the long jobs running, fewest threads first.
-            takers = [s for j, s, _ in running.values() if not j.light]
-            while free > 0 and takers:
-                slot = min(takers, key=lambda s: shares[s])
-                shares[slot] += 1
-                free -= 1
-            for job, slot, _ in running.values():
-                most[job.name] = max(most[job.name], shares[slot])
+            free = _give_free_cores(free, running, shares, most)
             if not running:
                 break
             finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
@@ -253,6 +259,19 @@ def run_jobs(
         skipped = f"; {len(pending)} jobs not started" if pending else ""
         raise JobError(_failed(job, err) + skipped) from err
     return results
+
+
+def _give_free_cores(free: int, running: dict, shares, most: dict[str, int]) -> int:
+    """Cores no job can start on go to the long jobs running, fewest threads first; records each job's most
+    threads in `most`. Returns the cores still free."""
+    takers = [s for j, s, _ in running.values() if not j.light]
+    while free > 0 and takers:
+        slot = min(takers, key=lambda s: shares[s])
+        shares[slot] += 1
+        free -= 1
+    for job, slot, _ in running.values():
+        most[job.name] = max(most[job.name], shares[slot])
+    return free
 
 
 def run_settings(output_dir, seed: int = 0) -> dict:

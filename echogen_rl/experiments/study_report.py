@@ -1,4 +1,5 @@
-"""What a study writes besides `study.json`: its plots and its tables (see [`echogen_rl.experiments.study`])."""
+"""What a study writes: `study.json`, its plots and its tables, and the lines `echogen-rl study` prints (see
+[`echogen_rl.experiments.study`])."""
 
 from __future__ import annotations
 
@@ -7,7 +8,43 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from echogen_rl.eval.evaluation import write_report
+from echogen_rl.eval.reward_check import DRAWINGS
 from echogen_rl.eval.visualize import save_png
+
+
+def report_name(split: str) -> str:
+    """The name of a study's files: a validation study beside a held-out one writes files of its own, never over the
+    other's."""
+    return "study" if split == "held_out" else f"study_{split}"
+
+
+def write_study(report: dict, out: Path) -> None:
+    """Writes `report` to `out` as `study.json`, its plots `study.png` and `study_differences.png`, and `study.md`
+    (named by [`report_name`] for another split)."""
+    name = report_name(report["split"])
+    write_report(report, out / f"{name}.json")
+    plot_study(report, out / f"{name}.png")
+    plot_differences(report, out / f"{name}_differences.png")
+    markdown = out / f".{name}.md.tmp"  # renamed into place, as `write_report` does: never half-written
+    markdown.write_text(format_markdown(report))
+    markdown.replace(out / f"{name}.md")
+
+
+def format_results(report: dict, out: Path) -> str:
+    """What `echogen-rl study` prints at its end: the arms' and the comparisons' tables, each reward grounder's
+    check, the reward gate's failure, and where the study's files are in `out`."""
+    name = report_name(report["split"])
+    lines = [format_arms(report), format_comparisons(report)]
+    for arm, check in report["reward_check"].items():
+        cells = ", ".join(f"{d} {check[d]['mean']:.3f}" for d in DRAWINGS if d in check)
+        lines.append(f"reward check, {arm} grounder's cycle IoU: {cells}")
+    gate = report["reward_gate"]
+    if not gate["passed"]:
+        reasons = "; ".join(gate["reasons"])
+        lines.append(f"reward gate failed ({reasons}): CycleRL's comparisons are marked as no evidence")
+    lines.append(f"study: {out / f'{name}.json'}, {out / f'{name}.png'}; {report['seconds']:.0f} s")
+    return "\n".join(lines)
 
 
 def plot_study(summary: dict, path: Path, metrics=("cycle_miou_ref", "tolerant_l2i", "strict50", "color")) -> Path:

@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from echogen_rl.layout import Entity, Layout, parse_layout
-from echogen_rl.models.modeling import decode_step, embed_mixed, position_ids_from_mask, prefill, unwrap_janus
+from echogen_rl.layout import Entity, Layout
+from echogen_rl.layout_text import parse_layout
+from echogen_rl.models.decoding import decode_step, prefill
+from echogen_rl.models.modeling import embed_mixed, position_ids_from_mask, unwrap_janus
 from echogen_rl.models.prompts import PromptBuilder, pad_segments
 
 DETECT_ALL_MAX_NEW_TOKENS = 256

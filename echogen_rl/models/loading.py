@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ from trl import ModelConfig, get_peft_config
 
 from echogen_rl.models.prompts import add_layout_tokens
 from echogen_rl.models.tiny import ensure_tiny_checkpoint
+
+logger = logging.getLogger(__name__)
 
 # LoRA on the language model and the image head: the SigLIP understanding path is unused by training, and its
 # projections share names (q_proj, v_proj, ...) with the Llama's.
@@ -127,7 +130,8 @@ def load_janus(
     """
     path = Path(model_name_or_path)
     if build_tiny_if_missing and not (path / "config.json").exists():
-        print(f"no checkpoint at {path}: building the offline tiny Janus checkpoint there")
+        # A warning: shown where nothing configured logging (a recipe run on its own, a demo or study worker).
+        logger.warning("no checkpoint at %s: building the offline tiny Janus checkpoint there", path)
         ensure_tiny_checkpoint(path)
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)

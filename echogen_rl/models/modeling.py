@@ -4,13 +4,12 @@ A mixed sequence is `input_ids` [B, T] holding text ids or image codes, with `im
 which. Text ids enter through `embed_tokens`, codes through `generation_embeddings -> generation_aligner`
 (Janus's generation path), and `image_embeds` may replace the image positions (DJO's soft tokens).
 Text is read out by `lm_head`, codes by `generation_head`, and only at the positions asked for: a
-[B, T, 102400] or [B, T, 16384] logits tensor is never built.
+[B, T, 102400] or [B, T, 16384] logits tensor is never built. Cached no-grad decoding is in
+[`echogen_rl.models.decoding`].
 """
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import os
 import warnings
 from typing import NamedTuple
@@ -18,46 +17,11 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from accelerate.utils import DistributedType
-from transformers import AttentionInterface, DynamicCache, JanusForConditionalGeneration
+from transformers import AttentionInterface, JanusForConditionalGeneration
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from echogen_rl.models.prompts import IGNORE_INDEX
-
-
-def _cache_keyword() -> str:
-    """The language model's KV-cache keyword: `cache` from transformers 5.20, `past_key_values` before."""
-    from transformers.models.llama.modeling_llama import LlamaModel
-
-    return "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
-
-
-CACHE_KEYWORD = _cache_keyword()
-
-
-def cache_kwargs(cache) -> dict:
-    """`{keyword: cache, "use_cache": True}` under the installed transformers' keyword.
-
-    Passed under the wrong name, the cache is swallowed by `**kwargs` and decoding silently runs without it.
-    """
-    return {CACHE_KEYWORD: cache, "use_cache": True}
-
-
-@contextlib.contextmanager
-def cached_decoding(janus):
-    """Turns gradient checkpointing off in the language model's layers for a no-grad decoding loop.
-
-    Before transformers 5.20 a checkpointed layer in training mode drops the KV cache even under `torch.no_grad`
-    (later versions check `torch.is_grad_enabled()`), and decoding then breaks on the mask's shape.
-    """
-    layers = [m for m in janus.model.language_model.modules() if getattr(m, "gradient_checkpointing", False)]
-    for layer in layers:
-        layer.gradient_checkpointing = False
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.gradient_checkpointing = True
 
 
 def unwrap_janus(model: torch.nn.Module) -> JanusForConditionalGeneration:
@@ -452,37 +416,3 @@ def image_token_logprobs(
     # Codes that top-k removed have probability 0 and log-prob -inf: they add nothing (not NaN).
     entropy = -(logp.exp() * logp.masked_fill(torch.isinf(logp), 0.0)).sum(-1)
     return token_logp, entropy
-
-
-@torch.no_grad()
-def prefill(
-    model: torch.nn.Module, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.LongTensor
-) -> tuple[torch.Tensor, DynamicCache]:
-    """Runs the language model over a prompt and returns (last hidden states [B, T, H], the KV cache).
-
-    Inference only: calls the inner language model directly (no wrapper acts on a no-grad rollout).
-    """
-    janus = unwrap_janus(model)
-    cache = DynamicCache(config=janus.config.text_config)
-    with cached_decoding(janus):
-        out = janus.model.language_model(
-            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, **cache_kwargs(cache)
-        )
-    return out.last_hidden_state, cache
-
-
-@torch.no_grad()
-def decode_step(
-    model: torch.nn.Module,
-    embeds: torch.Tensor,
-    attention_mask: torch.Tensor,
-    position_ids: torch.LongTensor,
-    cache: DynamicCache,
-) -> torch.Tensor:
-    """One cached decoding step: `embeds` [B, 1, H] -> last hidden state [B, H]."""
-    janus = unwrap_janus(model)
-    with cached_decoding(janus):
-        out = janus.model.language_model(
-            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, **cache_kwargs(cache)
-        )
-    return out.last_hidden_state[:, -1]

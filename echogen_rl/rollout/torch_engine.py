@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import StaticCache
 
+from echogen_rl.models.decoding import cache_kwargs, cached_decoding
 from echogen_rl.models.modeling import (
-    cache_kwargs,
-    cached_decoding,
     embed_codes,
     image_logits,
     position_ids_from_mask,

@@ -172,7 +172,7 @@ class SampleImagesCallback(TrainerCallback):
     @torch.no_grad()
     def sample_grid(self) -> Image.Image:
         """The fixed layouts drawn by the model now, with target and recovered boxes."""
-        from echogen_rl.eval.evaluation import generate_images
+        from echogen_rl.eval.inference import generate_images
         from echogen_rl.models.grounding import Grounder
         from echogen_rl.models.modeling import unwrap_janus
         from echogen_rl.models.prompts import PromptBuilder

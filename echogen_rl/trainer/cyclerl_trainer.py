@@ -12,7 +12,7 @@ from trl import GRPOTrainer
 
 from echogen_rl.data.random_layouts import parse_prompt_text
 from echogen_rl.data.shapes import ShapesConfig, detect_from_codes
-from echogen_rl.eval.evaluation import filled_box_rate, strict_recall50
+from echogen_rl.eval.metrics import filled_box_rate, strict_recall50
 from echogen_rl.models.grounding import Grounder
 from echogen_rl.models.modeling import check_sharding, freeze_untrained, image_token_logprobs, unwrap_janus
 from echogen_rl.models.prompts import PromptBuilder, pad_segments

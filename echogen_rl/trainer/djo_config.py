@@ -47,7 +47,7 @@ class DJOConfig(SFTConfig, SampleLoggingArguments):
             phrases), answered "not present" (`<box>[]</box>`): the grounder learns to refuse what is not there.
         kind_negative_prob (`float`, *optional*, defaults to `0.0`):
             Shapes world: share of the loop's queries asking for one entity's color with another kind, answered
-            "not present" (see [`~echogen_rl.data.shapes.KindNegatives`]).
+            "not present" (see [`~echogen_rl.data.kind_negatives.KindNegatives`]).
         loop_image (`str`, *optional*, defaults to `"self_forced"`):
             Where the loop's image comes from (see [`~echogen_rl.trainer.djo_loop`]): `"self_forced"` (the model's own
             free-running sample, then one pass over it with straight-through Gumbel samples fixed to its codes),

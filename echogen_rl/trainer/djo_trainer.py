@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from trl import SFTTrainer
 
 from echogen_rl.data.collators import AbsentPhrases, LoopLossCollator, dataset_phrases, training_columns
-from echogen_rl.data.shapes import KindNegatives
+from echogen_rl.data.kind_negatives import KindNegatives
 from echogen_rl.models.modeling import (
     TargetLoss,
     check_sharding,
@@ -122,6 +122,60 @@ def _no_loss(like: torch.Tensor) -> TargetLoss:
     return TargetLoss(like.sum() * 0.0, 0, 0.0)
 
 
+def _check_loop_inputs(
+    batch: dict[str, torch.Tensor], select: torch.Tensor, loop_image: str, special_ids: tuple[int, int, int] | None
+) -> None:
+    """Refuses a batch whose L2I image labels (`select`) and I2L image positions do not pair up, or a `loop_image`
+    that is unknown or lacks the `special_ids` it needs."""
+    # Each sample's N image labels and its N I2L image positions pair up in row-major order.
+    if not torch.equal(select.sum(1), batch["i2l_image_mask"].sum(1)):
+        raise ValueError("each sample needs as many L2I image labels as I2L image positions")
+    if loop_image not in LOOP_IMAGES:
+        raise ValueError(f"loop_image must be one of {LOOP_IMAGES}, got {loop_image!r}")
+    if loop_image != "teacher_forced" and special_ids is None:
+        raise ValueError(f"loop_image={loop_image!r} needs special_ids (BOS, <begin_of_image>, pad)")
+
+
+def _l2i_loss(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], labels: torch.LongTensor, select: torch.Tensor
+) -> tuple[TargetLoss, torch.Tensor]:
+    """The teacher-forced L2I image-token cross-entropy at the `select`ed `labels`, and its logits `[B * N, V]`
+    (which the teacher-forced loop's image is drawn from)."""
+    hidden = mixed_forward(model, batch["l2i_input_ids"], batch["l2i_image_mask"], batch["l2i_attention_mask"])
+    logits = image_logits(model, hidden[select]).float()  # [B * N, V]
+    targets = labels[select]
+    accuracy = (logits.detach().argmax(-1) == targets).float().mean().item() if len(targets) else 0.0
+    return TargetLoss(F.cross_entropy(logits, targets), len(targets), accuracy), logits
+
+
+def _loop_image_embeddings(
+    model: torch.nn.Module,
+    reader: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    loop_image: str,
+    logits: torch.Tensor | None,
+    tau: float,
+    straight_through: bool,
+    special_ids: tuple[int, int, int] | None,
+    guidance_scale: float,
+    temperature: float,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """The soft image tokens the `reader` sees in the loop, embedded: from the teacher-forced L2I `logits`, or from
+    the policy `model`'s own self-forced or autoregressive image (see [`djo_losses`])."""
+    if loop_image == "teacher_forced":
+        _, embeds = soft_image_tokens(reader, logits, tau, straight_through)
+        return embeds
+    if loop_image == "self_forced":
+        codes = sample_images(model, batch, special_ids, guidance_scale, temperature, generator)
+        logits = self_forced_logits(model, batch, codes)
+        y = gumbel_at(logits, codes.reshape(-1), tau, straight_through, generator)
+    else:
+        y, _ = autoregressive_loop(model, batch, special_ids[2], tau, generator=generator)
+        y = y.reshape(-1, y.shape[-1])
+    return soft_code_embeddings(reader, y)
+
+
 def djo_losses(
     model: torch.nn.Module,
     batch: dict[str, torch.Tensor],
@@ -164,33 +218,25 @@ def djo_losses(
     """
     labels = batch["l2i_image_labels"]
     select = labels != IGNORE_INDEX
-    # Each sample's N image labels and its N I2L image positions pair up in row-major order.
-    if not torch.equal(select.sum(1), batch["i2l_image_mask"].sum(1)):
-        raise ValueError("each sample needs as many L2I image labels as I2L image positions")
-    if loop_image not in LOOP_IMAGES:
-        raise ValueError(f"loop_image must be one of {LOOP_IMAGES}, got {loop_image!r}")
-    if loop_image != "teacher_forced" and special_ids is None:
-        raise ValueError(f"loop_image={loop_image!r} needs special_ids (BOS, <begin_of_image>, pad)")
-    l2i = None
+    _check_loop_inputs(batch, select, loop_image, special_ids)
+    l2i = logits = None
     if l2i_weight > 0 or loop_image == "teacher_forced":
-        hidden = mixed_forward(model, batch["l2i_input_ids"], batch["l2i_image_mask"], batch["l2i_attention_mask"])
-        logits = image_logits(model, hidden[select]).float()  # [B * N, V]
-        targets = labels[select]
-        accuracy = (logits.detach().argmax(-1) == targets).float().mean().item() if len(targets) else 0.0
-        l2i = TargetLoss(F.cross_entropy(logits, targets), len(targets), accuracy)
+        l2i, logits = _l2i_loss(model, batch, labels, select)
 
     reader = model if grounder is None else grounder
-    if loop_image == "teacher_forced":
-        _, embeds = soft_image_tokens(reader, logits, tau, straight_through)
-    else:
-        if loop_image == "self_forced":
-            codes = sample_images(model, batch, special_ids, guidance_scale, temperature, generator)
-            logits = self_forced_logits(model, batch, codes)
-            y = gumbel_at(logits, codes.reshape(-1), tau, straight_through, generator)
-        else:
-            y, _ = autoregressive_loop(model, batch, special_ids[2], tau, generator=generator)
-            y = y.reshape(-1, y.shape[-1])
-        embeds = soft_code_embeddings(reader, y)
+    embeds = _loop_image_embeddings(
+        model,
+        reader,
+        batch,
+        loop_image,
+        logits,
+        tau,
+        straight_through,
+        special_ids,
+        guidance_scale,
+        temperature,
+        generator,
+    )
     hidden = mixed_forward(
         reader, batch["i2l_input_ids"], batch["i2l_image_mask"], batch["i2l_attention_mask"], image_embeds=embeds
     )

@@ -39,7 +39,7 @@ class PMTPConfig(SFTConfig, SampleLoggingArguments):
         kind_negative_prob (`float`, *optional*, defaults to `0.0`):
             Shapes world: share of I2L examples made a negative of one entity's kind, answered "not present": its
             cells redrawn as another kind (a filled box, say) with its phrase asked as before, or another kind of its
-            color asked (see [`~echogen_rl.data.shapes.KindNegatives`]). The grounder learns to read shape, so that
+            color asked (see [`~echogen_rl.data.kind_negatives.KindNegatives`]). The grounder learns to read shape, so that
             a cycle reward stops paying a painted box as much as a drawing.
     """
 

@@ -8,7 +8,8 @@ import torch
 from trl import SFTTrainer
 
 from echogen_rl.data.collators import AbsentPhrases, PMTPCollator, dataset_phrases, training_columns
-from echogen_rl.data.shapes import KindNegatives, is_shapes_phrase
+from echogen_rl.data.kind_negatives import KindNegatives
+from echogen_rl.data.shapes import is_shapes_phrase
 from echogen_rl.models.modeling import (
     TargetLoss,
     block_causal_mask,
