@@ -30,6 +30,17 @@ def demo_table() -> str:
     return "```\n" + format_stage_table(_json("demo/report.json")["stages"]) + "\n```\n"
 
 
+def demo_run() -> str:
+    report = _json("demo/report.json")
+    made = report["provenance"]
+    budget = ", ".join(f"{stage} {report['budget'][stage]['max_steps']}" for stage in ("pmtp", "djo", "cyclerl"))
+    return (
+        f"Steps: {budget}; {report['held_out_layouts']} held-out layouts. Time: {report['seconds']:.0f} s in all, "
+        f"{report['workers']} workers on {made['hardware']['cores']} cores ({made['hardware']['cpu']}), commit "
+        f"`{made['commit'][:10]}{'+dirty' if made['commit'].endswith('+dirty') else ''}`.\n"
+    )
+
+
 def replication() -> str:
     return format_replication({"a": _json("study/study.json"), "b": _json("study_b/study.json")}) + "\n"
 
@@ -161,6 +172,7 @@ def vllm_rollout() -> str:
 
 RENDERERS = {
     "demo-table": demo_table,
+    "demo-run": demo_run,
     "replication": replication,
     "dry-run-cpu": dry_run_cpu,
     "dry-run-gpu": dry_run_gpu,

@@ -5,6 +5,8 @@ import importlib.util
 import re
 from pathlib import Path
 
+from echogen_rl.experiments.provenance import portable_paths
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -64,3 +66,15 @@ def test_committed_results_name_no_machine_path_and_record_what_ran():
         if path.suffix == ".json":
             data = json.loads(text)
             assert "provenance" in data or {"commit", "hardware"} <= set(data), f"{name}: no provenance"
+
+
+def test_portable_paths_name_a_folder_relative_to_the_working_directory_or_by_its_role(tmp_path, monkeypatch):
+    record = {"output_dir": str(tmp_path / "run" / "pmtp"), "nested": [{"cache": str(tmp_path / "run" / "cache")}]}
+    monkeypatch.chdir(tmp_path)
+    assert portable_paths(record, tmp_path / "run") == {"output_dir": "run/pmtp", "nested": [{"cache": "run/cache"}]}
+    (tmp_path / "inside").mkdir()
+    monkeypatch.chdir(tmp_path / "inside")  # the folder now lies outside the working directory
+    outside = portable_paths(record, tmp_path)
+    assert (
+        outside["output_dir"] == "<output_dir>/run/pmtp" and outside["nested"][0]["cache"] == "<output_dir>/run/cache"
+    )

@@ -53,6 +53,9 @@ def test_study_writes_paired_comparisons_with_intervals(quick_study):
     ]
     assert saved["settings"]["pmtp_continued/seed0"]["learning_rate"] == 2.0e-4  # DJO's restart, from its config
     assert saved["configs"]["djo"] == "recipes/configs/djo/shapes_tiny.yaml"  # repository-relative, no machine path
+    # The output folder lies outside the working directory: the file names it by its role, not by its path.
+    assert str(out) not in (out / "study.json").read_text() and str(out) not in table
+    assert saved["settings"]["djo/seed0"]["output_dir"] == "<output_dir>/seed0/djo"
     # The reward check of the grounders that give rewards: PMTP's (once) and DJO's (per seed).
     assert set(saved["reward_check"]) == {"pmtp", "djo"}
     assert saved["reward_check"]["djo"]["correct_minus_filled"]["seeds"] == 2

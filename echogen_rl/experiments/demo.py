@@ -57,9 +57,9 @@ class DemoBudget:
     """What the demo changes in the shipped shapes configs (`recipes/configs/<stage>/shapes_tiny.yaml`), per stage
     as `{field: value}`, and how many held-out layouts it scores.
 
-    The default fits 10 minutes on 2 cores, running side by side: PMTP and each separate baseline train 420 steps
-    (the config's 1000), DJO 100 (200) and CycleRL 40 (120). `DemoBudget.shipped()` changes nothing but where runs
-    write (about 25 minutes); `DemoBudget.quick()` is the smoke-test budget.
+    The default is for a few minutes on 2 cores, running side by side: PMTP and each separate baseline train 420
+    steps (the config's 1000), DJO 100 (200) and CycleRL 40 (120). `DemoBudget.shipped()` changes nothing but where
+    runs write; `DemoBudget.quick()` is the smoke-test budget.
     """
 
     eval_layouts: int = 64

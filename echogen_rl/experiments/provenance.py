@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import platform
 import subprocess
@@ -65,3 +66,15 @@ def hardware() -> dict:
 def provenance() -> dict:
     """`{"commit", "versions", "hardware"}` of this run."""
     return {"commit": commit(), "versions": versions(), "hardware": hardware()}
+
+
+def portable_paths(record: dict, folder: str | os.PathLike) -> dict:
+    """`record` with `folder`'s absolute path written as its path relative to the working directory, or as
+    `<output_dir>` where `folder` lies outside it: a result file never names a machine's paths."""
+    folder = Path(folder).resolve()
+    try:
+        shown = folder.relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        shown = "<output_dir>"
+    absolute = json.dumps(str(folder))[1:-1]  # as it appears inside a JSON string
+    return json.loads(json.dumps(record).replace(absolute, json.dumps(shown)[1:-1]))

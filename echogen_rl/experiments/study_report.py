@@ -11,6 +11,7 @@ from PIL import Image, ImageDraw
 from echogen_rl.eval.evaluation import write_report
 from echogen_rl.eval.reward_check import DRAWINGS
 from echogen_rl.eval.visualize import save_png
+from echogen_rl.experiments.provenance import portable_paths
 
 
 def report_name(split: str) -> str:
@@ -23,6 +24,7 @@ def write_study(report: dict, out: Path) -> None:
     """Writes `report` to `out` as `study.json`, its plots `study.png` and `study_differences.png`, and `study.md`
     (named by [`report_name`] for another split)."""
     name = report_name(report["split"])
+    report = portable_paths(report, out)
     write_report(report, out / f"{name}.json")
     plot_study(report, out / f"{name}.png")
     plot_differences(report, out / f"{name}_differences.png")
