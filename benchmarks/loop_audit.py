@@ -26,8 +26,8 @@ from common import provenance
 
 from echogen_rl.data.collators import LoopLossCollator
 from echogen_rl.data.shapes import build_shapes_dataset
+from echogen_rl.data.splits import VALIDATION_SEED
 from echogen_rl.eval.evaluation import write_report
-from echogen_rl.experiments.study_scoring import VALIDATION_SEED
 from echogen_rl.models.loading import load_janus
 from echogen_rl.models.modeling import masked_cross_entropy, mixed_forward, unwrap_janus
 from echogen_rl.models.prompts import PromptBuilder

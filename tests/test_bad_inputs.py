@@ -22,7 +22,7 @@ from echogen_rl.data.collators import PMTPCollator
 from echogen_rl.data.common import BadSampleWarning, FilterStats
 from echogen_rl.data.random_layouts import build_random_layout_dataset
 from echogen_rl.data.shapes import build_shapes_dataset, phrase_pool
-from echogen_rl.data.sources import LayoutDataArguments, build_layout_datasets
+from echogen_rl.data.sources import CycleRLDataArguments, LayoutDataArguments, build_layout_datasets
 from echogen_rl.layout import Entity, Layout, LayoutError
 from echogen_rl.models.image_tokenizers import PaletteTokenizer
 from echogen_rl.models.loading import JanusModelConfig
@@ -263,9 +263,12 @@ def test_corrupted_embedded_layoutsam_image_is_named_by_row(tmp_path):
 RECIPES = {
     "pmtp": ("LayoutDataArguments", "PMTPConfig", "JanusModelConfig"),
     "djo": ("LayoutDataArguments", "DJOConfig", "JanusModelConfig"),
-    "cyclerl": ("LayoutDataArguments", "CycleRLConfig", "JanusModelConfig"),
+    "cyclerl": ("CycleRLDataArguments", "CycleRLConfig", "JanusModelConfig"),
 }
-CLASSES = {c.__name__: c for c in (LayoutDataArguments, PMTPConfig, DJOConfig, CycleRLConfig, JanusModelConfig)}
+CLASSES = {
+    c.__name__: c
+    for c in (LayoutDataArguments, CycleRLDataArguments, PMTPConfig, DJOConfig, CycleRLConfig, JanusModelConfig)
+}
 # A key of another stage is a likely slip when configs are copied between stages.
 FOREIGN_KEY = {"pmtp": "loop_weight", "djo": "guidance_scale", "cyclerl": "pack_segments"}
 

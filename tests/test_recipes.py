@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from transformers import JanusForConditionalGeneration
 from trl import TrlParser
 
-from echogen_rl.data.sources import LayoutDataArguments
+from echogen_rl.data.sources import CycleRLDataArguments, LayoutDataArguments
 from echogen_rl.models.loading import JanusModelConfig
 from echogen_rl.scripts.pmtp import make_parser
 from echogen_rl.trainer.cyclerl_config import CycleRLConfig
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE_DATACLASSES = {
     "pmtp": (LayoutDataArguments, PMTPConfig, JanusModelConfig),
     "djo": (LayoutDataArguments, DJOConfig, JanusModelConfig),
-    "cyclerl": (LayoutDataArguments, CycleRLConfig, JanusModelConfig),
+    "cyclerl": (CycleRLDataArguments, CycleRLConfig, JanusModelConfig),
 }
 
 

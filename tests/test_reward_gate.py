@@ -198,7 +198,8 @@ def test_a_seed_set_refuses_a_folder_of_another_set(tmp_path):
 
 
 def test_the_seed_sets_score_disjoint_layouts():
-    from echogen_rl.experiments.study_scoring import SEED_SETS, study_layouts
+    from echogen_rl.data.splits import SEED_SETS
+    from echogen_rl.experiments.study_scoring import study_layouts
 
     a, _ = study_layouts("held_out", 64, ShapesConfig(), "a")
     b, _ = study_layouts("held_out", 64, ShapesConfig(), "b")

@@ -60,3 +60,21 @@ def test_check_value_follows_the_type():
     with pytest.raises(TypeError):
         check_value("inf-ish", float)
     assert check_value({"a": 1}, dict[str, int] | str) == {"a": 1}
+
+
+def test_cyclerl_prompt_data_are_script_arguments_checked_by_name(tmp_path):
+    _, (script, training, _) = _parse(
+        tmp_path, "cyclerl", prompt_source="random", num_random_prompts=5, random_box_grid=8, random_max_entities=2
+    )
+    assert (script.prompt_source, script.num_random_prompts) == ("random", 5)
+    assert script.random_layout_kwargs()["grid_size"] == 8 and script.random_layout_kwargs()["max_entities"] == 2
+    # The trainer's config holds no data field: it never read them.
+    assert not [name for name in vars(training) if name.startswith("random_") or name == "prompt_source"]
+    for changes, culprit in (
+        ({"prompt_source": "web"}, "prompt_source"),
+        ({"random_min_entities": 3, "random_max_entities": 2}, "random_min_entities"),
+        ({"random_max_box_size": 1.5}, "random_min_box_size / random_max_box_size"),
+        ({"num_random_prompts": 0}, "num_random_prompts"),
+    ):
+        with pytest.raises(ValueError, match=culprit):
+            _parse(tmp_path, "cyclerl", **changes)

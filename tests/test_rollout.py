@@ -198,3 +198,17 @@ def test_the_naive_reference_can_tell_a_wrong_formula(noisy_model, prompts):
         for wrong in [(2.0, 0.7, 4), (3.0, 1.0, 4), (3.0, 0.7, None)]:
             other = _naive_logprobs(noisy_model, ids, mask, out.codes, _special(prompts), *wrong, "cfg")
             assert (other - right).abs().max() > 1e-3, wrong
+
+
+def test_build_engine_gives_the_named_engine_and_refuses_what_it_cannot_build(noisy_model, prompts):
+    from echogen_rl.rollout.build import build_engine
+
+    engine = build_engine("torch", noisy_model, 64, _special(prompts))
+    assert isinstance(engine, TorchRolloutEngine)
+    ids, mask = _batch(prompts, LAYOUTS[:2])
+    direct = _engine(noisy_model, prompts).generate(ids, mask, temperature=0).codes
+    assert torch.equal(engine.generate(ids, mask, temperature=0).codes, direct)
+    with pytest.raises(ValueError, match="rollout engine must be one of .*'tensorrt'"):
+        build_engine("tensorrt", noisy_model, 64, _special(prompts))
+    with pytest.raises(ValueError, match=r"\['max_num_seqs'\] are the vLLM engine's"):
+        build_engine("torch", noisy_model, 64, _special(prompts), max_num_seqs=8)

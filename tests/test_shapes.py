@@ -224,8 +224,9 @@ def test_cyclerl_shapes_prompts_are_drawable_layouts_of_the_world(seed):
     """The shipped shapes CycleRL config takes its prompts from shapes layouts (`prompt_source: dataset`): every
     prompt parses back to a layout the world draws (kinds in boxes they fit, distinct colors, the dataset's caption
     template), and the oracle reads the drawing back as that layout."""
-    from echogen_rl.data.random_layouts import add_prompt_column, parse_prompt_text
+    from echogen_rl.data.random_layouts import add_prompt_column
     from echogen_rl.data.shapes import make_caption
+    from echogen_rl.models.prompts import parse_prompt_text
 
     prompts = add_prompt_column(build_shapes_dataset(256, seed=1000 + seed))
     for text in prompts["prompt"]:

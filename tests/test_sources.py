@@ -357,7 +357,8 @@ def test_sources_reexports_the_loaders_and_shared_names():
 
 def test_layouts_alone_read_no_image(coco, tmp_path):
     """CycleRL's prompts are layouts: rows whose images are missing stay, and nothing is encoded."""
-    from echogen_rl.data.random_layouts import add_prompt_column, parse_prompt_text
+    from echogen_rl.data.random_layouts import add_prompt_column
+    from echogen_rl.models.prompts import parse_prompt_text
 
     for image in coco["image_dir"].glob("*.png"):
         image.unlink()
@@ -398,3 +399,15 @@ def test_vq_batch_size_reaches_the_tokenizer(tiny_checkpoint):
     args = LayoutDataArguments(dataset="layoutsam", layoutsam_file=__file__, vq_batch_size=7)
     assert vq_tokenizer_for(args, model).batch_size == 7
     assert vq_tokenizer_for(LayoutDataArguments(), model) is None  # shapes rows carry their codes
+
+
+def test_the_splits_seeds_are_far_from_each_other_and_from_every_training_seed():
+    from echogen_rl.data import splits
+
+    scored = [splits.EVAL_HELD_OUT_SEED, splits.DEMO_HELD_OUT_SEED, splits.VALIDATION_SEED]
+    scored += [s["held_out_seed"] for s in splits.SEED_SETS.values()]
+    training = [s["first_seed"] + k for s in splits.SEED_SETS.values() for k in range(10)]
+    training += [seed + splits.EVAL_SEED_OFFSET for seed in training]  # each run's own eval split
+    for i, seed in enumerate(scored):
+        assert all(abs(seed - other) > 1000 for other in scored[i + 1 :] + training), seed
+    assert EVAL_SEED_OFFSET == splits.EVAL_SEED_OFFSET  # re-exported where the data arguments read it

@@ -8,22 +8,8 @@ import numpy as np
 import torch
 from datasets import Dataset
 
-from echogen_rl.layout import GROUNDING_START, Entity, Layout, pairwise_iou
-from echogen_rl.layout_text import parse_layout
-
-
-def l2i_prompt_text(layout: Layout) -> str:
-    """The L2I user text (caption, then layout text): CycleRL's `prompt` column, parsed back by the trainer."""
-    return f"{layout.caption} {layout.to_text()}".strip()
-
-
-def parse_prompt_text(text: str) -> Layout:
-    """The Layout (with its caption) of an L2I user text made by `l2i_prompt_text`; a bad one raises naming it."""
-    caption = text.split(GROUNDING_START, 1)[0].strip()
-    layout, problems = parse_layout(text, caption=caption)
-    if problems or not layout.entities:
-        raise ValueError(f"prompt {text[:80]!r} is not a caption + layout text: {problems or ['no entities']}")
-    return layout
+from echogen_rl.layout import Entity, Layout, pairwise_iou
+from echogen_rl.models.prompts import l2i_prompt_text
 
 
 def add_prompt_column(dataset: Dataset) -> Dataset:

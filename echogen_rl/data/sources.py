@@ -20,14 +20,17 @@ from echogen_rl.data.codes import encode_image_codes
 from echogen_rl.data.common import BAD_SAMPLE_ACTIONS, BadSampleWarning, FilterStats, check_choice, check_int
 from echogen_rl.data.layoutsam import REGION_CAPTION_COLUMNS, load_layoutsam
 from echogen_rl.data.shapes import ShapesConfig, build_shapes_dataset
+from echogen_rl.data.splits import EVAL_SEED_OFFSET
 from echogen_rl.models.image_tokenizers import ImageTokenizer, JanusVQTokenizer
 
 __all__ = [
     "BAD_SAMPLE_ACTIONS",
     "DATASETS",
     "EVAL_SEED_OFFSET",
+    "PROMPT_SOURCES",
     "REGION_CAPTION_COLUMNS",
     "BadSampleWarning",
+    "CycleRLDataArguments",
     "FilterStats",
     "LayoutDataArguments",
     "build_layout_datasets",
@@ -39,8 +42,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DATASETS = ("shapes", "coco", "layoutsam")
-# Added to the seed of the shapes train split to seed its eval split; far from any small seed a user would pick.
-EVAL_SEED_OFFSET = 1_000_003
 
 
 @dataclass
@@ -122,6 +123,82 @@ class LayoutDataArguments:
 
     def shapes_config(self) -> ShapesConfig:
         return ShapesConfig(grid_size=self.shapes_grid_size, max_shapes=self.shapes_max_shapes)
+
+
+PROMPT_SOURCES = ("random", "dataset")
+
+
+@dataclass
+class CycleRLDataArguments(LayoutDataArguments):
+    """CycleRL's prompts, as script arguments: the layouts of the dataset above, or random layouts.
+
+    Args:
+        prompt_source (`str`, *optional*, defaults to `"random"`):
+            `"random"`: layouts drawn from `phrase_pool`; `"dataset"`: the layouts of the training dataset (no image
+            is read or encoded).
+        num_random_prompts (`int`, *optional*, defaults to `1024`):
+            How many random layouts make the prompt dataset.
+        phrase_pool (`list[str]`, *optional*):
+            Phrases of the random layouts; by default the shapes world's ("red circle", ...).
+        random_min_entities (`int`, *optional*, defaults to `1`), random_max_entities (`int`, *optional*, defaults to `3`):
+            Entities per random layout.
+        random_min_box_size (`float`, *optional*, defaults to `0.25`), random_max_box_size (`float`, *optional*, defaults to `0.5`):
+            Side of the random boxes, as a fraction of the image.
+        random_max_overlap (`float`, *optional*, defaults to `0.0`):
+            Largest IoU between two boxes of a random layout.
+        random_box_grid (`int`, *optional*):
+            Snap random boxes to a grid of this many cells per side (8 for the shapes world).
+    """
+
+    prompt_source: str = field(
+        default="random",
+        metadata={
+            "help": "Prompts from random layouts or from the dataset's layouts.",
+            "choices": list(PROMPT_SOURCES),
+        },
+    )
+    num_random_prompts: int = field(default=1024, metadata={"help": "Number of random layouts."})
+    phrase_pool: list[str] | None = field(
+        default=None, metadata={"help": "Phrases of random layouts (default: shapes)."}
+    )
+    random_min_entities: int = field(default=1, metadata={"help": "Fewest entities per random layout."})
+    random_max_entities: int = field(default=3, metadata={"help": "Most entities per random layout."})
+    random_min_box_size: float = field(
+        default=0.25, metadata={"help": "Smallest random box side (fraction of the image)."}
+    )
+    random_max_box_size: float = field(
+        default=0.5, metadata={"help": "Largest random box side (fraction of the image)."}
+    )
+    random_max_overlap: float = field(default=0.0, metadata={"help": "Largest IoU between boxes of a random layout."})
+    random_box_grid: int | None = field(
+        default=None, metadata={"help": "Snap random boxes to this grid (8 for shapes)."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_choice("prompt_source", self.prompt_source, PROMPT_SOURCES)
+        check_int("num_random_prompts", self.num_random_prompts, 1)
+        if not 1 <= self.random_min_entities <= self.random_max_entities:
+            raise ValueError(
+                "random_min_entities / random_max_entities: need 1 <= min <= max, "
+                f"got {self.random_min_entities}, {self.random_max_entities}"
+            )
+        if not 0 < self.random_min_box_size <= self.random_max_box_size < 1:
+            raise ValueError(
+                "random_min_box_size / random_max_box_size: need 0 < min <= max < 1, "
+                f"got {self.random_min_box_size}, {self.random_max_box_size}"
+            )
+
+    def random_layout_kwargs(self) -> dict:
+        """The keyword arguments of [`random_layout`] these fields set."""
+        return {
+            "min_entities": self.random_min_entities,
+            "max_entities": self.random_max_entities,
+            "min_box_size": self.random_min_box_size,
+            "max_box_size": self.random_max_box_size,
+            "max_overlap": self.random_max_overlap,
+            "grid_size": self.random_box_grid,
+        }
 
 
 def _check_paths(args: LayoutDataArguments, names: tuple[str, ...], required: bool = False) -> None:

@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 
 from echogen_rl.data.shapes import ShapesConfig, build_shapes_dataset, codes_to_image
+from echogen_rl.data.splits import EVAL_HELD_OUT_SEED
 from echogen_rl.eval.inference import DETECTORS, evaluate_i2l, evaluate_l2i
 from echogen_rl.eval.visualize import image_grid, overlay, save_png
 from echogen_rl.layout import Layout
-from echogen_rl.models.loading import check_checkpoint, load_janus
+from echogen_rl.models.loading import load_model
 from echogen_rl.models.modeling import unwrap_janus
 from echogen_rl.models.sampling import resolve_guidance_scale
 
@@ -58,9 +59,6 @@ def format_table(results: dict) -> str:
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
-# Held-out shapes layouts come from this seed (plus the run's seed): far from the training splits, which use small
-# dataset seeds and dataset_seed + 1_000_003 for their eval split.
-HELD_OUT_SEED = 2_000_003
 PICTURES = 16
 
 
@@ -98,10 +96,10 @@ def run_eval(
         device (`str`, *optional*): defaults to CUDA when available, else the CPU.
     """
     out = _check_eval_args(dataset, num_layouts, detector, adapter, output_dir, overwrite)
-    model, tokenizer = _load_eval_model(model_name_or_path, adapter, device)
+    model, tokenizer = load_model(model_name_or_path, adapter, device)
     config = _shapes_config(model)
 
-    data = build_shapes_dataset(num_layouts, seed=HELD_OUT_SEED + seed, config=config)
+    data = build_shapes_dataset(num_layouts, seed=EVAL_HELD_OUT_SEED + seed, config=config)
     layouts = [Layout.from_json(text) for text in data["layout"]]
 
     guidance_scale = resolve_guidance_scale(model, guidance_scale, "eval --guidance-scale")
@@ -142,25 +140,6 @@ def _check_eval_args(
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} is not empty; pass --overwrite to replace its report and pictures")
     return out
-
-
-def _load_eval_model(model_name_or_path: str, adapter: str | None, device: str | None):
-    """The model (with `adapter` merged in) in eval mode on `device`, and its tokenizer; errors name the flag."""
-    hub_id = model_name_or_path.count("/") == 1 and not model_name_or_path.startswith((".", "/", "~"))
-    if not Path(model_name_or_path).exists() and not hub_id:
-        raise FileNotFoundError(f"--model {model_name_or_path}: no such checkpoint directory")
-    try:
-        model, tokenizer = load_janus(model_name_or_path)
-    except OSError as err:
-        raise FileNotFoundError(f"--model {model_name_or_path}: no checkpoint could be loaded there ({err})") from err
-    if adapter is not None:
-        from peft import PeftModel
-
-        # Merged, the adapter costs nothing at generation time.
-        check_checkpoint(adapter)
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
-    return model, tokenizer
 
 
 def _shapes_config(model: torch.nn.Module) -> ShapesConfig:

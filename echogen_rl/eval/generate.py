@@ -21,38 +21,15 @@ from PIL import Image, UnidentifiedImageError
 from echogen_rl.eval.inference import generate_images
 from echogen_rl.eval.visualize import RECOVERED_COLOR, draw_layout, image_grid, overlay, save_png
 from echogen_rl.layout import Entity, Layout, LayoutError, validate_layout
-from echogen_rl.models.export import attach_adapter
 from echogen_rl.models.grounding import Grounder
 from echogen_rl.models.image_tokenizers import ImageTokenizer, JanusVQTokenizer, PaletteTokenizer
-from echogen_rl.models.loading import load_janus
+from echogen_rl.models.loading import load_model
 from echogen_rl.models.modeling import unwrap_janus
 from echogen_rl.models.palette import PALETTE
 from echogen_rl.models.prompts import PromptBuilder
 from echogen_rl.models.sampling import resolve_guidance_scale, resolve_temperature
 
 logger = logging.getLogger(__name__)
-
-
-def load_model(model_name_or_path: str, adapter: str | None = None, device: str | None = None):
-    """A Janus model (with a PEFT adapter merged in) and its tokenizer, ready for inference.
-
-    Args:
-        model_name_or_path (`str`): a Janus checkpoint directory or hub id.
-        adapter (`str`, *optional*): a PEFT adapter directory trained on that model.
-        device (`str`, *optional*): defaults to CUDA when available, else the CPU.
-    """
-    hub_id = model_name_or_path.count("/") == 1 and not model_name_or_path.startswith((".", "/", "~"))
-    if not Path(model_name_or_path).exists() and not hub_id:
-        raise FileNotFoundError(f"--model {model_name_or_path}: no such checkpoint directory")
-    try:
-        model, tokenizer = load_janus(model_name_or_path)
-    except OSError as err:
-        raise FileNotFoundError(f"--model {model_name_or_path}: no checkpoint could be loaded there ({err})") from err
-    if adapter is not None:
-        # Merged, the adapter costs nothing at generation time.
-        model = attach_adapter(model, adapter).merge_and_unload()
-    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
-    return model, tokenizer
 
 
 def image_tokenizer_for(model: torch.nn.Module, palette: bool = False) -> ImageTokenizer:

@@ -20,18 +20,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, JanusForConditionalGeneration
+from transformers import AutoTokenizer
 
 from echogen_rl.data.shapes import ShapesConfig, build_shapes_dataset
+from echogen_rl.data.splits import DEMO_HELD_OUT_SEED
 from echogen_rl.eval.inference import evaluate_i2l, evaluate_l2i
 from echogen_rl.eval.metrics import cycle_miou, mask_iou
 from echogen_rl.eval.visualize import image_grid, overlay, save_png
-from echogen_rl.experiments.jobs import FollowThreadShare, Job, default_workers, run_jobs, run_settings
+from echogen_rl.experiments.jobs import FollowThreadShare, Job, default_workers, run_jobs, run_settings, shapes_config
 from echogen_rl.experiments.provenance import provenance
 from echogen_rl.layout import Layout
-from echogen_rl.models.architectures import SHIPPED_CONFIGS, config_name
+from echogen_rl.models.architectures import config_name
 from echogen_rl.models.grounding import Grounder
 from echogen_rl.models.image_tokenizers import PaletteTokenizer
+from echogen_rl.models.loading import load_model
 from echogen_rl.models.prompts import PromptBuilder
 from echogen_rl.models.sampling import resolve_guidance_scale
 from echogen_rl.models.tiny import build_tiny_checkpoint
@@ -39,7 +41,6 @@ from echogen_rl.scripts.runner import run_recipe
 
 logger = logging.getLogger(__name__)
 
-HELD_OUT_SEED = 3_000_017  # far from the training seeds (0) and the eval split (1_000_003)
 COLUMNS = (
     "ap",
     "ap50",
@@ -81,24 +82,16 @@ class DemoBudget:
         )
 
 
-def _shipped(stage: str) -> Path:
-    return SHIPPED_CONFIGS / stage / "shapes_tiny.yaml"
-
-
 def train_stage(stage: str, out: str, changes: dict) -> list[dict]:
     """Runs the stage's shipped shapes config through its recipe with `changes` (a demo job); returns its log."""
-    trainer = run_recipe(stage, _shipped(stage), {**changes, **run_settings(out)}, [FollowThreadShare()])
+    trainer = run_recipe(stage, shapes_config(stage), {**changes, **run_settings(out)}, [FollowThreadShare()])
     return trainer.state.log_history
 
 
 def _load(path: Path, base: Path | None = None):
     """A trained stage: a full checkpoint, or `base` with the stage's LoRA adapter merged in."""
-    model = JanusForConditionalGeneration.from_pretrained(base or path)
-    if (path / "adapter_config.json").exists():
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
-    return model.eval()
+    adapter = path if (path / "adapter_config.json").exists() else None
+    return load_model(base or path, adapter=adapter, device="cpu")[0]
 
 
 def evaluate_stage(out: str, stage: str, l2i: str, i2l: str, base: str | None, eval_layouts: int) -> dict:
@@ -138,7 +131,7 @@ def evaluate_stage(out: str, stage: str, l2i: str, i2l: str, base: str | None, e
 
 
 def _held_out(n: int, shapes: ShapesConfig) -> tuple[list[Layout], torch.Tensor]:
-    held_out = build_shapes_dataset(n, seed=HELD_OUT_SEED, config=shapes)
+    held_out = build_shapes_dataset(n, seed=DEMO_HELD_OUT_SEED, config=shapes)
     layouts = [Layout.from_json(s) for s in held_out["layout"]]
     for layout, caption in zip(layouts, held_out["caption"]):
         layout.caption = caption
@@ -172,7 +165,7 @@ def _last(history: list[dict], key: str):
 
 def _data_picture(out: Path, eval_layouts: int, shapes: ShapesConfig) -> Path:
     """`data.png`: the first 8 held-out layouts drawn over their real images."""
-    held_out = build_shapes_dataset(eval_layouts, seed=HELD_OUT_SEED, config=shapes)
+    held_out = build_shapes_dataset(eval_layouts, seed=DEMO_HELD_OUT_SEED, config=shapes)
     layouts = [Layout.from_json(s) for s in held_out["layout"][:8]]
     return save_png(
         image_grid([overlay(im, lay) for im, lay in zip(held_out["image"][:8], layouts)], 4), out / "data.png"
@@ -277,7 +270,7 @@ def run_demo(
         "stages": stages,
         "training": _training(history),
         "budget": asdict(budget),
-        "configs": {stage: config_name(_shipped(stage)) for stage in ("pmtp", "djo", "cyclerl")},
+        "configs": {stage: config_name(shapes_config(stage)) for stage in ("pmtp", "djo", "cyclerl")},
         "held_out_layouts": budget.eval_layouts,
         "workers": workers or default_workers(),
         "seconds": time.perf_counter() - start,

@@ -174,7 +174,7 @@ def _prepare(arch, work: Path, stage: str, values: dict, args: tuple, steps: int
     gc.collect()
     changed.update(dry_run_overrides(stage, values, training_args, steps, batch_size, work))
     changed.update(cpu_changes)
-    if stage != "cyclerl" or training_args.prompt_source == "dataset":
+    if stage != "cyclerl" or script_args.prompt_source == "dataset":
         changed.update(synthesize_missing(script_args, work / "data", changed["num_train_samples"]))
     return changed, phases
 

@@ -31,6 +31,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from echogen_rl.models.architectures import SHIPPED_CONFIGS
+
 logger = logging.getLogger(__name__)
 
 
@@ -272,6 +274,12 @@ def _give_free_cores(free: int, running: dict, shares, most: dict[str, int]) -> 
     for job, slot, _ in running.values():
         most[job.name] = max(most[job.name], shares[slot])
     return free
+
+
+def shapes_config(stage: str) -> Path:
+    """The shipped shapes config of `stage` (`recipes/configs/<stage>/shapes_tiny.yaml`), which demo and study runs
+    start from."""
+    return SHIPPED_CONFIGS / stage / "shapes_tiny.yaml"
 
 
 def run_settings(output_dir, seed: int = 0) -> dict:

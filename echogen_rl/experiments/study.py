@@ -31,13 +31,14 @@ from pathlib import Path
 import yaml
 
 from echogen_rl.data.shapes import ShapesConfig
+from echogen_rl.data.splits import SEED_SETS
 from echogen_rl.eval.reward_check import REWARD_GROUNDERS, reward_gate, summarize_reward_check
-from echogen_rl.experiments.jobs import FollowThreadShare, Job, default_workers, run_jobs, run_settings
+from echogen_rl.experiments.jobs import FollowThreadShare, Job, default_workers, run_jobs, run_settings, shapes_config
 from echogen_rl.experiments.provenance import provenance
 from echogen_rl.experiments.study_report import write_study
-from echogen_rl.experiments.study_scoring import SEED_SETS, has_scores, score_run, scores_path, study_layouts
+from echogen_rl.experiments.study_scoring import has_scores, score_run, scores_path, study_layouts
 from echogen_rl.experiments.study_statistics import AP_RESAMPLES, COMPARISONS, summarize
-from echogen_rl.models.architectures import SHIPPED_CONFIGS, config_name
+from echogen_rl.models.architectures import config_name
 from echogen_rl.models.tiny import TinyJanusConfig, ensure_tiny_checkpoint
 from echogen_rl.scripts.runner import run_recipe
 
@@ -92,12 +93,8 @@ class StudyBudget:
         )
 
 
-def _config(stage: str) -> Path:
-    return SHIPPED_CONFIGS / stage / "shapes_tiny.yaml"
-
-
 def _values(stage: str, budget_fields: dict) -> dict:
-    values = yaml.safe_load(_config(stage).read_text())
+    values = yaml.safe_load(shapes_config(stage).read_text())
     return {**values, **budget_fields}
 
 
@@ -113,10 +110,15 @@ def train_run(stage: str, config_stage: str, out: str, settings: dict) -> dict:
         stale.unlink()
     clock = time.perf_counter()
     threads = FollowThreadShare()
-    trainer = run_recipe(stage, _config(config_stage), settings, [threads])
+    trainer = run_recipe(stage, shapes_config(config_stage), settings, [threads])
     history = trainer.state.log_history
     seconds = time.perf_counter() - clock
-    record = {"stage": stage, "config": config_name(_config(config_stage)), "settings": settings, "seconds": seconds}
+    record = {
+        "stage": stage,
+        "config": config_name(shapes_config(config_stage)),
+        "settings": settings,
+        "seconds": seconds,
+    }
     record["threads"] = threads.threads  # the thread counts it ran on, in order
     record["log_history"] = history
     del trainer
@@ -407,7 +409,7 @@ def run_study(
         "seeds": budget.seeds,
         "budget": asdict(budget),
         "settings": settings,
-        "configs": {stage: config_name(_config(stage)) for stage in ("pmtp", "djo", "cyclerl")},
+        "configs": {stage: config_name(shapes_config(stage)) for stage in ("pmtp", "djo", "cyclerl")},
         "provenance": provenance(),
         "world": asdict(shapes),
         "training_seconds": {

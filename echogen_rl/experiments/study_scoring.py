@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from echogen_rl.data.shapes import ShapesConfig, build_shapes_dataset, detect_from_codes
+from echogen_rl.data.splits import SEED_SETS, VALIDATION_SEED
 from echogen_rl.eval.evaluation import write_report
 from echogen_rl.eval.inference import generate_images
 from echogen_rl.eval.metrics import (
@@ -23,17 +24,9 @@ from echogen_rl.eval.metrics import (
 from echogen_rl.eval.reward_check import reward_check
 from echogen_rl.layout import Layout
 from echogen_rl.models.grounding import Grounder
-from echogen_rl.models.loading import load_janus
+from echogen_rl.models.loading import load_model
 from echogen_rl.models.prompts import PromptBuilder
 
-VALIDATION_SEED = 4_000_037
-HELD_OUT_SEED = 5_000_011  # far from every training seed and from the recipes' eval split (+1_000_003)
-# Replication: each set trains on its own seeds (PMTP on the first) and scores its own held-out layouts. A claim
-# stands only when it holds on both; settings are chosen on the validation split, which no set scores.
-SEED_SETS = {
-    "a": {"first_seed": 0, "held_out_seed": HELD_OUT_SEED},
-    "b": {"first_seed": 100, "held_out_seed": 6_000_023},
-}
 MODES = {"": 1.0, "_greedy": 0.0}  # metric suffix -> sampling temperature
 # Layouts generated and grounded together when scoring: decoding steps cost mostly per-call overhead at this size
 # (`benchmarks/scoring_batch.py`: 1.15x faster generation and 1.07x faster grounding than 64, the same greedy codes and
@@ -44,12 +37,8 @@ SCORING_BATCH = 256
 def load_trained(path: Path, base: Path | None = None):
     """A study run's model: a full checkpoint, or `base` with the run's LoRA adapter merged in."""
     if (path / "adapter_config.json").exists():
-        from peft import PeftModel
-
-        model, tokenizer = load_janus(str(base))
-        return PeftModel.from_pretrained(model, str(path)).merge_and_unload().eval(), tokenizer
-    model, tokenizer = load_janus(str(path))
-    return model.eval(), tokenizer
+        return load_model(base, adapter=path, device="cpu")
+    return load_model(path, device="cpu")
 
 
 def color_per_layout(codes: torch.Tensor, targets: Sequence[Layout], config: ShapesConfig) -> list[float | None]:

@@ -19,14 +19,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
 from huggingface_hub import ModelCard, ModelCardData
-from peft import PeftConfig, PeftModel
-from peft.utils import get_peft_model_state_dict, load_peft_weights
+from peft import PeftConfig
 from transformers import AutoTokenizer, JanusForConditionalGeneration
 from transformers.utils import cached_file
 
-from echogen_rl.models.loading import check_checkpoint, loading_errors
+from echogen_rl.models.loading import attach_adapter, check_checkpoint, loading_errors
 from echogen_rl.models.prompts import add_layout_tokens
 
 STAGES = ("pmtp", "djo", "cyclerl")
@@ -66,39 +64,6 @@ def _load_base(base: str, where: str) -> JanusForConditionalGeneration:
             return JanusForConditionalGeneration.from_pretrained(base)
     except OSError as err:
         raise FileNotFoundError(f"base model {base} ({where}) could not be loaded: {err}") from err
-
-
-def attach_adapter(model: torch.nn.Module, adapter: str | os.PathLike) -> PeftModel:
-    """`PeftModel.from_pretrained(model, adapter)`, refusing an adapter trained on another base model.
-
-    PEFT raises on a shape mismatch but only warns when adapter weights find no module (e.g. an adapter for a
-    deeper model): both are errors here, as either one silently changes what the model computes.
-
-    Args:
-        model (`JanusForConditionalGeneration`): the base model.
-        adapter (`str` or `os.PathLike`): a PEFT adapter directory.
-
-    Returns:
-        `PeftModel`: the base model with the adapter loaded, in inference mode.
-    """
-    adapter = Path(adapter)
-    if not (adapter / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"--adapter {adapter}: no adapter_config.json there")
-    check_checkpoint(adapter)
-    try:
-        peft_model = PeftModel.from_pretrained(model, adapter)
-    except (RuntimeError, ValueError) as err:
-        detail = " ".join(str(err).split())  # PyTorch puts each mismatch on a line: one line, cut short
-        raise ValueError(f"{adapter} is an adapter for another base model: {detail[:300]}") from err
-    saved = set(load_peft_weights(str(adapter), device="cpu"))
-    expected = set(get_peft_model_state_dict(peft_model))
-    if saved != expected:
-        odd = sorted(saved ^ expected)
-        raise ValueError(
-            f"{adapter} is an adapter for another base model: {len(saved - expected)} of its weights have no module "
-            f"in the base and {len(expected - saved)} adapter weights are missing (e.g. {odd[0]})"
-        )
-    return peft_model
 
 
 def _read_json(path: Path) -> dict | None:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 import yaml
+from peft import PeftModel
+from peft.utils import get_peft_model_state_dict, load_peft_weights
 from safetensors import safe_open
 from transformers import AutoTokenizer, JanusForConditionalGeneration
 from trl import ModelConfig, get_peft_config
@@ -145,6 +147,65 @@ def load_janus(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     add_layout_tokens(tokenizer, model)
+    return model, tokenizer
+
+
+def attach_adapter(model: torch.nn.Module, adapter: str | os.PathLike) -> PeftModel:
+    """`PeftModel.from_pretrained(model, adapter)`, refusing an adapter trained on another base model.
+
+    PEFT raises on a shape mismatch but only warns when adapter weights find no module (e.g. an adapter for a
+    deeper model): both are errors here, as either one silently changes what the model computes.
+
+    Args:
+        model (`JanusForConditionalGeneration`): the base model.
+        adapter (`str` or `os.PathLike`): a PEFT adapter directory.
+
+    Returns:
+        `PeftModel`: the base model with the adapter loaded, in inference mode.
+    """
+    adapter = Path(adapter)
+    if not (adapter / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"--adapter {adapter}: no adapter_config.json there")
+    check_checkpoint(adapter)
+    try:
+        peft_model = PeftModel.from_pretrained(model, adapter)
+    except (RuntimeError, ValueError) as err:
+        detail = " ".join(str(err).split())  # PyTorch puts each mismatch on a line: one line, cut short
+        raise ValueError(f"{adapter} is an adapter for another base model: {detail[:300]}") from err
+    saved = set(load_peft_weights(str(adapter), device="cpu"))
+    expected = set(get_peft_model_state_dict(peft_model))
+    if saved != expected:
+        odd = sorted(saved ^ expected)
+        raise ValueError(
+            f"{adapter} is an adapter for another base model: {len(saved - expected)} of its weights have no module "
+            f"in the base and {len(expected - saved)} adapter weights are missing (e.g. {odd[0]})"
+        )
+    return peft_model
+
+
+def load_model(
+    model_name_or_path: str | os.PathLike, adapter: str | os.PathLike | None = None, device: str | None = None
+):
+    """A Janus model for inference, in eval mode with a PEFT adapter merged in, and its tokenizer: the one loader of
+    `echogen-rl generate`, `ground` and `eval`, the demo and the study.
+
+    Args:
+        model_name_or_path (`str` or `os.PathLike`): a Janus checkpoint directory or hub id.
+        adapter (`str` or `os.PathLike`, *optional*): a PEFT adapter directory trained on that model; merged, it
+            costs nothing at generation time.
+        device (`str`, *optional*): defaults to CUDA when available, else the CPU.
+    """
+    name = str(model_name_or_path)
+    hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~"))
+    if not Path(name).exists() and not hub_id:
+        raise FileNotFoundError(f"--model {name}: no such checkpoint directory")
+    try:
+        model, tokenizer = load_janus(name)
+    except OSError as err:
+        raise FileNotFoundError(f"--model {name}: no checkpoint could be loaded there ({err})") from err
+    if adapter is not None:
+        model = attach_adapter(model, adapter).merge_and_unload()
+    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
     return model, tokenizer
 
 

@@ -19,12 +19,27 @@ from dataclasses import dataclass, field
 
 import torch
 
-from echogen_rl.layout import LAYOUT_TAGS, Layout, grounding_answer
+from echogen_rl.layout import GROUNDING_START, LAYOUT_TAGS, Layout, grounding_answer
+from echogen_rl.layout_text import parse_layout
 
 IGNORE_INDEX = -100
 USER_PREFIX = "<|User|>: "
 ASSISTANT_PREFIX = "\n\n<|Assistant|>:"
 DETECT_ALL_QUERY = "Detect all objects."
+
+
+def l2i_prompt_text(layout: Layout) -> str:
+    """The L2I user text (caption, then layout text): CycleRL's `prompt` column, parsed back by the trainer."""
+    return f"{layout.caption or ''} {layout.to_text()}".strip()
+
+
+def parse_prompt_text(text: str) -> Layout:
+    """The Layout (with its caption) of an L2I user text made by `l2i_prompt_text`; a bad one raises naming it."""
+    caption = text.split(GROUNDING_START, 1)[0].strip()
+    layout, problems = parse_layout(text, caption=caption)
+    if problems or not layout.entities:
+        raise ValueError(f"prompt {text[:80]!r} is not a caption + layout text: {problems or ['no entities']}")
+    return layout
 
 
 def grounding_query(phrases: Sequence[str]) -> str:
@@ -110,8 +125,7 @@ class PromptBuilder:
     def l2i_prompt(self, layout: Layout) -> Segment:
         """BOS + user turn + `<|Assistant|>:` + `<begin_of_image>`: what image generation starts from."""
         seg = Segment(task="l2i")
-        caption = f"{layout.caption} " if layout.caption else ""
-        seg.add_text([self.bos_id, *self.encode(f"{USER_PREFIX}{caption}{layout.to_text()}{ASSISTANT_PREFIX}")])
+        seg.add_text([self.bos_id, *self.encode(f"{USER_PREFIX}{l2i_prompt_text(layout)}{ASSISTANT_PREFIX}")])
         seg.add_text([self.boi_id])
         return seg
 

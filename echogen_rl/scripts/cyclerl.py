@@ -14,7 +14,7 @@ from transformers import TrainerCallback, set_seed
 
 from echogen_rl.data.random_layouts import add_prompt_column, build_random_layout_dataset
 from echogen_rl.data.shapes import phrase_pool
-from echogen_rl.data.sources import LayoutDataArguments, build_layout_datasets
+from echogen_rl.data.sources import CycleRLDataArguments, build_layout_datasets
 from echogen_rl.models.loading import JanusModelConfig, load_janus, lora_config_from, require_start_checkpoint
 from echogen_rl.scripts.runner import RecipeParser
 from echogen_rl.trainer.cyclerl_config import CycleRLConfig
@@ -22,7 +22,7 @@ from echogen_rl.trainer.cyclerl_trainer import CycleRLTrainer
 
 
 def main(
-    script_args: LayoutDataArguments,
+    script_args: CycleRLDataArguments,
     training_args: CycleRLConfig,
     model_args: JanusModelConfig,
     callbacks: list[TrainerCallback] | None = None,
@@ -36,18 +36,10 @@ def main(
             model_args.attn_implementation,
             model_args.build_tiny_if_missing,
         )
-        if training_args.prompt_source == "random":
-            phrases = training_args.phrase_pool or phrase_pool()
-            layout_kwargs = dict(
-                min_entities=training_args.random_min_entities,
-                max_entities=training_args.random_max_entities,
-                min_box_size=training_args.random_min_box_size,
-                max_box_size=training_args.random_max_box_size,
-                max_overlap=training_args.random_max_overlap,
-                grid_size=training_args.random_box_grid,
-            )
+        if script_args.prompt_source == "random":
+            phrases = script_args.phrase_pool or phrase_pool()
             train_dataset = build_random_layout_dataset(
-                training_args.num_random_prompts, training_args.seed, phrases, **layout_kwargs
+                script_args.num_random_prompts, training_args.seed, phrases, **script_args.random_layout_kwargs()
             )
             eval_dataset = None
         else:  # prompts are layouts: no image is read or encoded
@@ -73,7 +65,7 @@ def main(
 
 def make_parser() -> RecipeParser:
     """The parser of this stage's arguments: `--config file.yaml` plus any field on the command line."""
-    return RecipeParser((LayoutDataArguments, CycleRLConfig, JanusModelConfig))
+    return RecipeParser((CycleRLDataArguments, CycleRLConfig, JanusModelConfig))
 
 
 if __name__ == "__main__":

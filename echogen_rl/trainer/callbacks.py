@@ -62,7 +62,7 @@ class SampleLoggingArguments:
 
 def dataset_layouts(dataset, count: int) -> list[Layout]:
     """The first `count` layouts of a dataset with a `layout` (JSON) or a CycleRL `prompt` column."""
-    from echogen_rl.data.random_layouts import parse_prompt_text
+    from echogen_rl.models.prompts import parse_prompt_text
 
     if dataset is None or len(dataset) == 0:
         return []

@@ -6,11 +6,10 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
+from echogen_rl.rollout.build import ROLLOUT_ENGINES
 from echogen_rl.trainer.callbacks import SampleLoggingArguments
 
 LOGPROB_MODES = ("cfg", "cond")
-ROLLOUT_ENGINES = ("torch", "vllm")
-PROMPT_SOURCES = ("random", "dataset")
 GROUNDING_MODELS = ("reference", "policy")
 
 
@@ -57,20 +56,6 @@ class CycleRLConfig(GRPOConfig, SampleLoggingArguments):
             Bound on the grounder's answer; by default what a full answer for the prompt's phrases takes.
         grounding_batch_size (`int`, *optional*, defaults to `64`):
             Images grounded together.
-        prompt_source (`str`, *optional*, defaults to `"random"`):
-            `"random"`: layouts drawn from `phrase_pool`; `"dataset"`: the layouts of the training dataset.
-        num_random_prompts (`int`, *optional*, defaults to `1024`):
-            How many random layouts make the prompt dataset.
-        phrase_pool (`list[str]`, *optional*):
-            Phrases of the random layouts; by default the shapes world's ("red circle", ...).
-        random_min_entities (`int`, *optional*, defaults to `1`), random_max_entities (`int`, *optional*, defaults to `3`):
-            Entities per random layout.
-        random_min_box_size (`float`, *optional*, defaults to `0.25`), random_max_box_size (`float`, *optional*, defaults to `0.5`):
-            Side of the random boxes, as a fraction of the image.
-        random_max_overlap (`float`, *optional*, defaults to `0.0`):
-            Largest IoU between two boxes of a random layout.
-        random_box_grid (`int`, *optional*):
-            Snap random boxes to a grid of this many cells per side (8 for the shapes world).
     """
 
     reward_funcs: list[str] = field(
@@ -110,29 +95,6 @@ class CycleRLConfig(GRPOConfig, SampleLoggingArguments):
         default=None, metadata={"help": "Bound on the grounder's answer (default: what a full answer takes)."}
     )
     grounding_batch_size: int = field(default=64, metadata={"help": "Images grounded together."})
-    prompt_source: str = field(
-        default="random",
-        metadata={
-            "help": "Prompts from random layouts or from the dataset's layouts.",
-            "choices": list(PROMPT_SOURCES),
-        },
-    )
-    num_random_prompts: int = field(default=1024, metadata={"help": "Number of random layouts."})
-    phrase_pool: list[str] | None = field(
-        default=None, metadata={"help": "Phrases of random layouts (default: shapes)."}
-    )
-    random_min_entities: int = field(default=1, metadata={"help": "Fewest entities per random layout."})
-    random_max_entities: int = field(default=3, metadata={"help": "Most entities per random layout."})
-    random_min_box_size: float = field(
-        default=0.25, metadata={"help": "Smallest random box side (fraction of the image)."}
-    )
-    random_max_box_size: float = field(
-        default=0.5, metadata={"help": "Largest random box side (fraction of the image)."}
-    )
-    random_max_overlap: float = field(default=0.0, metadata={"help": "Largest IoU between boxes of a random layout."})
-    random_box_grid: int | None = field(
-        default=None, metadata={"help": "Snap random boxes to this grid (8 for shapes)."}
-    )
 
     def __post_init__(self):
         # The heads run after `model.forward` returns (only where a label is): DDP's search for unused parameters
@@ -144,7 +106,6 @@ class CycleRLConfig(GRPOConfig, SampleLoggingArguments):
         for name, choices in (
             ("logprob_mode", LOGPROB_MODES),
             ("rollout_engine", ROLLOUT_ENGINES),
-            ("prompt_source", PROMPT_SOURCES),
             ("grounding_model", GROUNDING_MODELS),
         ):
             if getattr(self, name) not in choices:
@@ -157,13 +118,5 @@ class CycleRLConfig(GRPOConfig, SampleLoggingArguments):
             raise ValueError("CycleRLConfig: vllm_enable_sleep_mode is TRL's; the image rollout engine does not sleep")
         if self.guidance_scale is not None and self.guidance_scale < 0:
             raise ValueError(f"CycleRLConfig.guidance_scale must be >= 0, got {self.guidance_scale}")
-        if not 1 <= self.random_min_entities <= self.random_max_entities:
-            raise ValueError(
-                f"CycleRLConfig.random_min_entities / random_max_entities: need 1 <= min <= max, got {self.random_min_entities}, {self.random_max_entities}"
-            )
-        if not 0 < self.random_min_box_size <= self.random_max_box_size < 1:
-            raise ValueError(
-                f"CycleRLConfig.random_min_box_size / random_max_box_size: need 0 < min <= max < 1, got {self.random_min_box_size}, {self.random_max_box_size}"
-            )
-        if self.num_random_prompts < 1 or self.grounding_batch_size < 1:
-            raise ValueError("CycleRLConfig.num_random_prompts and grounding_batch_size must be >= 1")
+        if self.grounding_batch_size < 1:
+            raise ValueError(f"CycleRLConfig.grounding_batch_size must be >= 1, got {self.grounding_batch_size}")

@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 
 import torch
 from peft import PeftModel
 from trl import GRPOTrainer
 
-from echogen_rl.data.random_layouts import parse_prompt_text
 from echogen_rl.data.shapes import ShapesConfig, detect_from_codes
 from echogen_rl.eval.metrics import filled_box_rate, strict_recall50
 from echogen_rl.models.grounding import Grounder
 from echogen_rl.models.modeling import check_sharding, freeze_untrained, image_token_logprobs, unwrap_janus
-from echogen_rl.models.prompts import PromptBuilder, pad_segments
+from echogen_rl.models.prompts import PromptBuilder, pad_segments, parse_prompt_text
 from echogen_rl.models.sampling import resolve_guidance_scale
 from echogen_rl.rewards import layout_agreement, load_rewards
 from echogen_rl.rollout.base import RolloutEngine
-from echogen_rl.rollout.torch_engine import TorchRolloutEngine
+from echogen_rl.rollout.build import build_engine
 from echogen_rl.trainer.callbacks import attach_sample_logging
 from echogen_rl.trainer.cyclerl_config import CycleRLConfig
 
@@ -128,49 +126,39 @@ class CycleRLTrainer(GRPOTrainer):
     def _ensure_engines(self) -> None:
         # Built on first use: the accelerator has wrapped the model by then, and we generate with its inner module.
         if self.rollout_engine is None:
-            policy = self.accelerator.unwrap_model(self.model)
-            if self.args.rollout_engine == "vllm":
-                self.rollout_engine = self._build_vllm_engine(policy)
-            else:
-                self.rollout_engine = TorchRolloutEngine(
-                    policy, self.layout_prompts.num_image_tokens, *self._special_ids, compile=self.args.rollout_compile
+            accelerator, args = self.accelerator, self.args
+            options = {}
+            if args.rollout_engine == "vllm":
+                options = dict(
+                    cfg=args.guidance_scale != 1.0,
+                    dtype=torch.bfloat16 if args.bf16 else None,
+                    max_model_len=args.vllm_max_model_length,
+                    max_num_seqs=max(args.generation_batch_size // accelerator.num_processes, 1),
+                    gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+                    kv_cache_gib=args.vllm_kv_cache_gib,
+                    enforce_eager=args.vllm_enforce_eager,
+                    seed=args.seed + accelerator.process_index,
+                    step=self.state.global_step,
                 )
+            self.rollout_engine = build_engine(
+                args.rollout_engine,
+                accelerator.unwrap_model(self.model),
+                self.layout_prompts.num_image_tokens,
+                self._special_ids,
+                compile=args.rollout_compile,
+                process_index=accelerator.process_index,
+                local_process_index=accelerator.local_process_index,
+                num_processes=accelerator.num_processes,
+                **options,
+            )
+            if args.rollout_engine == "vllm":
+                accelerator.wait_for_everyone()
         if self.grounder is None:
             if self.args.grounding_model == "reference" and self.ref_model is not None:
                 grounding = self.accelerator.unwrap_model(self.ref_model)
             else:  # the policy, or under PEFT the policy with its adapter disabled (see `_ground`)
                 grounding = self.accelerator.unwrap_model(self.model)
             self.grounder = Grounder(grounding, self.layout_prompts, self.args.grounding_batch_size)
-
-    def _build_vllm_engine(self, policy):
-        from trl.trainer.utils import ensure_master_addr_port
-
-        from echogen_rl.rollout.vllm_engine import VLLMRolloutEngine
-
-        accelerator = self.accelerator
-        distributed = accelerator.num_processes > 1
-        if distributed:  # one engine per process over the launcher's process group, as TRL's colocate mode
-            os.environ["RANK"] = str(accelerator.process_index)
-            os.environ["LOCAL_RANK"] = str(accelerator.local_process_index)
-            os.environ["WORLD_SIZE"] = str(accelerator.num_processes)
-            ensure_master_addr_port()
-        engine = VLLMRolloutEngine(
-            policy,
-            self.layout_prompts.num_image_tokens,
-            *self._special_ids,
-            cfg=self.args.guidance_scale != 1.0,
-            dtype=torch.bfloat16 if self.args.bf16 else None,
-            max_model_len=self.args.vllm_max_model_length,
-            max_num_seqs=max(self.args.generation_batch_size // accelerator.num_processes, 1),
-            gpu_memory_utilization=self.args.vllm_gpu_memory_utilization,
-            kv_cache_gib=self.args.vllm_kv_cache_gib,
-            enforce_eager=self.args.vllm_enforce_eager,
-            seed=self.args.seed + accelerator.process_index,
-            distributed=distributed,
-            step=self.state.global_step,
-        )
-        accelerator.wait_for_everyone()
-        return engine
 
     def _ground(self, codes: torch.Tensor, phrases: list[list[str]]):
         model = self.accelerator.unwrap_model(self.model)

@@ -17,23 +17,19 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from trl import SFTTrainer
 
-from echogen_rl.data.collators import AbsentPhrases, LoopLossCollator, dataset_phrases, training_columns
+from echogen_rl.data.collators import LoopLossCollator
 from echogen_rl.data.kind_negatives import KindNegatives
 from echogen_rl.models.modeling import (
     TargetLoss,
-    check_sharding,
-    freeze_untrained,
     image_logits,
     masked_cross_entropy,
     mixed_forward,
     soft_code_embeddings,
     unwrap_janus,
 )
-from echogen_rl.models.prompts import IGNORE_INDEX, PromptBuilder
+from echogen_rl.models.prompts import IGNORE_INDEX
 from echogen_rl.models.sampling import resolve_guidance_scale
-from echogen_rl.trainer.callbacks import attach_sample_logging
 from echogen_rl.trainer.djo_config import DJOConfig
 from echogen_rl.trainer.djo_loop import (
     LOOP_IMAGES,
@@ -43,6 +39,7 @@ from echogen_rl.trainer.djo_loop import (
     sample_images,
     self_forced_logits,
 )
+from echogen_rl.trainer.layout_sft import LayoutSFTTrainer
 
 
 def check_autoregressive_memory(janus, args: DJOConfig, prompt_length: int = 64) -> float:
@@ -252,42 +249,27 @@ def djo_losses(
     return DJOLosses(total, l2i, loop, i2l)
 
 
-class DJOTrainer(SFTTrainer):
+class DJOTrainer(LayoutSFTTrainer):
     """Trainer for Stage 2, DJO.
 
     The changes w.r.t. [`~trl.SFTTrainer`] are the data collator ([`LoopLossCollator`]: dataset preparation is
     skipped, rows are built from `caption` / `layout` / `image_codes`) and two hooks: `compute_loss` (the DJO
     objective, see [`djo_losses`], with `tau` and `lambda` scheduled by the optimizer step) and `log` (adds the
     `tau` and `lambda` of the latest step). Everything else (optimizer, PEFT, accelerate, checkpointing) is
-    inherited.
-
-    Args:
-        model (`JanusForConditionalGeneration` or `PeftModel`): the model, usually a PMTP checkpoint.
-        args (`DJOConfig`): the configuration.
-        train_dataset (`datasets.Dataset`): columns `caption`, `layout` (JSON), `image_codes`.
-        eval_dataset (`datasets.Dataset`, *optional*): same columns.
-        processing_class (`PreTrainedTokenizerBase`): the model's tokenizer.
-        peft_config (`peft.PeftConfig`, *optional*): wrap the model with this adapter.
+    inherited. Arguments: see [`LayoutSFTTrainer`] (`model` is usually a PMTP checkpoint, `args` a [`DJOConfig`]).
     """
 
     _tag_names = ["trl", "sft", "echogen-rl", "djo"]
 
     def __init__(self, model, args: DJOConfig, train_dataset, eval_dataset=None, processing_class=None, **kwargs):
-        if processing_class is None:
-            raise ValueError("DJOTrainer needs the model's tokenizer as `processing_class`")
-        if len(train_dataset) == 0:
-            raise ValueError("DJOTrainer: the training dataset is empty")
-        # Training reads only the codes; an `image` column would also make TRL treat the data as a VLM dataset.
-        train_dataset = training_columns(train_dataset)
-        if eval_dataset is not None:
-            eval_dataset = training_columns(eval_dataset)
-        freeze_untrained(model)
-        prompts = PromptBuilder(processing_class, unwrap_janus(model).config.vision_config.num_image_tokens)
-        absent = (
-            AbsentPhrases(args.absent_phrase_prob, dataset_phrases(train_dataset)) if args.absent_phrase_prob else None
-        )
+        super().__init__(model, args, train_dataset, eval_dataset, processing_class, **kwargs)
+        self._last_schedule: dict[str, float] = {}
+        if self.loop_reader is not None:
+            self.loop_reader.to(self.accelerator.device)
+
+    def prepare_stage(self, model, args: DJOConfig, prompts, train_dataset, processing_class) -> LoopLossCollator:
+        absent = self.absent_phrases(args, train_dataset)
         kinds = KindNegatives(args.kind_negative_prob, redraw=False) if args.kind_negative_prob else None
-        kwargs.setdefault("data_collator", LoopLossCollator(prompts, args.max_length, absent, kinds))
         janus = unwrap_janus(model)
         self.special_ids = (prompts.bos_id, prompts.boi_id, prompts.pad_id)
         self.loop_guidance_scale = resolve_guidance_scale(
@@ -309,21 +291,7 @@ class DJOTrainer(SFTTrainer):
             else:
                 reader = copy.deepcopy(janus)
             self.loop_reader = reader.eval().requires_grad_(False)
-        super().__init__(
-            model,
-            args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            **kwargs,
-        )
-        # The loss is a mean per micro-batch, so the Trainer must divide it by the accumulation steps.
-        self.model_accepts_loss_kwargs = False
-        check_sharding(self)
-        attach_sample_logging(self, (eval_dataset, train_dataset))
-        self._last_schedule: dict[str, float] = {}
-        if self.loop_reader is not None:
-            self.loop_reader.to(self.accelerator.device)
+        return LoopLossCollator(prompts, args.max_length, absent, kinds)
 
     def schedule(self) -> dict[str, float]:
         """`tau` and `loop_weight` (lambda) at the current optimizer step."""
@@ -356,12 +324,8 @@ class DJOTrainer(SFTTrainer):
                 guidance_scale=self.loop_guidance_scale,
                 temperature=args.loop_temperature,
             )
+        self.log_losses(mode, {"l2i": out.l2i, "loop": out.loop, "i2l": out.i2l})
         metrics = self._metrics[mode]
-        for task, part in (("l2i", out.l2i), ("loop", out.loop), ("i2l", out.i2l)):
-            if part is None or part.count == 0:
-                continue
-            metrics[f"loss_{task}"].append(self.accelerator.gather_for_metrics(part.loss.detach()).mean().item())
-            metrics[f"accuracy_{task}"].append(part.accuracy)
         if mode == "train" and self.state.global_step % max(args.logging_steps, 1) == 0:
             # How hard each loss pulls the generator: the gradient norm on `generation_head` (an extra partial
             # backward, on logging steps only).
