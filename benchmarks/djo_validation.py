@@ -33,8 +33,8 @@ from echogen_rl.data.shapes import ShapesConfig
 from echogen_rl.eval.evaluation import write_report
 from echogen_rl.eval.reward_check import reward_check, reward_gate, summarize_reward_check
 from echogen_rl.eval.stats import bootstrap_ci, paired_difference
-from echogen_rl.experiments.jobs import Job, run_jobs
-from echogen_rl.experiments.study import _config, _run_settings, train_run
+from echogen_rl.experiments.jobs import Job, run_jobs, shapes_config
+from echogen_rl.experiments.study import _run_settings, train_run
 from echogen_rl.experiments.study_scoring import SCORING_BATCH, evaluate_model, load_trained, study_layouts
 from echogen_rl.models.grounding import Grounder
 from echogen_rl.models.prompts import PromptBuilder
@@ -49,7 +49,7 @@ CONTROL_SETS = {"a": {"seeds": [0, 1, 2], "layout_slice": 0}, "b": {"seeds": [3,
 
 
 def _control_settings(djo_fields: dict) -> dict:
-    values = {**yaml.safe_load(_config("djo").read_text()), **djo_fields}
+    values = {**yaml.safe_load(shapes_config("djo").read_text()), **djo_fields}
     return {k: values[k] for k in SHARED if k in values}
 
 
@@ -174,6 +174,11 @@ def _compare(args, arms: dict, start: Path, seeds: list[int], layout_slice: int)
         for arm, r in scores.items()
         if arm not in ("pmtp_continued", "start")
     }
+    if "loop_and_i2l" in scores and "i2l_only" in scores:  # the loop alone added: everything else is the same
+        differences["loop_and_i2l_vs_i2l_only"] = {
+            m: paired_difference(_matrix(scores["loop_and_i2l"], m), _matrix(scores["i2l_only"], m), n_resamples=2000)
+            for m in metrics
+        }
     return {
         "seeds": seeds,
         "layouts": len(targets),
