@@ -170,6 +170,37 @@ def vllm_rollout() -> str:
     return "\n".join(rows) + "\n"
 
 
+CONTROL_METRICS = (
+    "cycle_miou_ref_greedy",
+    "color_greedy",
+    "tolerant_l2i_greedy",
+    "cycle_miou_ref",
+    "color",
+    "grounding_miou",
+)
+
+
+def djo_control() -> str:
+    report = _json("study/djo_control_sets.json")
+    sets = report["sets"]
+    pairs = [
+        ("loop_and_i2l_vs_pmtp_continued", "loop + I2L - PMTP continued"),
+        ("loop_and_i2l_vs_i2l_only", "loop + I2L - I2L alone"),
+        ("i2l_only_vs_pmtp_continued", "I2L alone - PMTP continued"),
+    ]
+    rows = [
+        "| set (seeds) | comparison | " + " | ".join(f"`{m}`" for m in CONTROL_METRICS) + " |",
+        "| --- | --- |" + " --- |" * len(CONTROL_METRICS),
+    ]
+    for name, result in sets.items():
+        for key, label in pairs:
+            cells = [result["differences"][key][m] for m in CONTROL_METRICS]
+            cells = [f"{c['diff']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]" for c in cells]
+            seeds = ", ".join(map(str, result["seeds"]))
+            rows.append(f"| {name} ({seeds}) | {label} | " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
 RENDERERS = {
     "demo-table": demo_table,
     "demo-run": demo_run,
@@ -178,6 +209,7 @@ RENDERERS = {
     "dry-run-gpu": dry_run_gpu,
     "benchmarks": benchmarks,
     "vllm-rollout": vllm_rollout,
+    "djo-control": djo_control,
 }
 
 
