@@ -78,3 +78,42 @@ def test_portable_paths_name_a_folder_relative_to_the_working_directory_or_by_it
     assert (
         outside["output_dir"] == "<output_dir>/run/pmtp" and outside["nested"][0]["cache"] == "<output_dir>/run/cache"
     )
+
+
+def _doc_commands():
+    """Every command of the docs' bash blocks, continuation lines joined and comments dropped."""
+    for page in sorted((REPO / "docs").glob("*.md")):
+        for block in re.findall(r"```bash\n(.*?)```", page.read_text(), flags=re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                line = line.split("  #", 1)[0].strip()
+                if line and not line.startswith("#"):
+                    yield page.name, line
+
+
+def test_the_docs_commands_name_what_exists_and_parse():
+    """The docs' commands cannot drift: each `echogen-rl` command parses, each recipe launch names a recipe and
+    config that exist and only fields the recipe knows, each `make` target exists. (Running them is other tests'
+    work: test_dry_run, test_study, test_reward_gate, test_observe, test_vllm_engine; GPU lines are marked so.)"""
+    import shlex
+
+    from echogen_rl.cli import build_parser
+    from echogen_rl.scripts.runner import load_recipe, recipe_classes
+
+    targets = set(re.findall(r"^([\w-]+):", (REPO / "Makefile").read_text(), flags=re.M))
+    seen = set()
+    for page, command in _doc_commands():
+        argv = shlex.split(command)
+        seen.add(argv[0])
+        if argv[0] == "echogen-rl":
+            argv = [a for a in argv[1:] if not a.startswith("[")]  # `[--steps N]`: optional, shown as such
+            argv = [a for a in argv if not a.endswith("]") or a.startswith("--")]
+            build_parser().parse_args(argv)  # exits (fails the test) on an unknown command or flag
+        elif "launch" in argv:
+            script, config = argv[argv.index("launch") + 1], argv[argv.index("--config") + 1]
+            assert (REPO / script).is_file() and (REPO / config).is_file(), (page, command)
+            known = {f for cls in recipe_classes(load_recipe(Path(script).stem)) for f in cls.__dataclass_fields__}
+            flags = {a.removeprefix("--") for a in argv if a.startswith("--") and a != "--config"}
+            assert flags <= known, (page, flags - known)
+        elif argv[0] == "make":
+            assert argv[1] in targets, (page, command)
+    assert {"echogen-rl", "make", "accelerate"} <= seen
