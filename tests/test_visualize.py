@@ -26,3 +26,22 @@ def test_grid_layout_and_errors(tmp_path):
     path = save_png(grid, tmp_path / "sub" / "grid.png")
     assert Image.open(path).size == grid.size
     assert [p.name for p in path.parent.iterdir()] == ["grid.png"]  # no temporary file left
+
+
+def test_study_difference_plot_greys_out_comparisons_that_are_no_evidence(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from echogen_rl.experiments.study_report import plot_differences
+
+    cell = {"diff": 0.05, "ci_low": 0.02, "ci_high": 0.08}  # an interval above 0: drawn green when it counts
+    green = np.array([44, 160, 44])
+
+    def green_pixels(evidence: bool) -> int:
+        summary = {"comparisons": {"cyclerl_vs_sft_continued": {"evidence": evidence, "cycle_miou_ref": cell}}}
+        path = plot_differences(summary, tmp_path / f"{evidence}.png", metrics=("cycle_miou_ref",))
+        pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)
+        return int((np.abs(pixels - green).sum(axis=-1) == 0).sum())
+
+    assert green_pixels(True) > 10
+    assert green_pixels(False) == 0

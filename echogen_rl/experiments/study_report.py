@@ -105,7 +105,11 @@ def plot_differences(
     draw = ImageDraw.Draw(image)
     for p, name in enumerate(comparisons):
         x0 = p * panel_w
-        draw.text((x0 + 10, 6), f"{name} (T=1): difference, 95% CI", fill="black")
+        evidence = summary["comparisons"][name].get("evidence", True)
+        if not evidence:  # greyed: the reward gate failed, so no interval of this comparison counts for or against
+            draw.rectangle([x0, 0, x0 + panel_w - 1, panel_h - 1], fill=(235, 235, 235))
+        title = "difference, 95% CI" if evidence else "no evidence: reward gate failed"
+        draw.text((x0 + 10, 6), f"{name} (T=1): {title}", fill="black")
         mid = x0 + pad + (panel_w - pad - 20) / 2
         scale = (panel_w - pad - 20) / 2 / span
         draw.line([(mid, 28), (mid, panel_h - 24)], fill=(150, 150, 150))
@@ -118,6 +122,7 @@ def plot_differences(
             draw.text((x0 + 10, y - 6), metric, fill="black")
             above = cell["ci_low"] > 0
             color = (44, 160, 44) if above else (214, 39, 40) if cell["ci_high"] < 0 else (90, 90, 90)
+            color = color if evidence else (150, 150, 150)
             draw.line([(mid + cell["ci_low"] * scale, y), (mid + cell["ci_high"] * scale, y)], fill=color, width=3)
             x = mid + cell["diff"] * scale
             draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=color)
