@@ -34,15 +34,13 @@ from echogen_rl.eval.evaluation import write_report
 from echogen_rl.eval.reward_check import reward_check, reward_gate, summarize_reward_check
 from echogen_rl.eval.stats import bootstrap_ci, paired_difference
 from echogen_rl.experiments.jobs import Job, run_jobs, shapes_config
-from echogen_rl.experiments.study import _run_settings, train_run
-from echogen_rl.experiments.study_scoring import SCORING_BATCH, evaluate_model, load_trained, study_layouts
+from echogen_rl.experiments.study import DJO_CONTROL_FIELDS, _run_settings, train_run
+from echogen_rl.experiments.study_scoring import SCORING_BATCH, evaluate_model, study_layouts
 from echogen_rl.models.grounding import Grounder
+from echogen_rl.models.loading import load_trained
 from echogen_rl.models.prompts import PromptBuilder
 
 METRICS = ("cycle_miou_ref", "tolerant_l2i", "strict50", "color")
-# PMTP continued gets DJO's restart: these fields of the DJO config, as the study's control.
-SHARED = ("max_steps", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay")
-SHARED += ("per_device_train_batch_size", "num_train_samples", "dataset_seed")
 CONTROL_ARMS = ("loop_only", "loop_and_i2l", "i2l_only")
 # The control's replication: each set its own training seeds and its own slice of the validation layouts.
 CONTROL_SETS = {"a": {"seeds": [0, 1, 2], "layout_slice": 0}, "b": {"seeds": [3, 4, 5], "layout_slice": 1}}
@@ -50,7 +48,7 @@ CONTROL_SETS = {"a": {"seeds": [0, 1, 2], "layout_slice": 0}, "b": {"seeds": [3,
 
 def _control_settings(djo_fields: dict) -> dict:
     values = {**yaml.safe_load(shapes_config("djo").read_text()), **djo_fields}
-    return {k: values[k] for k in SHARED if k in values}
+    return {k: values[k] for k in DJO_CONTROL_FIELDS if k in values}  # as the study's control
 
 
 def plan(

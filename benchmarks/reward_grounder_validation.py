@@ -26,9 +26,10 @@ from echogen_rl.eval.evaluation import write_report
 from echogen_rl.eval.reward_check import reward_check, reward_gate, summarize_reward_check
 from echogen_rl.experiments.jobs import Job, run_jobs
 from echogen_rl.experiments.study import _run_settings, train_run
-from echogen_rl.experiments.study_scoring import SCORING_BATCH, evaluate_model, load_trained, study_layouts
+from echogen_rl.experiments.study_scoring import SCORING_BATCH, evaluate_model, study_layouts
 from echogen_rl.layout import Layout
 from echogen_rl.models.grounding import Grounder
+from echogen_rl.models.loading import load_trained
 from echogen_rl.models.prompts import PromptBuilder
 from echogen_rl.models.tiny import ensure_tiny_checkpoint
 

@@ -22,8 +22,9 @@ from echogen_rl.data.splits import VALIDATION_SEED
 from echogen_rl.eval.coco_ap import ResampledAP
 from echogen_rl.eval.evaluation import write_report
 from echogen_rl.experiments.study import _run_settings, train_run
-from echogen_rl.experiments.study_scoring import evaluate_model, load_trained
+from echogen_rl.experiments.study_scoring import evaluate_model
 from echogen_rl.layout import Layout
+from echogen_rl.models.loading import load_trained
 
 METRICS = ("cycle_miou_ref", "cycle_miou_policy", "tolerant_l2i", "strict50", "color")
 

@@ -74,87 +74,139 @@ def _estimates(report: dict) -> tuple[str, str]:
     )
 
 
+def _table(columns: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table: a header of `columns`, its separator, then one line per row of cells."""
+    lines = [columns, ["---"] * len(columns), *rows]
+    return "".join("| " + " | ".join(cells) + " |\n" for cells in lines)
+
+
+def _ci(cell: dict) -> str:
+    return f"{cell['diff']:+.3f} [{cell['ci_low']:+.3f}, {cell['ci_high']:+.3f}]"
+
+
 def dry_run_cpu() -> str:
-    rows = [
-        "| config | step (s, CPU) | tokens/step | trainable params | CPU peak RSS | est. GPU memory, 1 device "
-        "| est. under the YAML's launch config |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+    columns = [
+        "config",
+        "step (s, CPU)",
+        "tokens/step",
+        "trainable params",
+        "CPU peak RSS",
+        "est. GPU memory, 1 device",
+        "est. under the YAML's launch config",
     ]
+    rows = []
     for report in _dry_runs("dry_run"):
         measured = report["measured"]
         (step,) = measured["steps"]
         sgd = " (sgd)" if report["changed"].get("optim") == "sgd" else ""
+        trainable = f"{measured['parameters']['trainable'] / 1e9:.2f} B"
+        peak = f"{measured['process_peak_bytes'] / GIB:.1f} GiB{sgd}"
         rows.append(
-            f"| {_config(report)} | {step['seconds']:.1f} | {step['tokens']} "
-            f"| {measured['parameters']['trainable'] / 1e9:.2f} B | {measured['process_peak_bytes'] / GIB:.1f} GiB{sgd} "
-            f"| {' | '.join(_estimates(report))} |"
+            [_config(report), f"{step['seconds']:.1f}", str(step["tokens"]), trainable, peak, *_estimates(report)]
         )
-    return "\n".join(rows) + "\n"
+    return _table(columns, rows)
 
 
 def dry_run_gpu() -> str:
-    rows = [
-        "| config | GPU | steps (s) | tokens/step | peak memory | estimate, 1 device | estimate under the YAML's launch config |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+    columns = [
+        "config",
+        "GPU",
+        "steps (s)",
+        "tokens/step",
+        "peak memory",
+        "estimate, 1 device",
+        "estimate under the YAML's launch config",
     ]
+    rows = []
     for report in _dry_runs("dry_run_gpu"):
         measured = report["measured"]
         steps = ", ".join(f"{s['seconds']:.1f}" for s in measured["steps"])
         rows.append(
-            f"| {_config(report)} | {measured['device']} | {steps} | {measured['steps'][-1]['tokens']} "
-            f"| {measured['process_peak_bytes'] / GIB:.1f} GiB | {' | '.join(_estimates(report))} |"
+            [
+                _config(report),
+                measured["device"],
+                steps,
+                str(measured["steps"][-1]["tokens"]),
+                f"{measured['process_peak_bytes'] / GIB:.1f} GiB",
+                *_estimates(report),
+            ]
         )
-    return "\n".join(rows) + "\n"
+    return _table(columns, rows)
 
 
 def benchmarks() -> str:
     rollout, grounding = _json("rollout.json")["configs"], _json("grounding.json")
-    packed, block, scoring = _json("packing.json"), _json("packing_block.json"), _json("scoring_batch.json")
-    rows = [
-        "| benchmark | file | ours | baseline | ratio |",
-        "| --- | --- | --- | --- | --- |",
-    ]
+    scoring = _json("scoring_batch.json")
+    rows = []
     for name, c in rollout.items():
         shape = (
             f"{c['num_layers']} layers x {c['hidden_size']}, {c['num_image_tokens']} codes, batch {c['batch_size']}"
         )
         rows.append(
-            f"| rollout, {name} ({shape}), CFG 5, greedy, compiled engine (first call compiles: "
-            f"{c['compile_s']:.1f} s) | `rollout.json` | {c['engine_images_per_s']:.2f} images/s "
-            f"| {c['hf_images_per_s']:.2f} images/s (`generate`) | {c['ratio_vs_hf']:.2f}x |"
+            [
+                f"rollout, {name} ({shape}), CFG 5, greedy, compiled engine (first call compiles: {c['compile_s']:.1f} s)",
+                "`rollout.json`",
+                f"{c['engine_images_per_s']:.2f} images/s",
+                f"{c['hf_images_per_s']:.2f} images/s (`generate`)",
+                f"{c['ratio_vs_hf']:.2f}x",
+            ]
         )
         rows.append(
-            f"| same, eager engine | `rollout.json` | {c['engine_eager_images_per_s']:.2f} images/s "
-            f"| {c['hf_images_per_s']:.2f} images/s | {c['ratio_eager_vs_hf']:.2f}x |"
+            [
+                "same, eager engine",
+                "`rollout.json`",
+                f"{c['engine_eager_images_per_s']:.2f} images/s",
+                f"{c['hf_images_per_s']:.2f} images/s",
+                f"{c['ratio_eager_vs_hf']:.2f}x",
+            ]
         )
     rows.append(
-        f"| grounding, {grounding['config']}, {grounding['num_images']} images x {grounding['phrases_per_image']} phrases "
-        f"| `grounding.json` | {grounding['grounder_images_per_s']:.1f} images/s "
-        f"| {grounding['naive_images_per_s']:.1f} images/s (`generate` per image) | {grounding['ratio_vs_naive']:.2f}x |"
+        [
+            f"grounding, {grounding['config']}, {grounding['num_images']} images x {grounding['phrases_per_image']} phrases",
+            "`grounding.json`",
+            f"{grounding['grounder_images_per_s']:.1f} images/s",
+            f"{grounding['naive_images_per_s']:.1f} images/s (`generate` per image)",
+            f"{grounding['ratio_vs_naive']:.2f}x",
+        ]
     )
-    for result, how in ((packed, "segment attention"), (block, "a dense 4D block mask")):
+    for file, how in (("packing", "segment attention"), ("packing_block", "a dense 4D block mask")):
+        result = _json(f"{file}.json")
         rows.append(
-            f"| PMTP step, LayoutSAM-like lengths, packed, {how} | `{'packing' if result is packed else 'packing_block'}.json` "
-            f"| {result['packed_tokens_per_s']:.0f} useful tokens/s | {result['unpacked_tokens_per_s']:.0f} (two padded task batches) "
-            f"| {result['ratio_vs_unpacked']:.2f}x |"
+            [
+                f"PMTP step, LayoutSAM-like lengths, packed, {how}",
+                f"`{file}.json`",
+                f"{result['packed_tokens_per_s']:.0f} useful tokens/s",
+                f"{result['unpacked_tokens_per_s']:.0f} (two padded task batches)",
+                f"{result['ratio_vs_unpacked']:.2f}x",
+            ]
         )
     batches = scoring["batches"]
-    best = max(batches, key=int)
+    best = batches[max(batches, key=int)]
+    same = "same" if best["same_as_baseline"] else "different"
     rows.append(
-        f"| scoring {scoring['layouts']} held-out layouts (greedy), model `{scoring['model']}`, batches of {best} "
-        f"| `scoring_batch.json` | generate {batches[best]['generate_s']:.2f} s, ground {batches[best]['ground_s']:.2f} s "
-        f"| {batches['64']['generate_s']:.2f} s, {batches['64']['ground_s']:.2f} s (batches of 64) "
-        f"| {batches[best]['generate_ratio_vs_64']:.2f}x, {batches[best]['ground_ratio_vs_64']:.2f}x "
-        f"({'same' if batches[best]['same_as_baseline'] else 'different'} codes and groundings) |"
+        [
+            f"scoring {scoring['layouts']} held-out layouts (greedy), model `{scoring['model']}`, "
+            f"batches of {max(batches, key=int)}",
+            "`scoring_batch.json`",
+            f"generate {best['generate_s']:.2f} s, ground {best['ground_s']:.2f} s",
+            f"{batches['64']['generate_s']:.2f} s, {batches['64']['ground_s']:.2f} s (batches of 64)",
+            f"{best['generate_ratio_vs_64']:.2f}x, {best['ground_ratio_vs_64']:.2f}x ({same} codes and groundings)",
+        ]
     )
-    return "\n".join(rows) + "\n"
+    return _table(["benchmark", "file", "ours", "baseline", "ratio"], rows)
 
 
 def vllm_rollout() -> str:
-    rows = [
-        "| config | file | torch engine (images/s) | vLLM engine (images/s) | vLLM / torch | greedy codes equal | engine start, weight sync |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+    columns = [
+        "config",
+        "file",
+        "torch engine (images/s)",
+        "vLLM engine (images/s)",
+        "vLLM / torch",
+        "greedy codes equal",
+        "engine start, weight sync",
     ]
+    rows = []
     for file in ("rollout_vllm.json", "rollout_vllm_large.json"):
         for name, c in _json(file)["configs"].items():
             torch_side = f"{c['engine_eager_images_per_s']:.3g} eager"
@@ -163,11 +215,17 @@ def vllm_rollout() -> str:
             v = c["vllm"]
             shape = f"{c['num_layers']} x {c['hidden_size']}, {c['num_image_tokens']} codes, batch {c['batch_size']}"
             rows.append(
-                f"| {name} ({shape}, {c['dtype']}) | `{file}` | {torch_side} | {v['images_per_s']:.3g} "
-                f"| {v['ratio_vs_torch']:.2f}x | {'yes' if v['parity_greedy'] else 'no'} "
-                f"| {v['start_s']:.1f} s, {v['sync_s']:.2f} s |"
+                [
+                    f"{name} ({shape}, {c['dtype']})",
+                    f"`{file}`",
+                    torch_side,
+                    f"{v['images_per_s']:.3g}",
+                    f"{v['ratio_vs_torch']:.2f}x",
+                    "yes" if v["parity_greedy"] else "no",
+                    f"{v['start_s']:.1f} s, {v['sync_s']:.2f} s",
+                ]
             )
-    return "\n".join(rows) + "\n"
+    return _table(columns, rows)
 
 
 CONTROL_METRICS = (
@@ -178,31 +236,21 @@ CONTROL_METRICS = (
     "color",
     "grounding_miou",
 )
+LOOP_GAIN = ("loop_and_i2l_vs_i2l_only", "cycle_miou_ref_greedy")  # what the loop itself adds, greedy
 
 
 def djo_control() -> str:
-    report = _json("study/djo_control_sets.json")
-    sets = report["sets"]
     pairs = [
         ("loop_and_i2l_vs_pmtp_continued", "loop + I2L - PMTP continued"),
         ("loop_and_i2l_vs_i2l_only", "loop + I2L - I2L alone"),
         ("i2l_only_vs_pmtp_continued", "I2L alone - PMTP continued"),
     ]
-    rows = [
-        "| set (seeds) | comparison | " + " | ".join(f"`{m}`" for m in CONTROL_METRICS) + " |",
-        "| --- | --- |" + " --- |" * len(CONTROL_METRICS),
-    ]
-    for name, result in sets.items():
+    rows = []
+    for name, result in _json("study/djo_control_sets.json")["sets"].items():
+        seeds = ", ".join(map(str, result["seeds"]))
         for key, label in pairs:
-            cells = [result["differences"][key][m] for m in CONTROL_METRICS]
-            cells = [f"{c['diff']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]" for c in cells]
-            seeds = ", ".join(map(str, result["seeds"]))
-            rows.append(f"| {name} ({seeds}) | {label} | " + " | ".join(cells) + " |")
-    return "\n".join(rows) + "\n"
-
-
-def _ci(cell: dict) -> str:
-    return f"{cell['diff']:+.3f} [{cell['ci_low']:+.3f}, {cell['ci_high']:+.3f}]"
+            rows.append([f"{name} ({seeds})", label, *(_ci(result["differences"][key][m]) for m in CONTROL_METRICS)])
+    return _table(["set (seeds)", "comparison", *(f"`{m}`" for m in CONTROL_METRICS)], rows)
 
 
 def djo_summary() -> str:
@@ -214,13 +262,12 @@ def djo_summary() -> str:
     }
     audit = _json("study/loop_audit.json")
     losses, grads = audit["losses"], audit["gradient_norms"]["self_forced_t1/tau1"]
-    control = _json("study/djo_control_sets.json")["sets"]
-    gain = ", ".join(
-        f"set {k} {_ci(r['differences']['loop_and_i2l_vs_i2l_only']['cycle_miou_ref_greedy'])}"
-        for k, r in control.items()
-    )
-    key = ("loop_and_i2l_vs_i2l_only", "cycle_miou_ref_greedy")
-    above = sum(r["differences"][key[0]][key[1]]["ci_low"] > 0 for r in control.values())
+    control = {
+        k: r["differences"][LOOP_GAIN[0]][LOOP_GAIN[1]]
+        for k, r in _json("study/djo_control_sets.json")["sets"].items()
+    }
+    gain = ", ".join(f"set {k} {_ci(cell)}" for k, cell in control.items())
+    above = sum(cell["ci_low"] > 0 for cell in control.values())
     return (
         f"- DJO - PMTP continued (T=1): `cycle_miou_ref` {row['cycle_miou_ref']}; `tolerant_l2i` "
         f"{row['tolerant_l2i']}; `grounding_miou` {row['grounding_miou']}.\n"

@@ -155,3 +155,17 @@ def test_bad_inputs_exit_with_status_2_naming_the_culprit(tiny_checkpoint, adapt
     absent = tmp_path / "absent.png"
     assert f"--image {absent}: no such file" in error(*ground, str(absent), "--detect")
     assert "--phrases 'red;;blue'" in error(*ground, str(not_image), "--phrases", "red;;blue")
+
+
+def test_load_trained_merges_a_runs_adapter_into_its_base_and_asks_for_the_base(tiny_checkpoint, adapter):
+    from echogen_rl.models.loading import load_trained
+
+    merged, _ = load_trained(adapter, tiny_checkpoint)
+    expected = attach_adapter(JanusForConditionalGeneration.from_pretrained(tiny_checkpoint), adapter)
+    expected = expected.merge_and_unload().state_dict()
+    assert not merged.training and merged.state_dict().keys() == expected.keys()
+    assert all(torch.equal(merged.state_dict()[k], v) for k, v in expected.items())
+    base, _ = load_trained(tiny_checkpoint)  # a full checkpoint loads as it is
+    assert any(not torch.equal(base.state_dict()[k], v) for k, v in expected.items())
+    with pytest.raises(ValueError, match=f"{adapter} holds a LoRA adapter: pass the model it was trained on"):
+        load_trained(adapter)

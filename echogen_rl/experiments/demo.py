@@ -33,7 +33,7 @@ from echogen_rl.layout import Layout
 from echogen_rl.models.architectures import config_name
 from echogen_rl.models.grounding import Grounder
 from echogen_rl.models.image_tokenizers import PaletteTokenizer
-from echogen_rl.models.loading import load_model
+from echogen_rl.models.loading import load_trained
 from echogen_rl.models.prompts import PromptBuilder
 from echogen_rl.models.sampling import resolve_guidance_scale
 from echogen_rl.models.tiny import build_tiny_checkpoint
@@ -88,12 +88,6 @@ def train_stage(stage: str, out: str, changes: dict) -> list[dict]:
     return trainer.state.log_history
 
 
-def _load(path: Path, base: Path | None = None):
-    """A trained stage: a full checkpoint, or `base` with the stage's LoRA adapter merged in."""
-    adapter = path if (path / "adapter_config.json").exists() else None
-    return load_model(base or path, adapter=adapter, device="cpu")[0]
-
-
 def evaluate_stage(out: str, stage: str, l2i: str, i2l: str, base: str | None, eval_layouts: int) -> dict:
     """Scores one stage on the held-out layouts (a demo job) and draws its picture (the untrained model gets none):
     L2I by the model at `l2i` (the oracle detector), grounding and the cycle's return trip by the one at `i2l`, and
@@ -102,8 +96,8 @@ def evaluate_stage(out: str, stage: str, l2i: str, i2l: str, base: str | None, e
     tokenizer = AutoTokenizer.from_pretrained(out / "tiny-janus")
     shapes = ShapesConfig()
     layouts, real_codes = _held_out(eval_layouts, shapes)
-    l2i_model = _load(Path(l2i), Path(base) if base else None)
-    i2l_model = l2i_model if i2l == l2i else _load(Path(i2l))
+    l2i_model = load_trained(l2i, base)[0]
+    i2l_model = l2i_model if i2l == l2i else load_trained(i2l)[0]
     # Sampled as the checkpoint records (the shapes configs train no unconditional branch: no CFG).
     guidance = resolve_guidance_scale(l2i_model, None, "demo")
     l2i_result = evaluate_l2i(
@@ -122,7 +116,7 @@ def evaluate_stage(out: str, stage: str, l2i: str, i2l: str, base: str | None, e
     metrics["grounding_miou"] = i2l_result["miou"]
     metrics["grounding_parse_failure_rate"] = i2l_result["parse_failure_rate"]
     # A stage cannot raise `cycle_miou_ref` by changing its own grounder.
-    reference = Grounder(_load(out / "pmtp"), prompts)
+    reference = Grounder(load_trained(out / "pmtp")[0], prompts)
     metrics["cycle_miou_ref"] = cycle_miou([g.layout for g in reference(codes, phrases)], layouts)
     if stage != "untrained":
         palette = PaletteTokenizer(shapes.grid_size, shapes.patch_size)

@@ -12,8 +12,8 @@ its share between steps by calling [`follow_thread_share`] (a training run does 
 (and a core it gave back is then shared until it ends).
 
 Each job's output goes to its own log file; the pool logs one line as each job ends (this module's logger, at
-INFO). When a job fails, the jobs already running finish (their results are saved, and a study resumes from them), the rest are not started, and the
-error names the job and its log.
+INFO). When a job fails, the jobs already running finish (their results are saved, and a study resumes from them),
+the rest are not started, and the error names the job and its log.
 """
 
 from __future__ import annotations

@@ -45,6 +45,18 @@ from echogen_rl.scripts.runner import run_recipe
 logger = logging.getLogger(__name__)
 
 ARMS = ("djo", "pmtp_continued", "cyclerl", "sft_continued", "cyclerl_shuffled")
+# DJO's control, PMTP continued: PMTP's loss with everything DJO's run has (restart, steps, batch, data).
+DJO_CONTROL_FIELDS = (
+    "max_steps",
+    "learning_rate",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "weight_decay",
+    "per_device_train_batch_size",
+    "num_train_samples",
+    "dataset_seed",
+    "optim",
+)
 STAGE_ARMS = {"djo": ("djo", "pmtp_continued"), "cyclerl": ("cyclerl", "sft_continued", "cyclerl_shuffled")}
 
 
@@ -151,19 +163,7 @@ def _djo_arms(out: Path, root: Path, seed: int, budget: StudyBudget, world: dict
         "cache_dir": cache,
         **_run_settings(root / "djo", seed),
     }
-    # The control: PMTP's loss with everything DJO's run has (restart, steps, batch, data).
-    shared = (
-        "max_steps",
-        "learning_rate",
-        "lr_scheduler_type",
-        "warmup_steps",
-        "weight_decay",
-        "per_device_train_batch_size",
-        "num_train_samples",
-        "dataset_seed",
-        "optim",
-    )
-    pmtp_cont = {k: djo_values[k] for k in shared if k in djo_values}
+    pmtp_cont = {k: djo_values[k] for k in DJO_CONTROL_FIELDS if k in djo_values}
     pmtp_cont.update(world)
     pmtp_cont.update(
         {

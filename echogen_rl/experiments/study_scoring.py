@@ -24,7 +24,7 @@ from echogen_rl.eval.metrics import (
 from echogen_rl.eval.reward_check import reward_check
 from echogen_rl.layout import Layout
 from echogen_rl.models.grounding import Grounder
-from echogen_rl.models.loading import load_model
+from echogen_rl.models.loading import load_trained
 from echogen_rl.models.prompts import PromptBuilder
 
 MODES = {"": 1.0, "_greedy": 0.0}  # metric suffix -> sampling temperature
@@ -32,13 +32,6 @@ MODES = {"": 1.0, "_greedy": 0.0}  # metric suffix -> sampling temperature
 # (`benchmarks/scoring_batch.py`: 1.15x faster generation and 1.07x faster grounding than 64, the same greedy codes and
 # groundings; T=1 samples depend on the batch size, see `generate_images`).
 SCORING_BATCH = 256
-
-
-def load_trained(path: Path, base: Path | None = None):
-    """A study run's model: a full checkpoint, or `base` with the run's LoRA adapter merged in."""
-    if (path / "adapter_config.json").exists():
-        return load_model(base, adapter=path, device="cpu")
-    return load_model(path, device="cpu")
 
 
 def color_per_layout(codes: torch.Tensor, targets: Sequence[Layout], config: ShapesConfig) -> list[float | None]:

@@ -24,7 +24,7 @@ from peft import PeftConfig
 from transformers import AutoTokenizer, JanusForConditionalGeneration
 from transformers.utils import cached_file
 
-from echogen_rl.models.loading import attach_adapter, check_checkpoint, loading_errors
+from echogen_rl.models.loading import attach_adapter, check_checkpoint, loading_errors, looks_like_hub_id
 from echogen_rl.models.prompts import add_layout_tokens
 
 STAGES = ("pmtp", "djo", "cyclerl")
@@ -55,8 +55,7 @@ def _step(path: Path) -> int:
 
 def _load_base(base: str, where: str) -> JanusForConditionalGeneration:
     """The base model, with errors that say which base and where it was named."""
-    local = base.startswith((".", "/", "~")) or base.count("/") != 1
-    if local and not Path(base).expanduser().exists():
+    if not looks_like_hub_id(base) and not Path(base).expanduser().exists():
         raise FileNotFoundError(f"base model {base} ({where}) does not exist; pass --base DIR to use another path")
     check_checkpoint(Path(base).expanduser())
     try:

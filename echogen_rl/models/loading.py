@@ -183,6 +183,11 @@ def attach_adapter(model: torch.nn.Module, adapter: str | os.PathLike) -> PeftMo
     return peft_model
 
 
+def looks_like_hub_id(name: str) -> bool:
+    """Whether `name` reads as a hub id (`owner/model`) rather than a local path."""
+    return name.count("/") == 1 and not name.startswith((".", "/", "~"))
+
+
 def load_model(
     model_name_or_path: str | os.PathLike, adapter: str | os.PathLike | None = None, device: str | None = None
 ):
@@ -196,8 +201,7 @@ def load_model(
         device (`str`, *optional*): defaults to CUDA when available, else the CPU.
     """
     name = str(model_name_or_path)
-    hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~"))
-    if not Path(name).exists() and not hub_id:
+    if not Path(name).exists() and not looks_like_hub_id(name):
         raise FileNotFoundError(f"--model {name}: no such checkpoint directory")
     try:
         model, tokenizer = load_janus(name)
@@ -207,6 +211,17 @@ def load_model(
         model = attach_adapter(model, adapter).merge_and_unload()
     model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
     return model, tokenizer
+
+
+def load_trained(path: str | os.PathLike, base: str | os.PathLike | None = None, device: str = "cpu"):
+    """A trained run's model and tokenizer for scoring (the demo's and the study's): the full checkpoint at `path`,
+    or `base` with the LoRA adapter at `path` merged in."""
+    path = Path(path)
+    if not (path / "adapter_config.json").exists():
+        return load_model(path, device=device)
+    if base is None:
+        raise ValueError(f"{path} holds a LoRA adapter: pass the model it was trained on as `base`")
+    return load_model(base, adapter=path, device=device)
 
 
 def lora_config_from(model_args):
