@@ -80,21 +80,63 @@ def _dry_run(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    if args.benchmark != "shapes":
+        return _eval_benchmark(args)
     from echogen_rl.eval.evaluation import run_eval
 
     run_eval(
         args.model,
         args.output_dir,
         adapter=args.adapter,
-        dataset=args.dataset,
         num_layouts=args.num_layouts,
-        detector=args.detector,
+        detector=args.detector or "oracle",
         overwrite=args.overwrite,
         seed=args.seed,
         guidance_scale=args.guidance_scale,
         batch_size=args.batch_size,
         device=args.device,
     )
+    return 0
+
+
+def _eval_benchmark(args: argparse.Namespace) -> int:
+    from echogen_rl.eval.benchmarks.runner import run_benchmark
+    from echogen_rl.eval.evaluation import format_table
+    from echogen_rl.experiments.provenance import provenance
+
+    report = run_benchmark(
+        args.benchmark,
+        args.model,
+        args.output_dir,
+        adapter=args.adapter,
+        instances=args.instances,
+        captions=args.captions,
+        image_dir=args.image_dir,
+        rows=args.rows,
+        refs=args.refs,
+        detector=args.detector,
+        judge=args.judge,
+        fid_weights=args.fid_weights,
+        fid_resolution=args.fid_resolution,
+        limit=args.limit,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        guidance_scale=args.guidance_scale,
+        temperature=args.temperature,
+        palette=args.palette,
+        device=args.device,
+        overwrite=args.overwrite,
+        provenance=provenance(),
+    )
+    print(format_table(report["results"]))
+    print(report["table_row"])
+    return 0
+
+
+def _eval_table(args: argparse.Namespace) -> int:
+    from echogen_rl.eval.benchmarks.report import paper_table, read_reports
+
+    print(paper_table(read_reports(args.runs)))
     return 0
 
 
@@ -222,28 +264,48 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="evaluate L2I and I2L on held-out layouts; writes eval.json and eval.png")
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a checkpoint: on held-out shapes layouts (eval.json, eval.png), or on a published benchmark "
+        "(--benchmark coco|layoutsam|refexp: report.json, report.md)",
+    )
     p.add_argument("--model", required=True, help="Janus checkpoint directory or hub id")
     p.add_argument("--adapter", help="PEFT adapter directory, merged into the model")
-    p.add_argument("--dataset", default="shapes", choices=["shapes"])
-    p.add_argument("--num-layouts", type=int, default=64)
+    p.add_argument("--benchmark", default="shapes", choices=["shapes", "coco", "layoutsam", "refexp"])
+    p.add_argument("--num-layouts", type=int, default=64, help="shapes: held-out layouts evaluated")
     p.add_argument(
         "--detector",
-        default="oracle",
-        help="oracle, grounder, or a COCO results JSON of your detector run on OUTPUT_DIR/images from an earlier "
-        "run with the same seed (image ids 1..N, category ids number the shapes phrases from 1)",
+        help="shapes: oracle (default), grounder, or a COCO results JSON of your detector run on OUTPUT_DIR/images "
+        "(image ids 1..N, category ids number the shapes phrases from 1). coco: yolo:WEIGHTS.pt, a COCO results "
+        "JSON of the generated images, or grounder (the model's own, an offline check)",
     )
     p.add_argument("--output-dir", required=True)
-    p.add_argument("--overwrite", action="store_true", help="replace the report and pictures in OUTPUT_DIR")
-    p.add_argument("--seed", type=int, default=0, help="held-out layouts and generation seed")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in OUTPUT_DIR instead of resuming it")
+    p.add_argument("--seed", type=int, default=0, help="generation seed (shapes: also the held-out layouts)")
     p.add_argument(
         "--guidance-scale",
         type=float,
         help="CFG scale; defaults to the checkpoint's (1 when it trained no CFG branch)",
     )
+    p.add_argument("--temperature", type=float, help="benchmarks: 0 decodes greedily; defaults to the checkpoint's")
     p.add_argument("--batch-size", type=int, default=16, help="layouts per rollout (changes the sampled images)")
-    p.add_argument("--device", help="defaults to cuda when available, else cpu")
+    p.add_argument("--device", help="any torch device; defaults to cuda when available, else cpu")
+    data = p.add_argument_group("benchmark files (see docs/evaluation.md)")
+    data.add_argument("--instances", help="coco: instances_val2017.json")
+    data.add_argument("--captions", help="coco: captions_val2017.json")
+    data.add_argument("--image-dir", help="coco: the val2017 folder; refexp: the referred images")
+    data.add_argument("--rows", help="layoutsam: LayoutSAM-Eval rows (.parquet, .jsonl, .json or a saved dataset)")
+    data.add_argument("--refs", help="refexp: a Ref-L4 or RefCOCO style JSON of referring expressions")
+    data.add_argument("--judge", help="layoutsam: the judge VLM's local folder (MiniCPM-V-2.6 by the protocol)")
+    data.add_argument("--fid-weights", help="coco, layoutsam: FID Inception weights file; FID is computed with it")
+    data.add_argument("--fid-resolution", type=int, default=299, help="side both image sets are resized to for FID")
+    data.add_argument("--limit", type=int, help="benchmarks: the first N layouts (or expressions) only")
+    data.add_argument("--palette", action="store_true", help="decode with the shapes palette (the tiny checkpoint)")
     p.set_defaults(func=_eval)
+
+    t = sub.add_parser("eval-table", help="the paper's table (Markdown) from benchmark runs' folders")
+    t.add_argument("runs", nargs="+", help="folders of `eval --benchmark` runs (or their report.json)")
+    t.set_defaults(func=_eval_table)
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:

@@ -405,6 +405,7 @@ def test_the_splits_seeds_are_far_from_each_other_and_from_every_training_seed()
     from echogen_rl.data import splits
 
     scored = [splits.EVAL_HELD_OUT_SEED, splits.DEMO_HELD_OUT_SEED, splits.VALIDATION_SEED]
+    scored += [splits.BENCHMARK_SAMPLES_SEED]
     scored += [s["held_out_seed"] for s in splits.SEED_SETS.values()]
     training = [s["first_seed"] + k for s in splits.SEED_SETS.values() for k in range(10)]
     training += [seed + splits.EVAL_SEED_OFFSET for seed in training]  # each run's own eval split

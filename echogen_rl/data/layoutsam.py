@@ -225,3 +225,68 @@ def load_layoutsam(
     # Keep only the image columns the rows use, so path-only data carries no empty image column and vice versa.
     columns = {k: v for k, v in rows.items() if k in ("caption", "layout") or any(x is not None for x in v)}
     return file_backed(columns, "layoutsam", cache_dir), stats
+
+
+def read_layoutsam_eval(
+    source: str | os.PathLike | datasets.Dataset, image_dir: str | os.PathLike | None = None
+) -> list[dict]:
+    """LayoutSAM-Eval rows as its scorer reads them: every row and every box, with no filter (the benchmark scores
+    all of them), so a bad row raises instead of being skipped.
+
+    A row holds `global_caption`, `bbox_list` (`[x1, y1, x2, y2]` pixel boxes), `region_caption_list` (the short
+    descriptions the judge is asked about), `detail_region_caption_list` (the detailed captions the attribute
+    questions quote; the short ones when absent), `file_name`, and the real image (`image_path` or `image`) with
+    its `width` and `height` (else read from the image's header).
+
+    Args:
+        source (`str`, `os.PathLike` or `datasets.Dataset`): a `.jsonl`, `.json` or `.parquet` file, a saved
+            dataset directory, or the rows themselves.
+        image_dir (`str` or `os.PathLike`, *optional*): directory that relative image paths are relative to.
+
+    Returns:
+        `list[dict]`: per row `file_name` (the row's, else `{index:05d}.png`), `caption`, `image` (a path, an
+        embedded image or `None`) and `regions`, each `{"description", "detail", "box"}` with a normalized box.
+
+    Raises:
+        `ValueError`: a row is malformed; the message names the row index and the field.
+    """
+    records = []
+    for index, row in enumerate(_read_rows(source, None)):
+        try:
+            if isinstance(row, LayoutError):
+                raise row
+            if not isinstance(row, dict):
+                raise LayoutError(f"a row must be an object, got {type(row).__name__}")
+            caption = row.get("global_caption")
+            if not isinstance(caption, str) or not caption.strip():
+                raise LayoutError(f"field 'global_caption' must be a non-empty string, got {caption!r}")
+            for column in ("bbox_list", "region_caption_list"):
+                if row.get(column) is None:
+                    raise LayoutError(f"missing field '{column}'")
+            boxes = _literal_list(row["bbox_list"], "bbox_list")
+            short = _literal_list(row["region_caption_list"], "region_caption_list")
+            detail_column = next((c for c in REGION_CAPTION_COLUMNS if c.startswith("detail") and row.get(c)), None)
+            detail = _literal_list(row[detail_column], detail_column) if detail_column else short
+            if not len(boxes) == len(short) == len(detail):
+                raise LayoutError(
+                    f"{len(boxes)} boxes, {len(short)} region captions and {len(detail)} detailed captions differ"
+                )
+            ref = _image_ref(row, image_dir)
+            size = _declared_size(row, {}) or _image_size(ref, index)
+            regions = []
+            for i, (box, description, text) in enumerate(zip(boxes, short, detail)):
+                if not isinstance(description, str) or not description.strip():
+                    raise LayoutError(f"region {i}: region_caption_list holds {description!r}, not a phrase")
+                if not isinstance(text, str) or not text.strip():
+                    raise LayoutError(f"region {i}: the detailed caption is {text!r}, not a phrase")
+                normalized = list(_pixel_box(box, *size, i))
+                regions.append(
+                    {"description": clean_phrase(description), "detail": clean_phrase(text), "box": normalized}
+                )
+            file_name = row.get("file_name") or f"{index:05d}.png"
+            if not isinstance(file_name, str) or Path(file_name).name != file_name:
+                raise LayoutError(f"field 'file_name' must be a plain file name, got {file_name!r}")
+        except (LayoutError, _UnreadableImage) as err:
+            raise ValueError(f"LayoutSAM-Eval row {index}: {err}") from None
+        records.append({"file_name": file_name, "caption": caption.strip(), "image": ref, "regions": regions})
+    return records

@@ -16,6 +16,8 @@ EVAL_HELD_OUT_SEED = 2_000_003
 DEMO_HELD_OUT_SEED = 3_000_017
 # Where studies and the validation benchmarks choose settings; no seed set scores it.
 VALIDATION_SEED = 4_000_037
+# The sample benchmark files (`echogen_rl.eval.benchmarks.samples`): official formats, shapes content.
+BENCHMARK_SAMPLES_SEED = 7_000_003
 # Replication: each set trains on its own seeds (PMTP on the first) and scores its own held-out layouts. A claim
 # stands only when it holds on both.
 SEED_SETS = {
