@@ -133,6 +133,17 @@ def _eval_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_samples(args: argparse.Namespace) -> int:
+    from echogen_rl.eval.benchmarks.samples import write_sample_benchmarks
+
+    out = Path(args.output_dir)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise FileExistsError(f"{out} is not empty; pass --overwrite to write the samples there")
+    paths = write_sample_benchmarks(out, args.num_layouts)
+    print("\n".join(f"{name:<10} {path}" for name, path in paths.items()))
+    return 0
+
+
 def _eval_table(args: argparse.Namespace) -> int:
     from echogen_rl.eval.benchmarks.report import paper_table, read_reports
 
@@ -302,6 +313,14 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     data.add_argument("--limit", type=int, help="benchmarks: the first N layouts (or expressions) only")
     data.add_argument("--palette", action="store_true", help="decode with the shapes palette (the tiny checkpoint)")
     p.set_defaults(func=_eval)
+
+    s = sub.add_parser(
+        "eval-samples", help="tiny benchmark files in the official formats and a tiny judge, to try eval offline"
+    )
+    s.add_argument("output_dir")
+    s.add_argument("--num-layouts", type=int, default=16)
+    s.add_argument("--overwrite", action="store_true", help="write into a non-empty OUTPUT_DIR")
+    s.set_defaults(func=_eval_samples)
 
     t = sub.add_parser("eval-table", help="the paper's table (Markdown) from benchmark runs' folders")
     t.add_argument("runs", nargs="+", help="folders of `eval --benchmark` runs (or their report.json)")

@@ -199,31 +199,15 @@ def test_judge_loads_only_from_a_local_folder(tmp_path, make):
     assert str(path) in str(err.value)
 
 
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|User|>: {% for c in message['content'] %}{% if c['type'] == 'image' %}"
-    "<image_placeholder>{% else %}{{ c['text'] }}{% endif %}{% endfor %}\n\n{% endfor %}"
-    "{% if add_generation_prompt %}<|Assistant|>:{% endif %}"
-)
-
-
 @pytest.fixture(scope="module")
 def tiny_judge_dir(tmp_path_factory):
     """The tiny Janus checkpoint with a `JanusProcessor` and a chat template, set to sample by default: only a
     judge that forces greedy decoding answers the same question twice the same way."""
-    from transformers import AutoTokenizer, GenerationConfig, JanusImageProcessorPil, JanusProcessor
+    from transformers import GenerationConfig
 
-    from echogen_rl.models.tiny import TinyJanusConfig, build_tiny_checkpoint
+    from echogen_rl.eval.benchmarks.samples import write_sample_judge
 
-    config = TinyJanusConfig()
-    path = build_tiny_checkpoint(tmp_path_factory.mktemp("judge") / "tiny-janus", config)
-    side = config.grid_size * config.patch_size
-    processor = JanusProcessor(
-        JanusImageProcessorPil(size={"height": side, "width": side}),
-        AutoTokenizer.from_pretrained(path),
-        chat_template=CHAT_TEMPLATE,
-        num_image_tokens=config.grid_size**2,
-    )
-    processor.save_pretrained(path)
+    path = write_sample_judge(tmp_path_factory.mktemp("judge") / "tiny-janus")
     generation = GenerationConfig.from_pretrained(path)
     generation.do_sample, generation.temperature = True, 1.0
     generation.save_pretrained(path)

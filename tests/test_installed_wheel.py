@@ -114,3 +114,28 @@ def test_accelerate_launch_of_a_recipe_from_another_folder(installed):
         "no",
     )
     assert (work / "run" / "model.safetensors").is_file() and (work / "outputs" / "tiny-janus").is_dir()
+
+
+def test_the_benchmarks_from_the_wheel(installed):
+    _, _, work = installed
+    cli = ("-m", "echogen_rl.cli")
+    _run(installed, *cli, "init-tiny", "bench-tiny")
+    _run(installed, *cli, "eval-samples", "samples", "--num-layouts", "4")
+    common = ("--model", "bench-tiny", "--palette", "--device", "cpu", "--batch-size", "2")
+    s = "samples"
+    coco = ("--instances", f"{s}/instances_val2017.json", "--captions", f"{s}/captions_val2017.json")
+    coco += ("--image-dir", f"{s}/val2017", "--detector", "grounder")
+    _run(installed, *cli, "eval", "--benchmark", "coco", *common, *coco, "--output-dir", "coco")
+    sam = ("--rows", f"{s}/layoutsam_eval.jsonl", "--judge", f"{s}/judge")
+    _run(installed, *cli, "eval", "--benchmark", "layoutsam", *common, *sam, "--output-dir", "sam")
+    ref = ("--refs", f"{s}/refs.json", "--image-dir", f"{s}/val2017")
+    _run(installed, *cli, "eval", "--benchmark", "refexp", *common, *ref, "--output-dir", "ref")
+    for run, key in (("coco", "coco"), ("sam", "layoutsam"), ("ref", "refexp")):
+        report = json.loads((work / run / "report.json").read_text())
+        assert key in report["results"] and report["provenance"]["versions"], report
+    table = _run(installed, *cli, "eval-table", "coco", "sam", "ref").stdout.splitlines()
+    assert len(table) == 3, table  # one model: one row
+    cells = dict(zip(*([c.strip() for c in line.split("|")[1:-1]] for line in (table[0], table[2]))))
+    assert cells["Model"] == "bench-tiny" and cells["FID"] == "–"  # FID was not asked for
+    for column in ("Spatial", "Color", "Ref Acc@0.5", "Ref mAcc"):
+        assert 0.0 <= float(cells[column]) <= 100.0, cells

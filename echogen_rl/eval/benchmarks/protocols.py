@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import datasets
 
@@ -91,12 +92,15 @@ def coco_items(
 def layoutsam_items(
     rows: str | os.PathLike | datasets.Dataset, image_dir: str | os.PathLike | None = None, limit: int | None = None
 ) -> list[BenchmarkItem]:
-    """LayoutSAM-Eval's layouts by CreatiLayout's protocol (see [`read_layoutsam_eval`]).
+    """LayoutSAM-Eval's layouts by CreatiLayout's protocol (see [`read_layoutsam_eval`]). Relative image paths are
+    relative to `image_dir`, by default to the rows file's folder.
 
     Raises:
         `ValueError`: a malformed row, named by index and field; or two rows with one `file_name`.
     """
     _check_limit(limit)
+    if image_dir is None and isinstance(rows, (str, os.PathLike)):
+        image_dir = Path(rows).parent
     records = read_layoutsam_eval(rows, image_dir)[:limit]
     seen: dict[str, int] = {}
     items = []

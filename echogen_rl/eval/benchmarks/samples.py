@@ -1,6 +1,7 @@
 """Small benchmark files in the official formats, drawn from the shapes world: COCO's instances and captions JSON
-with a `val2017/` folder, LayoutSAM-Eval rows (JSON lines), and a Ref-L4 style referring-expression file. They let
-every `echogen-rl eval --benchmark ...` path run offline on the tiny checkpoint, and show the formats each reads.
+with a `val2017/` folder, LayoutSAM-Eval rows (JSON lines), a Ref-L4 style referring-expression file, and a tiny
+random judge. They let every `echogen-rl eval --benchmark ...` path run offline on the tiny checkpoint
+(`echogen-rl eval-samples DIR` writes them), and show the formats each reads. Scores on them measure nothing.
 """
 
 from __future__ import annotations
@@ -14,9 +15,36 @@ from PIL import Image
 
 from echogen_rl.data.shapes import ShapesConfig, phrase_pool, sample_shapes
 from echogen_rl.data.splits import BENCHMARK_SAMPLES_SEED
+from echogen_rl.models.tiny import TinyJanusConfig, build_tiny_checkpoint
 
 # The real images are the shapes renderings scaled up (nearest neighbour keeps the cells sharp).
 SCALE = 8
+
+
+# A one-turn chat in Janus' own turn format, for the tiny judge's processor.
+JUDGE_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|User|>: {% for c in message['content'] %}{% if c['type'] == 'image' %}"
+    "<image_placeholder>{% else %}{{ c['text'] }}{% endif %}{% endfor %}\n\n{% endfor %}"
+    "{% if add_generation_prompt %}<|Assistant|>:{% endif %}"
+)
+
+
+def write_sample_judge(output_dir: str | os.PathLike, config: TinyJanusConfig | None = None) -> Path:
+    """A tiny random vision-language judge: the tiny Janus checkpoint with a `JanusProcessor` and a chat template,
+    which `AutoModelForImageTextToText` loads like any image-text-to-text model. Its answers are noise."""
+    from transformers import AutoTokenizer, JanusImageProcessorPil, JanusProcessor
+
+    config = config or TinyJanusConfig()
+    path = build_tiny_checkpoint(output_dir, config)
+    side = config.grid_size * config.patch_size
+    processor = JanusProcessor(
+        JanusImageProcessorPil(size={"height": side, "width": side}),
+        AutoTokenizer.from_pretrained(path),
+        chat_template=JUDGE_CHAT_TEMPLATE,
+        num_image_tokens=config.grid_size**2,
+    )
+    processor.save_pretrained(path)
+    return path
 
 
 def _write_json(data: object, path: Path) -> Path:
@@ -31,7 +59,8 @@ def write_sample_benchmarks(
 
     Returns:
         `dict[str, Path]`: `instances`, `captions`, `image_dir` (COCO), `rows` (LayoutSAM-Eval, images beside it
-        by relative path), `refs` (one expression per shape; its images are `image_dir`'s).
+        by relative path), `refs` (one expression per shape; its images are `image_dir`'s) and `judge` (see
+        [`write_sample_judge`]).
     """
     if num_layouts < 1:
         raise ValueError(f"num_layouts must be >= 1, got {num_layouts}")
@@ -79,4 +108,5 @@ def write_sample_benchmarks(
     }
     (out / "layoutsam_eval.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     paths["rows"] = out / "layoutsam_eval.jsonl"
+    paths["judge"] = write_sample_judge(out / "judge")
     return paths
