@@ -3,6 +3,7 @@
 # size too), 2 optimizer steps each: random-init Janus-Pro-1B, synthetic data, the config's precision, gradient
 # checkpointing and rollout compilation. Writes one JSON report per config and a log into OUT (default
 # benchmarks/results/dry_run_gpu). Each run has its own time limit, so one slow config cannot hide the others.
+# Last, the paper's benchmarks on 16 layouts at the real architecture (benchmarks/paper_eval_check.py).
 #
 #   bash benchmarks/gpu_dry_run.sh [OUT]          (ONLY="name ..." runs those reports' configs alone)
 set -u
@@ -38,4 +39,11 @@ run cyclerl_janus_pro_1b_lora "${LIMIT_CYCLERL:-120}" $c/cyclerl/janus_pro_1b_lo
 run cyclerl_janus_pro_1b_full "${LIMIT_CYCLERL:-120}" $c/cyclerl/janus_pro_1b_full.yaml \
     --num_generations "$(awk '/^num_generations:/ {print $2}' $c/cyclerl/janus_pro_1b_full.yaml)"
 run pmtp_janus_pro_1b_layoutsam "${LIMIT_PMTP:-80}" $c/pmtp/janus_pro_1b_layoutsam.yaml
+# Every `echogen-rl eval --benchmark` path on 16 layouts at the real architecture (random init), on this GPU.
+if [[ -z ${ONLY:-} || " $ONLY " == *" paper_eval "* ]]; then
+    start=$SECONDS
+    (cd benchmarks && timeout -k 10 "${LIMIT_EVAL:-240}" "$python" paper_eval_check.py --device cuda --num 16 \
+        --out "../$out/paper_eval.json") >>"$log" 2>&1
+    echo "== paper_eval: exit $? after $((SECONDS - start)) s" | tee -a "$log"
+fi
 grep -E "^(== |  (step|peak|estimate|GPU))" "$log" || true
