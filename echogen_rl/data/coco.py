@@ -39,7 +39,6 @@ def load_coco(
     max_entities: int = 10,
     on_bad_sample: str = "skip",
     cache_dir: str | os.PathLike | None = None,
-    with_image_ids: bool = False,
 ) -> tuple[datasets.Dataset, FilterStats]:
     """Loads COCO annotations as layouts: one row per captioned image, by image id, whose entities are the category
     names and boxes of its annotations in order, crowd annotations left out.
@@ -54,12 +53,9 @@ def load_coco(
         on_bad_sample (`str`, *optional*, defaults to `"skip"`): a bad record is skipped with a `BadSampleWarning`
             (`"skip"`) or raises a `ValueError` (`"raise"`), naming the file, the record and the field.
         cache_dir (`str` or `os.PathLike`, *optional*): where the rows are stored, see [`encode_image_codes`].
-        with_image_ids (`bool`, *optional*, defaults to `False`): add the column `image_id` (COCO's id), which
-            benchmark protocols name their images and results by.
 
     Returns:
-        `tuple[datasets.Dataset, FilterStats]`: the columns `caption`, `layout` and `image_path` (and `image_id`),
-        and the counts.
+        `tuple[datasets.Dataset, FilterStats]`: the columns `caption`, `layout` and `image_path`, and the counts.
 
     Raises:
         `FileNotFoundError`: a file is missing. `ValueError`: a file is not a JSON object with lists under `images`,
@@ -86,7 +82,7 @@ def load_coco(
         annotations[image_id].append((k, ann))
     captions = _first_captions(_read_json(captions_path, ("annotations",))["annotations"], bad_record, captions_path)
 
-    columns: dict[str, list] = {"caption": [], "layout": [], "image_path": [], "image_id": []}
+    columns: dict[str, list] = {"caption": [], "layout": [], "image_path": []}
     for image_id in sorted(images):
         caption = captions.get(image_id)
         if caption is None:
@@ -110,10 +106,7 @@ def load_coco(
             columns["caption"].append(caption)
             columns["layout"].append(layout)
             columns["image_path"].append(os.path.join(image_dir, file_name))
-            columns["image_id"].append(image_id)
     stats.rows_kept = len(columns["caption"])
-    if not with_image_ids:
-        del columns["image_id"]
     return file_backed(columns, "coco", cache_dir), stats
 
 

@@ -30,7 +30,6 @@ _FEATURES = {
     "layout": datasets.Value("string"),
     "image_path": datasets.Value("string"),
     "image": datasets.Image(),
-    "image_id": datasets.Value("int64"),
 }
 
 

@@ -68,24 +68,21 @@ def coco_items(
     """
     _check_limit(limit)
     rows, _ = load_coco(
-        instances_file,
-        captions_file,
-        image_dir,
-        min_box_area=0.0,
-        max_entities=COCO_MAX_BOXES,
-        on_bad_sample="raise",
-        with_image_ids=True,
+        instances_file, captions_file, image_dir, min_box_area=0.0, max_entities=COCO_MAX_BOXES, on_bad_sample="raise"
     )
     if limit is not None:
         rows = rows.select(range(min(limit, len(rows))))
-    items = [
-        BenchmarkItem(
-            f"{row['image_id']:012d}.png", Layout.from_json(row["layout"]), row["image_path"], row["image_id"]
-        )
-        for row in rows
-    ]
     with open(instances_file, encoding="utf-8") as f:
-        categories = {c["id"]: " ".join(c["name"].split()) for c in json.load(f)["categories"]}
+        instances = json.load(f)
+    # load_coco has checked every record it kept, so its image's id and file name are there and valid.
+    ids = {image["file_name"]: image["id"] for image in instances["images"] if isinstance(image, dict)}
+    categories = {c["id"]: " ".join(c["name"].split()) for c in instances["categories"]}
+    items = []
+    for row in rows:
+        image_id = ids[os.path.relpath(row["image_path"], image_dir)]
+        items.append(
+            BenchmarkItem(f"{image_id:012d}.png", Layout.from_json(row["layout"]), row["image_path"], image_id)
+        )
     return items, categories
 
 

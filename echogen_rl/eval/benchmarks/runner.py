@@ -29,6 +29,7 @@ from echogen_rl.eval.benchmarks.report import paper_table
 from echogen_rl.eval.coco_ap import coco_ap, phrase_key
 from echogen_rl.eval.evaluation import write_report
 from echogen_rl.eval.generate import image_tokenizer_for
+from echogen_rl.models.image_tokenizers import ImageTokenizer
 from echogen_rl.models.loading import load_model
 from echogen_rl.models.sampling import resolve_guidance_scale, resolve_temperature
 
@@ -185,8 +186,7 @@ def run_benchmark(
     """Runs one benchmark of the paper's table on a checkpoint; writes `report.json` and `report.md`.
 
     Args:
-        benchmark (`str`): `"coco"` (generation, a detector, COCO AP), `"layoutsam"` (generation, a VLM judge) or
-            `"refexp"` (grounding referring expressions).
+        benchmark (`str`): `"coco"`, `"layoutsam"` or `"refexp"`.
         model_name_or_path (`str`): a Janus checkpoint directory or hub id.
         output_dir (`str` or `os.PathLike`): the run's folder; a stopped run there with the same settings resumes.
         adapter (`str`, *optional*): a PEFT adapter merged into the model.
@@ -195,13 +195,9 @@ def run_benchmark(
         rows (`str`, *optional*): LayoutSAM-Eval's rows (parquet, JSON lines, JSON or a saved dataset).
         refs (`str`, *optional*): a referring-expression JSON (Ref-L4 or RefCOCO style).
         detector (`str` or `Detector`, *optional*): COCO's detector, see [`load_detector`].
-        judge (`str` or judge object, *optional*): LayoutSAM-Eval's judge: a local VLM folder or an object with
-            `ask(image, question) -> str`.
-        fid_weights (`str`, *optional*): the FID Inception weights file; with it (or `fid_extractor`), FID of the
-            generated images against the real ones is computed too.
-        fid_extractor (`torch.nn.Module`, *optional*): another feature extractor (uint8 images -> features).
-        fid_resolution (`int`, *optional*, defaults to `299`): both image sets are center-cropped and resized to
-            this side before the extractor.
+        judge (`str` or `Judge`, *optional*): LayoutSAM-Eval's judge: a local VLM folder, or a [`Judge`].
+        fid_weights, fid_extractor, fid_resolution: with the Inception weights file (or another extractor of
+            uint8 images), FID of the generated against the real images, both resized to `fid_resolution` (299).
         limit (`int`, *optional*): the first `limit` layouts (or expressions) only.
         seed, batch_size, guidance_scale, temperature: generation settings; the last two default to the
             checkpoint's recorded sampling.
@@ -227,22 +223,35 @@ def run_benchmark(
             items, categories = coco_items(instances, captions, image_dir, limit)
         else:
             items, categories = layoutsam_items(rows, image_dir, limit), None
-        settings = {
-            "benchmark": benchmark,
+        sampling = {
             "seed": seed,
             "batch_size": batch_size,
-            "guidance_scale": resolve_guidance_scale(model, guidance_scale, "eval --guidance-scale"),
-            "temperature": resolve_temperature(model, temperature),
+            "guidance_scale": guidance_scale,
+            "temperature": temperature,
         }
-        decoder = image_tokenizer_for(model, palette)
-        generate_benchmark_images(model, tokenizer, items, out, decoder, settings)
-        report["items"], report["sampling"] = len(items), settings
+        decoder = _generate(model, tokenizer, items, out, report, sampling, palette)
         if fid_weights is not None and fid_extractor is None:
             fid_extractor = inception_extractor(fid_weights, str(next(model.parameters()).device))
         scorer = {"detector": detector, "categories": categories, "judge": judge, "fid_extractor": fid_extractor}
         results = _score_images(model, tokenizer, decoder, items, out, report, scorer, fid_resolution, batch_size)
     report["results"] = results
     report["table_row"] = paper_table([report])
+    return _write(report, out, provenance)
+
+
+def _generate(model, tokenizer, items, out: Path, report: dict, sampling: dict, palette: bool) -> ImageTokenizer:
+    """Generates the items' images (resuming), records the settings in `report`; returns the decoder used."""
+    settings = {"benchmark": report["benchmark"], "seed": sampling["seed"], "batch_size": sampling["batch_size"]}
+    settings["guidance_scale"] = resolve_guidance_scale(model, sampling["guidance_scale"], "eval --guidance-scale")
+    settings["temperature"] = resolve_temperature(model, sampling["temperature"])
+    decoder = image_tokenizer_for(model, palette)
+    generate_benchmark_images(model, tokenizer, items, out, decoder, settings)
+    report["items"], report["sampling"] = len(items), settings
+    return decoder
+
+
+def _write(report: dict, out: Path, provenance: dict | None) -> dict:
+    """Writes `report.json` and `report.md` atomically; returns the report."""
     if provenance is not None:
         report["provenance"] = provenance
     write_report(report, out / "report.json")
