@@ -109,7 +109,7 @@ def test_an_update_of_1e_6_changes_fp32_master_weights_and_not_bf16_ones(tiny_ch
 def test_fsdp_is_refused_with_what_to_use_instead():
     from types import SimpleNamespace
 
-    from echogen_rl.models.modeling import check_sharding
+    from echogen_rl.models.sharding import check_sharding
 
     check_sharding(SimpleNamespace(is_fsdp_enabled=False))
     with pytest.raises(ValueError, match=r"does not support FSDP.*ddp.yaml.*zero2.yaml / zero3.yaml"):

@@ -10,13 +10,10 @@ Text is read out by `lm_head`, codes by `generation_head`, and only at the posit
 
 from __future__ import annotations
 
-import os
-import warnings
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from accelerate.utils import DistributedType
 from transformers import AttentionInterface, JanusForConditionalGeneration
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -56,29 +53,31 @@ def freeze_untrained(model: torch.nn.Module, text_head: bool = True) -> None:
         module.requires_grad_(False)
 
 
-def check_sharding(trainer) -> None:
-    """Stops a trainer under FSDP with a message that says what to use instead, and warns when an accelerate config
-    asked for FSDP or DeepSpeed but the processes run plain data parallelism (accelerate does so on CPUs).
+class SoftCodeEmbedding(torch.nn.Embedding):
+    """`generation_embeddings` that also reads soft codes: float probabilities `[..., V]` mix the codebook
+    (`probs @ weight`) inside the module's own call, where FSDP2 and ZeRO-3 gather a module's weights. The model's
+    own module changes class (`soft_code_inputs`): same parameter, same state dict, same numbers."""
 
-    The embeddings run before `model.forward` and the two heads after it (only at the positions with a target, so
-    that no [B, T, vocabulary] logits are built). FSDP gathers a module's weights around its `forward` and keeps
-    them sharded elsewhere, so those calls would read shards (under FSDP2: "mixed torch.Tensor and DTensor").
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if input.is_floating_point():
+            return input.to(self.weight.dtype) @ self.weight
+        return super().forward(input)
+
+
+def soft_code_inputs(model: torch.nn.Module) -> torch.nn.Module:
+    """Lets the model's `generation_embeddings` read soft codes ([`SoftCodeEmbedding`]); returns that module.
+
+    Call it before sharding: FSDP2 gives the module a class of its own, which must already derive from this one.
     """
-    name = type(trainer).__name__
-    if getattr(trainer, "is_fsdp_enabled", False):
-        raise ValueError(
-            f"{name} does not support FSDP: the embeddings and heads run outside the model's forward, where FSDP "
-            "leaves their weights sharded. Use recipes/accelerate_configs/ddp.yaml, or zero2.yaml / zero3.yaml to "
-            "shard with DeepSpeed."
-        )
-    asked = [kind for kind in ("DEEPSPEED", "FSDP") if os.environ.get(f"ACCELERATE_USE_{kind}", "").lower() == "true"]
-    accelerator = getattr(trainer, "accelerator", None)
-    if asked and accelerator is not None and accelerator.distributed_type == DistributedType.MULTI_CPU:
-        warnings.warn(
-            f"{name}: the accelerate config asks for {asked[0]}, but on CPU processes accelerate runs plain data "
-            "parallelism (every process holds the whole model and optimizer state).",
-            stacklevel=2,
-        )
+    embeddings = unwrap_janus(model).model.generation_embeddings
+    if not isinstance(embeddings, SoftCodeEmbedding):
+        if type(embeddings) is not torch.nn.Embedding:
+            raise TypeError(
+                f"generation_embeddings is a {type(embeddings).__name__}, not a plain nn.Embedding: call "
+                "soft_code_inputs(model) before wrapping or sharding the model"
+            )
+        embeddings.__class__ = SoftCodeEmbedding
+    return embeddings
 
 
 def embed_codes(model: torch.nn.Module, codes: torch.Tensor) -> torch.Tensor:
@@ -88,13 +87,12 @@ def embed_codes(model: torch.nn.Module, codes: torch.Tensor) -> torch.Tensor:
 
 
 def soft_code_embeddings(model: torch.nn.Module, probs: torch.Tensor) -> torch.Tensor:
-    """Embeddings of soft codes: `generation_aligner(probs @ generation_embeddings.weight)`.
+    """Embeddings of soft codes: `generation_aligner(probs @ generation_embeddings.weight)`, each weight read inside
+    its module's call ([`SoftCodeEmbedding`]).
 
     With one-hot `probs` this equals `embed_codes` of the argmax codes; gradients reach `probs`.
     """
-    janus = unwrap_janus(model)
-    table = janus.model.generation_embeddings.weight
-    return janus.model.generation_aligner(probs.to(table.dtype) @ table)
+    return unwrap_janus(model).model.generation_aligner(soft_code_inputs(model)(probs))
 
 
 def embed_mixed(
@@ -234,6 +232,27 @@ def enable_segment_attention(model: torch.nn.Module) -> None:
     config._attn_implementation = name
 
 
+# `mixed_forward` hands the mixed sequence to `model(...)` under this keyword; a forward pre-hook on the model turns
+# it into `inputs_embeds`. The embeddings then run inside the model's own call, after FSDP2's pre-forward has
+# gathered the root's weights (its hook is registered first) and where ZeRO-3 gathers each module's.
+LAYOUT_INPUTS_KWARG = "echogen_layout_inputs"
+
+
+def _embed_layout_inputs(module: torch.nn.Module, args: tuple, kwargs: dict):
+    inputs = kwargs.pop(LAYOUT_INPUTS_KWARG, None)
+    if inputs is None:
+        return None
+    kwargs["inputs_embeds"] = embed_mixed(module, *inputs)
+    return args, kwargs
+
+
+def _ensure_layout_inputs(model: torch.nn.Module) -> None:
+    """Registers the layout-inputs pre-hook on `model` (the object `mixed_forward` calls) once."""
+    if not getattr(model, "_echogen_layout_inputs", False):
+        model.register_forward_pre_hook(_embed_layout_inputs, with_kwargs=True)
+        model._echogen_layout_inputs = True
+
+
 def mixed_forward(
     model: torch.nn.Module,
     input_ids: torch.LongTensor,
@@ -254,8 +273,9 @@ def mixed_forward(
             `position_ids` and no `attention_mask`.
 
     The call goes through `model(...)` itself, not its inner modules, so that wrappers that act in
-    `forward` (DDP's gradient sync, DeepSpeed, PEFT) see it. Only the last position's text logits are
-    computed there; the final hidden states are read from the language model's output.
+    `forward` (DDP's gradient sync, DeepSpeed, PEFT, FSDP2) see it; the embeddings run inside that call too.
+    Only the last position's text logits are computed there; the final hidden states are read from the
+    language model's output.
     """
     janus = unwrap_janus(model)
     if attention_mask is not None and attention_mask.ndim == 2 and position_ids is None:
@@ -273,7 +293,7 @@ def mixed_forward(
         # The segments are the mask. An all-ones padding mask (rather than none) keeps transformers from
         # reading the restarting position ids as packed sequences and building a dense [T, T] mask.
         attention_mask = torch.ones_like(segment_ids)
-    embeds = embed_mixed(janus, input_ids, image_mask, image_embeds)
+    _ensure_layout_inputs(model)
     captured = {}
 
     def grab(module, args, output):
@@ -282,7 +302,7 @@ def mixed_forward(
     handle = janus.model.language_model.register_forward_hook(grab)
     try:
         model(
-            inputs_embeds=embeds,
+            **{LAYOUT_INPUTS_KWARG: (input_ids, image_mask, image_embeds)},
             attention_mask=attention_mask,
             position_ids=position_ids,
             logits_to_keep=1,

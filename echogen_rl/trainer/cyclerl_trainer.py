@@ -12,9 +12,10 @@ from trl import GRPOTrainer
 from echogen_rl.data.shapes import ShapesConfig, detect_from_codes
 from echogen_rl.eval.metrics import filled_box_rate, strict_recall50
 from echogen_rl.models.grounding import Grounder
-from echogen_rl.models.modeling import check_sharding, freeze_untrained, image_token_logprobs, unwrap_janus
+from echogen_rl.models.modeling import freeze_untrained, image_token_logprobs, unwrap_janus
 from echogen_rl.models.prompts import PromptBuilder, pad_segments, parse_prompt_text
 from echogen_rl.models.sampling import resolve_guidance_scale
+from echogen_rl.models.sharding import check_sharding
 from echogen_rl.rewards import layout_agreement, load_rewards
 from echogen_rl.rollout.base import RolloutEngine
 from echogen_rl.rollout.build import build_engine

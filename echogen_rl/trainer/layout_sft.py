@@ -6,8 +6,9 @@ from __future__ import annotations
 from trl import SFTTrainer
 
 from echogen_rl.data.collators import AbsentPhrases, dataset_phrases, training_columns
-from echogen_rl.models.modeling import TargetLoss, check_sharding, freeze_untrained, unwrap_janus
+from echogen_rl.models.modeling import TargetLoss, freeze_untrained, unwrap_janus
 from echogen_rl.models.prompts import PromptBuilder
+from echogen_rl.models.sharding import check_sharding
 from echogen_rl.trainer.callbacks import attach_sample_logging
 
 
