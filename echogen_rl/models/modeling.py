@@ -299,9 +299,18 @@ def mixed_forward(
     def grab(module, args, output):
         captured["hidden"] = output.last_hidden_state
 
-    handle = janus.model.language_model.register_forward_hook(grab)
+    def hand_out(module, args, output):
+        # The hidden states leave the model's call in its output (the `hidden_states` field, unasked for here):
+        # FSDP2 hooks the backward of the tensors a call returns, to gather its weights again, and this hook runs
+        # before FSDP2's (prepend).
+        output.hidden_states = (captured["hidden"],)
+
+    handles = (
+        janus.model.language_model.register_forward_hook(grab),
+        model.register_forward_hook(hand_out, prepend=True),
+    )
     try:
-        model(
+        output = model(
             **{LAYOUT_INPUTS_KWARG: (input_ids, image_mask, image_embeds)},
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -310,8 +319,9 @@ def mixed_forward(
             **extra,
         )
     finally:
-        handle.remove()
-    return captured["hidden"]
+        for handle in handles:
+            handle.remove()
+    return output.hidden_states[-1]
 
 
 def text_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:

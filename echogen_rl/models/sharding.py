@@ -1,12 +1,15 @@
-"""Sharded training: which module calls FSDP2 and ZeRO-3 gather, and the check that stops a run sharding in a way
-this package does not support."""
+"""Sharded training: the FSDP2 units of a Janus model ([`shard_janus`]), and the check that stops a trainer sharding
+in a way this package does not support."""
 
 from __future__ import annotations
 
 import os
 import warnings
 
+import torch
 from accelerate.utils import DistributedType
+
+from echogen_rl.models.modeling import soft_code_inputs, unwrap_janus
 
 
 def check_sharding(trainer) -> None:
@@ -32,3 +35,50 @@ def check_sharding(trainer) -> None:
             "parallelism (every process holds the whole model and optimizer state).",
             stacklevel=2,
         )
+
+
+def shard_janus(
+    model: torch.nn.Module, mesh=None, mp_policy=None, reshard_after_forward: bool = True
+) -> torch.nn.Module:
+    """Shards a Janus model (or a PEFT model around one) with FSDP2's `fully_shard`, in place; returns it.
+
+    The units, each gathered around its own calls and freed after (the root's at the end of the backward):
+    - each decoder layer, its LoRA weights with it;
+    - the generation embeddings, aligner and head: they run outside the model's call too (the head after it
+      returns, at the positions with targets; DJO's soft tokens between two calls), where the backward of a later
+      call may already have freed the root's weights;
+    - the understanding path (`vision_model`, `aligner`) and the VQ model: no training loss calls them, so they stay
+      sharded for the whole run;
+    - the root: the text embeddings and head (in one unit, as they may be tied) and the final norm, gathered from
+      the model's call to the end of its backward. The text head also runs after the call, but only on that call's
+      hidden states, whose backward comes first.
+
+    Every weight is read inside a call of its module (`mixed_forward` embeds inside the model's call, DJO's soft
+    tokens go through `generation_embeddings`): tested op by op in `tests/test_module_calls.py`.
+
+    Args:
+        model (`torch.nn.Module`): a `JanusForConditionalGeneration` or a PEFT model around one; the object the
+            trainer calls (the root unit).
+        mesh (`DeviceMesh`, *optional*): the data-parallel mesh; by default FSDP2's (all ranks).
+        mp_policy (`MixedPrecisionPolicy`, *optional*): e.g. bf16 compute with float32 gradient reduction.
+        reshard_after_forward (`bool`, *optional*, defaults to `True`): free each layer's gathered weights after
+            its forward (ZeRO-3 like); `False` keeps them to the backward (ZeRO-2 like, more memory, less traffic).
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    janus = unwrap_janus(model)
+    soft_code_inputs(janus)  # before sharding: FSDP2 derives the module's new class from its class then
+    kwargs = {
+        "mesh": mesh,
+        "reshard_after_forward": reshard_after_forward,
+        "mp_policy": mp_policy or MixedPrecisionPolicy(),
+    }
+    inner = janus.model
+    for layer in inner.language_model.layers:
+        fully_shard(layer, **kwargs)
+    for module in (inner.generation_embeddings, inner.generation_aligner, inner.generation_head):
+        fully_shard(module, **kwargs)
+    for frozen in (inner.vision_model, inner.aligner, inner.vqmodel):
+        fully_shard(frozen, **kwargs)
+    fully_shard(model, **(kwargs | {"reshard_after_forward": False}))
+    return model

@@ -1,0 +1,72 @@
+"""FSDP2 (`shard_janus`) on two CPU processes over gloo, around each stage's own loss function: one step's loss and
+update equal the unsharded step's on the same global batch, and the ranks agree.
+
+accelerate turns FSDP on only for GPU processes, so these tests apply `fully_shard` the way `shard_janus` does and
+call the stages' loss functions (`pmtp_losses`, `djo_losses`) directly (`tests/scripts/fsdp_step.py`)."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).parent / "scripts" / "fsdp_step.py"
+
+
+def _step(checkpoint, out_dir: Path, *args: str) -> list[dict]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2"]
+    cmd += [
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(port),
+        str(SCRIPT),
+        str(checkpoint),
+        str(out_dir),
+        *args,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return [torch.load(out_dir / f"rank{i}.pt") for i in range(2)]
+
+
+def _check_sharded_step(ranks: list[dict], tol: float = 1e-5) -> None:
+    first, second = ranks
+    # Every parameter is a shard, in units of their own: the layers, the generation path, the frozen towers, the root.
+    assert all(first["sharded"].values()) and first["units"] == 4 + 3 + 3 + 1
+    # Each rank's loss is the unsharded loss of its own micro-batch.
+    for rank in ranks:
+        assert rank["loss"].item() == pytest.approx(rank["reference_losses"][rank["rank"]].item(), rel=tol)
+    assert first["after"].keys() == first["reference_after"].keys() == first["before"].keys()
+    for name, value in first["after"].items():
+        assert torch.equal(value, second["after"][name]), name  # the ranks hold the same model
+        torch.testing.assert_close(value, first["reference_after"][name], atol=tol, rtol=0, msg=name)
+    # The update is not trivially equal: almost every trainable tensor moved, by more than the tolerance.
+    moved = [n for n, v in first["after"].items() if (v - first["before"][n]).abs().max() > 100 * tol]
+    assert len(moved) >= 0.9 * len(first["after"]), sorted(set(first["after"]) - set(moved))
+
+
+@pytest.mark.parametrize("stage", ["pmtp", "djo"])
+def test_a_sharded_step_equals_the_unsharded_step(tiny_checkpoint, tmp_path, stage):
+    ranks = _step(tiny_checkpoint, tmp_path, "--stage", stage)
+    assert ranks[0]["compute_dtype"] == "torch.float32"
+    _check_sharded_step(ranks)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["pmtp", "djo"])
+def test_bf16_mixed_precision_computes_in_bf16_within_two_percent(tiny_checkpoint, tmp_path, stage):
+    ranks = _step(tiny_checkpoint, tmp_path, "--stage", stage, "--bf16")
+    assert ranks[0]["compute_dtype"] == "torch.bfloat16"  # the gathered weights the layers compute with
+    for rank in ranks:
+        reference = rank["reference_losses"][rank["rank"]].item()  # float32, unsharded
+        assert torch.isfinite(rank["loss"]) and rank["loss"].item() == pytest.approx(reference, rel=0.02)
+    assert all(torch.equal(v, ranks[1]["after"][n]) for n, v in ranks[0]["after"].items())
