@@ -1,8 +1,8 @@
-"""FSDP2 (`shard_janus`) on two CPU processes over gloo, around each stage's own loss function: one step's loss and
-update equal the unsharded step's on the same global batch, and the ranks agree.
+"""FSDP2 (`shard_janus`) on two CPU processes over gloo, around each stage's own loss function (CycleRL: on its own
+rollout): one step's loss and update equal the unsharded step's on the same global batch, and the ranks agree.
 
 accelerate turns FSDP on only for GPU processes, so these tests apply `fully_shard` the way `shard_janus` does and
-call the stages' loss functions (`pmtp_losses`, `djo_losses`) directly (`tests/scripts/fsdp_step.py`)."""
+call the stages' loss functions (`pmtp_losses`, `djo_losses`, `image_token_logprobs`) directly (`tests/scripts/fsdp_step.py`)."""
 
 import os
 import socket
@@ -54,11 +54,18 @@ def _check_sharded_step(ranks: list[dict], tol: float = 1e-5) -> None:
     assert len(moved) >= 0.9 * len(first["after"]), sorted(set(first["after"]) - set(moved))
 
 
-@pytest.mark.parametrize("stage", ["pmtp", "djo"])
+@pytest.mark.parametrize("stage", ["pmtp", "djo", "cyclerl", "cyclerl-lora"])
 def test_a_sharded_step_equals_the_unsharded_step(tiny_checkpoint, tmp_path, stage):
-    ranks = _step(tiny_checkpoint, tmp_path, "--stage", stage)
+    stage, _, lora = stage.partition("-")
+    ranks = _step(tiny_checkpoint, tmp_path, "--stage", stage, *(["--lora"] if lora else []))
     assert ranks[0]["compute_dtype"] == "torch.float32"
     _check_sharded_step(ranks)
+    if lora:  # only the adapters train, inside the decoder layers' units
+        assert ranks[0]["after"] and all("lora_" in name for name in ranks[0]["after"])
+    if stage == "cyclerl":  # the rollout under FSDP2 reads the same weights: the same codes as unsharded
+        for rank in ranks:
+            unsharded, sharded = rank["rollouts"][rank["rank"]]
+            assert torch.equal(unsharded, sharded)
 
 
 @pytest.mark.slow

@@ -21,6 +21,7 @@ from echogen_rl.layout_text import parse_layout
 from echogen_rl.models.decoding import decode_step, prefill
 from echogen_rl.models.modeling import embed_mixed, position_ids_from_mask, unwrap_janus
 from echogen_rl.models.prompts import PromptBuilder, pad_segments
+from echogen_rl.models.sharding import gathered_root
 
 DETECT_ALL_MAX_NEW_TOKENS = 256
 _PLACEHOLDER_BOX = (0.111, 0.222, 0.333, 0.444)
@@ -128,10 +129,11 @@ class Grounder:
         if phrases is not None and len(phrases) != len(codes):
             raise ValueError(f"ground: {len(codes)} images but {len(phrases)} phrase lists")
         results = []
-        for start in range(0, len(codes), self.batch_size):
-            chunk = codes[start : start + self.batch_size]
-            chunk_phrases = None if phrases is None else phrases[start : start + self.batch_size]
-            results.extend(self._ground_batch(chunk, chunk_phrases, max_new_tokens))
+        with gathered_root(self.model):
+            for start in range(0, len(codes), self.batch_size):
+                chunk = codes[start : start + self.batch_size]
+                chunk_phrases = None if phrases is None else phrases[start : start + self.batch_size]
+                results.extend(self._ground_batch(chunk, chunk_phrases, max_new_tokens))
         return results
 
     def _ground_batch(self, codes, phrases, max_new_tokens) -> list[GroundingResult]:

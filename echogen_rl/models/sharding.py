@@ -3,6 +3,7 @@ in a way this package does not support."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 
@@ -81,4 +82,26 @@ def shard_janus(
     for frozen in (inner.vision_model, inner.aligner, inner.vqmodel):
         fully_shard(frozen, **kwargs)
     fully_shard(model, **(kwargs | {"reshard_after_forward": False}))
+    # FSDP2 makes the first unit to run a forward its root. A rollout calls the decoder layers directly, so one
+    # token goes through the model's own call first; its gathered weights are then freed.
+    with torch.no_grad():
+        model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=janus.device), use_cache=False, logits_to_keep=1)
+    model.reshard()
     return model
+
+
+@contextlib.contextmanager
+def gathered_root(model: torch.nn.Module):
+    """The root unit's weights (text embeddings and head, final norm) gathered while a rollout or the grounder uses
+    the model's modules outside its own call (cached decoding calls the language model directly); nothing for a
+    model that is not sharded with FSDP2."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()

@@ -14,6 +14,7 @@ from echogen_rl.models.modeling import (
     unwrap_janus,
 )
 from echogen_rl.models.modeling import uncond_prompt_ids as make_uncond
+from echogen_rl.models.sharding import gathered_root
 from echogen_rl.rollout.base import RolloutEngine, RolloutOutput
 
 
@@ -106,7 +107,7 @@ class TorchRolloutEngine(RolloutEngine):
         top_k: int | None = None,
         generator: torch.Generator | None = None,
     ) -> RolloutOutput:
-        with cached_decoding(unwrap_janus(self.model)):
+        with gathered_root(self.model), cached_decoding(unwrap_janus(self.model)):
             return self._generate(prompt_ids, prompt_mask, guidance_scale, temperature, top_k, generator)
 
     def _generate(self, prompt_ids, prompt_mask, guidance_scale, temperature, top_k, generator) -> RolloutOutput:

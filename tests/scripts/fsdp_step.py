@@ -1,4 +1,4 @@
-"""One optimizer step of a stage's own loss function under FSDP2 (`shard_janus`) on the processes of
+"""One optimizer step of a stage's own loss function (CycleRL: on its own rollout) under FSDP2 (`shard_janus`) on the processes of
 `torch.distributed.run`, beside the same step unsharded in each process: rank r takes micro-batch r of the global
 batch; the unsharded reference averages the loss over all micro-batches (the gradient FSDP2's reduce-scatter
 averages to). Each rank writes `rank{r}.pt`: its loss, the reference losses, and the trainable parameters after the
@@ -20,13 +20,16 @@ from transformers import AutoTokenizer, JanusForConditionalGeneration
 
 from echogen_rl.data.collators import LoopLossCollator, PMTPCollator
 from echogen_rl.data.shapes import build_shapes_dataset
-from echogen_rl.models.modeling import freeze_untrained
-from echogen_rl.models.prompts import PromptBuilder
+from echogen_rl.layout import Layout
+from echogen_rl.models.modeling import freeze_untrained, image_token_logprobs, unwrap_janus
+from echogen_rl.models.prompts import PromptBuilder, pad_segments
 from echogen_rl.models.sharding import shard_janus
+from echogen_rl.rollout.torch_engine import TorchRolloutEngine
 from echogen_rl.trainer.djo_trainer import djo_losses
 from echogen_rl.trainer.pmtp_trainer import pmtp_losses
 
 PER_RANK = 2  # rows per micro-batch
+ROLLOUTS: dict[int, list[torch.Tensor]] = {}  # CycleRL: micro-batch -> its codes, unsharded then sharded
 
 
 def stage_loss(stage: str, prompts: PromptBuilder):
@@ -49,6 +52,26 @@ def stage_loss(stage: str, prompts: PromptBuilder):
             return djo_losses(model, batch, 1.0, special_ids=special, i2l_weight=1.0, generator=generator).loss
 
         return LoopLossCollator(prompts), loss
+    if stage == "cyclerl":
+        special = (prompts.bos_id, prompts.boi_id, prompts.pad_id)
+
+        def collate(rows):
+            segments = [prompts.l2i_prompt(Layout.from_json(row["layout"])) for row in rows]
+            return pad_segments(segments, prompts.pad_id, "left")
+
+        def loss(model, batch, index):
+            # GRPO's objective on its own rollout: the rollout reads the (gathered) weights, the loss the
+            # teacher-forced log-probs of the sampled codes under CFG, weighted by fixed advantages.
+            ids, mask = batch["input_ids"], batch["attention_mask"]
+            engine = TorchRolloutEngine(model, prompts.num_image_tokens, *special)
+            # Temperature 2: the randomized model is peaked, and a near-zero loss would make "within 2%" meaningless.
+            codes = engine.generate(ids, mask, 3.0, 2.0, None, torch.Generator().manual_seed(100 + index)).codes
+            ROLLOUTS.setdefault(index, []).append(codes)
+            # Scored on the unsharded float32 rollout's codes, so that under bf16 only the loss's precision differs.
+            logps = image_token_logprobs(model, ids, mask, ROLLOUTS[index][0], special, 3.0, 2.0)
+            return -(logps.mean(-1) * torch.tensor([1.0, 0.5])).mean()
+
+        return collate, loss
     raise ValueError(f"unknown stage {stage!r}")
 
 
@@ -56,8 +79,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("checkpoint")
     parser.add_argument("out_dir")
-    parser.add_argument("--stage", choices=["pmtp", "djo"], required=True)
+    parser.add_argument("--stage", choices=["pmtp", "djo", "cyclerl"], required=True)
     parser.add_argument("--bf16", action="store_true", help="bf16 compute, float32 reduction (MixedPrecisionPolicy)")
+    parser.add_argument("--lora", action="store_true", help="train LoRA adapters on the attention projections")
     args = parser.parse_args()
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -70,6 +94,16 @@ def main() -> None:
             if p.ndim > 1:
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
     freeze_untrained(model)
+    if args.lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(
+            model, LoraConfig(r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|v_proj)")
+        )
+        with torch.no_grad():  # B starts at 0: give it values, so that the adapters change the forward
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     reference = copy.deepcopy(model)
     prompts = PromptBuilder(AutoTokenizer.from_pretrained(args.checkpoint), 64)
@@ -84,10 +118,11 @@ def main() -> None:
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if args.bf16 else None
     shard_janus(model, mesh=init_device_mesh("cpu", (world,)), mp_policy=policy)
     seen = {}
-    projection = model.model.language_model.layers[0].self_attn.q_proj
+    projection = unwrap_janus(model).model.language_model.layers[0].self_attn.q_proj
 
     def record(module, args):  # returns None: a value would replace the input
-        seen.setdefault("compute_dtype", str(module.weight.dtype))
+        weight = module.base_layer.weight if hasattr(module, "base_layer") else module.weight
+        seen.setdefault("compute_dtype", str(weight.dtype))
 
     projection.register_forward_pre_hook(record)
     loss = loss_fn(model, batches[rank], rank)
@@ -109,6 +144,7 @@ def main() -> None:
             "sharded": {n: isinstance(p, DTensor) for n, p in model.named_parameters()},
             "units": sum(isinstance(m, FSDPModule) for m in model.modules()),
             "compute_dtype": seen["compute_dtype"],
+            "rollouts": ROLLOUTS,
         },
         Path(args.out_dir) / f"rank{rank}.pt",
     )
