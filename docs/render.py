@@ -282,6 +282,22 @@ def djo_summary() -> str:
     )
 
 
+def paper_eval_cpu() -> str:
+    """The real-size proof of every `eval --benchmark` path on the CPU (`benchmarks/paper_eval_check.py`)."""
+    report = _json("paper_eval_cpu.json")
+    made = report["provenance"]
+    rows = [
+        [name, str(run["items"]), f"{run['seconds']:.0f}", ", ".join(sorted(run["results"]))]
+        for name, run in report["runs"].items()
+    ]
+    return (
+        _table(["benchmark", "layouts", "seconds", "results computed"], rows)
+        + f"\n{report['architecture']} (random init, float32) on {made['hardware']['cores']} cores "
+        f"({made['hardware']['cpu']}); checkpoint written in {report['checkpoint_seconds']:.0f} s; commit "
+        f"`{made['commit'][:10]}`.\n"
+    )
+
+
 RENDERERS = {
     "demo-table": demo_table,
     "demo-run": demo_run,
@@ -292,6 +308,7 @@ RENDERERS = {
     "vllm-rollout": vllm_rollout,
     "djo-control": djo_control,
     "djo-summary": djo_summary,
+    "paper-eval-cpu": paper_eval_cpu,
 }
 
 
