@@ -68,6 +68,25 @@ def test_a_sharded_step_equals_the_unsharded_step(tiny_checkpoint, tmp_path, sta
             assert torch.equal(unsharded, sharded)
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_the_sharded_result_exports_and_reloads(tiny_checkpoint, tmp_path, lora):
+    from transformers import JanusForConditionalGeneration
+
+    export = tmp_path / "export"
+    args = ["--stage", "pmtp", "--export", str(export), *(["--lora"] if lora else [])]
+    trained = _step(tiny_checkpoint, tmp_path / "run", *args)[0]["reference_after"]
+    if lora:
+        from peft import PeftModel
+
+        base = JanusForConditionalGeneration.from_pretrained(tiny_checkpoint)
+        reloaded = dict(PeftModel.from_pretrained(base, export).named_parameters())
+        assert (export / "adapter_model.safetensors").is_file() and not (export / "model.safetensors").exists()
+    else:
+        reloaded = dict(JanusForConditionalGeneration.from_pretrained(export).named_parameters())
+    for name, value in trained.items():  # the unsharded step's weights, which the sharded step equals
+        torch.testing.assert_close(reloaded[name], value, atol=1e-5, rtol=0, msg=name)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["pmtp", "djo"])
 def test_bf16_mixed_precision_computes_in_bf16_within_two_percent(tiny_checkpoint, tmp_path, stage):

@@ -105,3 +105,22 @@ def gathered_root(model: torch.nn.Module):
         yield
     finally:
         model.reshard()
+
+
+def save_sharded_pretrained(model: torch.nn.Module, output_dir: str | os.PathLike) -> None:
+    """Saves an FSDP2-sharded model as `save_pretrained` saves an unsharded one: the whole weights of a Janus model,
+    or a PEFT model's adapter. A collective: every rank calls it; rank 0 gathers the weights (on the CPU) and
+    writes them.
+
+    Args:
+        model (`torch.nn.Module`): the model [`shard_janus`] sharded (the root it returned).
+        output_dir (`str` or `os.PathLike`): the checkpoint folder, as for `save_pretrained`.
+    """
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    # cpu_offload: only rank 0 holds the gathered weights, in host memory, one tensor at a time.
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() == 0:
+        model.save_pretrained(output_dir, state_dict=state)
+    dist.barrier()

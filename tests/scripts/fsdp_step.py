@@ -23,7 +23,7 @@ from echogen_rl.data.shapes import build_shapes_dataset
 from echogen_rl.layout import Layout
 from echogen_rl.models.modeling import freeze_untrained, image_token_logprobs, unwrap_janus
 from echogen_rl.models.prompts import PromptBuilder, pad_segments
-from echogen_rl.models.sharding import shard_janus
+from echogen_rl.models.sharding import save_sharded_pretrained, shard_janus
 from echogen_rl.rollout.torch_engine import TorchRolloutEngine
 from echogen_rl.trainer.djo_trainer import djo_losses
 from echogen_rl.trainer.pmtp_trainer import pmtp_losses
@@ -82,6 +82,7 @@ def main() -> None:
     parser.add_argument("--stage", choices=["pmtp", "djo", "cyclerl"], required=True)
     parser.add_argument("--bf16", action="store_true", help="bf16 compute, float32 reduction (MixedPrecisionPolicy)")
     parser.add_argument("--lora", action="store_true", help="train LoRA adapters on the attention projections")
+    parser.add_argument("--export", help="save the sharded result here with save_sharded_pretrained")
     args = parser.parse_args()
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -133,6 +134,8 @@ def main() -> None:
         return p.full_tensor() if isinstance(p, DTensor) else p
 
     after = {n: whole(p).detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    if args.export:
+        save_sharded_pretrained(model, args.export)
     torch.save(
         {
             "rank": rank,
