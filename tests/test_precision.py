@@ -106,14 +106,17 @@ def test_an_update_of_1e_6_changes_fp32_master_weights_and_not_bf16_ones(tiny_ch
     assert _fraction_changed_by_a_tiny_update(tiny_checkpoint, tiny_tokenizer, tmp_path / "b", torch.bfloat16) < 0.2
 
 
-def test_fsdp_is_refused_with_what_to_use_instead():
+def test_fsdp1_is_refused_with_what_to_use_instead():
     from types import SimpleNamespace
 
     from echogen_rl.models.sharding import check_sharding
 
     check_sharding(SimpleNamespace(is_fsdp_enabled=False))
-    with pytest.raises(ValueError, match=r"does not support FSDP.*ddp.yaml.*zero2.yaml / zero3.yaml"):
-        check_sharding(SimpleNamespace(is_fsdp_enabled=True))
+    fsdp1 = SimpleNamespace(
+        accelerator=SimpleNamespace(state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=1)))
+    )
+    with pytest.raises(ValueError, match=r"supports FSDP2 only \(fsdp_version: 2.*fsdp.yaml"):
+        check_sharding(SimpleNamespace(is_fsdp_enabled=True, **vars(fsdp1)))
 
 
 def test_an_fsdp_config_on_cpu_processes_warns_that_it_runs_plain_data_parallelism(

@@ -54,6 +54,26 @@ def _check_sharded_step(ranks: list[dict], tol: float = 1e-5) -> None:
     assert len(moved) >= 0.9 * len(first["after"]), sorted(set(first["after"]) - set(moved))
 
 
+@pytest.mark.parametrize("stage", ["pmtp", "djo", "cyclerl"])
+def test_the_trainer_under_accelerates_fsdp2_path_trains_as_under_ddp(tiny_checkpoint, tmp_path, stage):
+    """The real trainer (accelerate's prepare, AdamW on DTensors, clipping, logging), sharded by `shard_janus`,
+    against the same trainer under DDP: the same losses and the same weights after three steps."""
+    sharded = _step(tiny_checkpoint, tmp_path / "fsdp", "--stage", stage, "--fsdp", script="fsdp_trainer.py")
+    plain = _step(tiny_checkpoint, tmp_path / "ddp", "--stage", stage, script="fsdp_trainer.py")
+    assert sharded[0]["fsdp2"] and sharded[0]["sharded"] and plain[0]["wrapped"] == "DistributedDataParallel"
+    assert sharded[0]["wrapped"] in ("FSDPJanusForConditionalGeneration", "FSDPPeftModel")
+    assert len(sharded[0]["losses"]) == 3
+    assert sharded[0]["losses"] == pytest.approx(plain[0]["losses"], abs=1e-5)
+    after = sharded[0]["after"]
+    assert after.keys() == plain[0]["after"].keys() and after
+    for name, value in after.items():
+        torch.testing.assert_close(value, plain[0]["after"][name], atol=1e-5, rtol=0, msg=name)
+        assert torch.equal(value, sharded[1]["after"][name]), name
+    moved = [n for n, v in after.items() if not torch.equal(v, sharded[0]["before"][n])]
+    assert len(moved) >= 0.9 * len(after), sorted(set(after) - set(moved))
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["pmtp", "djo", "cyclerl", "cyclerl-lora"])
 def test_a_sharded_step_equals_the_unsharded_step(tiny_checkpoint, tmp_path, stage):
     stage, _, lora = stage.partition("-")
@@ -68,6 +88,7 @@ def test_a_sharded_step_equals_the_unsharded_step(tiny_checkpoint, tmp_path, sta
             assert torch.equal(unsharded, sharded)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora", [False, True])
 def test_the_sharded_result_exports_and_reloads(tiny_checkpoint, tmp_path, lora):
     from transformers import JanusForConditionalGeneration
@@ -87,6 +108,7 @@ def test_the_sharded_result_exports_and_reloads(tiny_checkpoint, tmp_path, lora)
         torch.testing.assert_close(reloaded[name], value, atol=1e-5, rtol=0, msg=name)
 
 
+@pytest.mark.slow
 def test_resuming_from_a_sharded_checkpoint_continues_as_an_unbroken_run(tiny_checkpoint, tmp_path):
     """Model and AdamW state, written shard by shard and read back into a freshly sharded model, give the next
     step an unbroken run takes."""

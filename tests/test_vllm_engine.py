@@ -234,3 +234,23 @@ def test_cyclerl_on_two_processes_with_one_engine_each(tiny_checkpoint, tmp_path
     for step in range(2):
         halves = [torch.tensor(r["rewards"][step]) for r in ranks]
         assert not torch.equal(halves[0], halves[1])
+
+
+def test_vllm_rollouts_under_fsdp_are_refused(tiny_checkpoint, tiny_tokenizer, tmp_path, monkeypatch):
+    """vLLM would read weight shards: a CycleRL trainer under FSDP with the vLLM engine stops before training."""
+    from test_precision import _trainer
+
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    from transformers import Trainer
+
+    original = Trainer.create_accelerator_and_postprocess
+
+    def fsdp(self):  # accelerate's choice on a GPU run of fsdp.yaml (a CPU process gets DDP)
+        original(self)
+        self.accelerator.state.distributed_type = DistributedType.FSDP
+        self.accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+        self.is_fsdp_enabled = True
+
+    monkeypatch.setattr(Trainer, "create_accelerator_and_postprocess", fsdp)
+    with pytest.raises(ValueError, match="rollout_engine='vllm' does not support FSDP"):
+        _trainer("cyclerl", tiny_checkpoint, tiny_tokenizer, tmp_path, rollout_engine="vllm")

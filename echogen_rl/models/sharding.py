@@ -14,20 +14,28 @@ from echogen_rl.models.modeling import soft_code_inputs, unwrap_janus
 
 
 def check_sharding(trainer) -> None:
-    """Stops a trainer under FSDP with a message that says what to use instead, and warns when an accelerate config
-    asked for FSDP or DeepSpeed but the processes run plain data parallelism (accelerate does so on CPUs).
+    """Shards a trainer's model with [`shard_janus`] under accelerate's FSDP2 (before accelerate prepares it, which
+    then leaves an FSDP2 model as it is); stops it under FSDP1 with a message that says what to use instead; and
+    warns when an accelerate config asked for FSDP or DeepSpeed but the processes run plain data parallelism
+    (accelerate does so on CPUs).
 
-    The embeddings run before `model.forward` and the two heads after it (only at the positions with a target, so
-    that no [B, T, vocabulary] logits are built). FSDP gathers a module's weights around its `forward` and keeps
-    them sharded elsewhere, so those calls would read shards (under FSDP2: "mixed torch.Tensor and DTensor").
+    FSDP1's auto-wrapping would leave the embeddings and heads in units gathered only around the model's `forward`,
+    while they also run outside it (the heads at the positions with a target, DJO's soft tokens).
     """
     name = type(trainer).__name__
     if getattr(trainer, "is_fsdp_enabled", False):
-        raise ValueError(
-            f"{name} does not support FSDP: the embeddings and heads run outside the model's forward, where FSDP "
-            "leaves their weights sharded. Use recipes/accelerate_configs/ddp.yaml, or zero2.yaml / zero3.yaml to "
-            "shard with DeepSpeed."
+        plugin = trainer.accelerator.state.fsdp_plugin
+        if getattr(plugin, "fsdp_version", 1) != 2:
+            raise ValueError(
+                f"{name} supports FSDP2 only (fsdp_version: 2, as recipes/accelerate_configs/fsdp.yaml sets): "
+                "FSDP1's wrapping leaves the embeddings and heads sharded where they run outside the model's forward"
+            )
+        shard_janus(
+            trainer.model,
+            mp_policy=getattr(plugin, "mixed_precision_policy", None),
+            reshard_after_forward=bool(getattr(plugin, "reshard_after_forward", True)),
         )
+        return
     asked = [kind for kind in ("DEEPSPEED", "FSDP") if os.environ.get(f"ACCELERATE_USE_{kind}", "").lower() == "true"]
     accelerator = getattr(trainer, "accelerator", None)
     if asked and accelerator is not None and accelerator.distributed_type == DistributedType.MULTI_CPU:

@@ -98,6 +98,11 @@ class CycleRLTrainer(GRPOTrainer):
                 "grounding_model='reference' needs a reference: train with PEFT (the disabled adapter) or beta > 0; "
                 "or set grounding_model='policy'"
             )
+        if args.rollout_engine == "vllm" and self.is_fsdp_enabled:
+            raise ValueError(
+                "rollout_engine='vllm' does not support FSDP (the engine would read weight shards); use "
+                "rollout_engine='torch', which reads the gathered weights, or recipes/accelerate_configs/ddp.yaml"
+            )
         check_sharding(self)
         if args.rollout_engine == "vllm" and self.is_deepspeed_enabled:
             plugin = self.accelerator.state.deepspeed_plugin

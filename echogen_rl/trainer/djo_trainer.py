@@ -326,7 +326,9 @@ class DJOTrainer(LayoutSFTTrainer):
             )
         self.log_losses(mode, {"l2i": out.l2i, "loop": out.loop, "i2l": out.i2l})
         metrics = self._metrics[mode]
-        if mode == "train" and self.state.global_step % max(args.logging_steps, 1) == 0:
+        # Under FSDP2 the extra backward would run the sharding's gradient hooks (and the parameters it asks about
+        # are shards the forward never read), so the measure is left out there.
+        if mode == "train" and self.state.global_step % max(args.logging_steps, 1) == 0 and not self.is_fsdp_enabled:
             # How hard each loss pulls the generator: the gradient norm on `generation_head` (an extra partial
             # backward, on logging steps only).
             head = [p for p in unwrap_janus(model).model.generation_head.parameters() if p.requires_grad]

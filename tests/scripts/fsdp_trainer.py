@@ -1,0 +1,143 @@
+"""A stage's real trainer for a few steps on two processes (`torch.distributed.run`), under accelerate's FSDP2 path
+(`--fsdp`) or plain DDP, so that the test can compare the two.
+
+accelerate takes its FSDP branch only for GPU-type runs; on CPU processes it picks plain data parallelism. With
+`--fsdp` this script changes only that choice, after accelerate's device check: the accelerator's state is set to
+`DistributedType.FSDP` with an FSDP2 plugin, as a GPU run of `recipes/accelerate_configs/fsdp.yaml` would have it.
+Everything after that (the trainer sharding its model with `shard_janus`, accelerate's prepare, the optimizer on
+DTensors, gradient clipping, logging) is the real code path. Each rank writes `rank{r}.pt`: the logged losses, the
+wrapper types, and the trainable weights after training, gathered whole.
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/scripts/fsdp_trainer.py CKPT OUT --stage pmtp --fsdp
+"""
+
+import argparse
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+from peft import LoraConfig
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+from transformers import AutoTokenizer, JanusForConditionalGeneration, Trainer
+
+from echogen_rl.data.random_layouts import build_random_layout_dataset
+from echogen_rl.data.shapes import build_shapes_dataset, phrase_pool
+from echogen_rl.models.loading import DEFAULT_LORA_TARGETS
+from echogen_rl.trainer.cyclerl_config import CycleRLConfig
+from echogen_rl.trainer.cyclerl_trainer import CycleRLTrainer
+from echogen_rl.trainer.djo_config import DJOConfig
+from echogen_rl.trainer.djo_trainer import DJOTrainer
+from echogen_rl.trainer.pmtp_config import PMTPConfig
+from echogen_rl.trainer.pmtp_trainer import PMTPTrainer
+
+FSDP_YAML = Path(__file__).resolve().parents[2] / "recipes" / "accelerate_configs" / "fsdp.yaml"
+STAGES = {
+    "pmtp": (PMTPTrainer, PMTPConfig, {"max_length": 1024}),
+    "djo": (DJOTrainer, DJOConfig, {}),
+    # LoRA, a group of 4 split over the ranks, the disabled adapter as reference and grounder.
+    "cyclerl": (CycleRLTrainer, CycleRLConfig, {"num_generations": 4, "beta": 0.04, "grounding_model": "reference"}),
+}
+
+
+def mean_code(prompts, completions, image_codes, **kwargs):
+    """A reward that differs between images (an untrained grounder's cycle reward is 0 everywhere)."""
+    return [sum(codes) / len(codes) for codes in image_codes]
+
+
+def fsdp2_state(trainer) -> None:
+    state = trainer.accelerator.state
+    state.distributed_type = DistributedType.FSDP
+    if getattr(state, "fsdp_plugin", None) is None:
+        # The plugin of the shipped fsdp.yaml, as accelerate builds it from the config's fsdp_config.
+        config = yaml.safe_load(FSDP_YAML.read_text())["fsdp_config"]
+        state.fsdp_plugin = FullyShardedDataParallelPlugin(
+            fsdp_version=config["fsdp_version"],
+            reshard_after_forward=config["fsdp_reshard_after_forward"],
+            state_dict_type=config["fsdp_state_dict_type"],
+        )
+    trainer.is_fsdp_enabled = True
+
+
+def force_fsdp2() -> None:
+    original = Trainer.create_accelerator_and_postprocess
+
+    def create(self):
+        original(self)
+        fsdp2_state(self)
+
+    Trainer.create_accelerator_and_postprocess = create
+
+
+def trainable_weights(model) -> dict[str, torch.Tensor]:
+    """The trainable weights, gathered whole from their shards (a collective under FSDP2)."""
+    return {
+        n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("checkpoint")
+    parser.add_argument("out_dir")
+    parser.add_argument("--stage", choices=sorted(STAGES), required=True)
+    parser.add_argument("--fsdp", action="store_true")
+    args = parser.parse_args()
+    if args.fsdp:
+        force_fsdp2()
+    trainer_cls, config_cls, extra = STAGES[args.stage]
+    config = config_cls(
+        output_dir=str(Path(args.out_dir) / "run"),
+        max_steps=3,
+        per_device_train_batch_size=2,
+        learning_rate=1e-3,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        dataloader_num_workers=0,
+        seed=0,
+        **extra,
+    )
+    model = JanusForConditionalGeneration.from_pretrained(args.checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
+    if args.stage == "cyclerl":
+        trainer = trainer_cls(
+            model,
+            [mean_code],
+            config,
+            train_dataset=build_random_layout_dataset(16, 0, phrase_pool(), grid_size=8),
+            processing_class=tokenizer,
+            peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=DEFAULT_LORA_TARGETS),
+        )
+    else:
+        trainer = trainer_cls(
+            model, config, train_dataset=build_shapes_dataset(32, seed=0), processing_class=tokenizer
+        )
+    before = trainable_weights(trainer.model)
+    torch.manual_seed(0)  # DJO's teacher-forced Gumbel noise comes from the global generator
+    if args.fsdp:
+        # CycleRL's set-up leaves the distributed type as the CPU chose it (observed): choose FSDP once more.
+        fsdp2_state(trainer)
+    trainer.train()
+    after = trainable_weights(trainer.model)
+    rank = dist.get_rank()
+    record = {
+        "rank": rank,
+        "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+        "wrapped": type(trainer.model_wrapped).__name__,
+        "fsdp2": isinstance(trainer.model, FSDPModule),
+        "sharded": all(isinstance(p, DTensor) for p in trainer.model.parameters()),
+        "before": before,
+        "after": after,
+    }
+    torch.save(record, Path(args.out_dir) / f"rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    main()
