@@ -238,9 +238,8 @@ def test_cyclerl_on_two_processes_with_one_engine_each(tiny_checkpoint, tmp_path
 
 def test_vllm_rollouts_under_fsdp_are_refused(tiny_checkpoint, tiny_tokenizer, tmp_path, monkeypatch):
     """vLLM would read weight shards: a CycleRL trainer under FSDP with the vLLM engine stops before training."""
-    from test_precision import _trainer
-
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    from test_precision import _trainer
     from transformers import Trainer
 
     original = Trainer.create_accelerator_and_postprocess
