@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import yaml
+from _dist import common_args
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+from dist_cyclerl import mean_code
 from peft import LoraConfig
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
@@ -40,11 +42,6 @@ STAGES = {
     # LoRA, a group of 4 split over the ranks, the disabled adapter as reference and grounder.
     "cyclerl": (CycleRLTrainer, CycleRLConfig, {"num_generations": 4, "beta": 0.04, "grounding_model": "reference"}),
 }
-
-
-def mean_code(prompts, completions, image_codes, **kwargs):
-    """A reward that differs between images (an untrained grounder's cycle reward is 0 everywhere)."""
-    return [sum(codes) / len(codes) for codes in image_codes]
 
 
 def fsdp2_state(trainer) -> None:
@@ -90,20 +87,8 @@ def main() -> None:
     if args.fsdp:
         force_fsdp2()
     trainer_cls, config_cls, extra = STAGES[args.stage]
-    config = config_cls(
-        output_dir=str(Path(args.out_dir) / "run"),
-        max_steps=3,
-        per_device_train_batch_size=2,
-        learning_rate=1e-3,
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        bf16=False,
-        dataloader_num_workers=0,
-        seed=0,
-        **extra,
-    )
+    shared = common_args(argparse.Namespace(out_dir=args.out_dir, steps=3, gradient_accumulation_steps=1))
+    config = config_cls(**shared, per_device_train_batch_size=2, **extra)
     model = JanusForConditionalGeneration.from_pretrained(args.checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
     if args.stage == "cyclerl":
