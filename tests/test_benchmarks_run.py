@@ -112,6 +112,23 @@ def test_a_run_folder_refuses_other_settings_and_overwrite_removes_only_its_file
     _coco(tiny_checkpoint, samples, tmp_path / "run", limit=2)
     with pytest.raises(ValueError, match="seed=0, not 3"):
         _coco(tiny_checkpoint, samples, tmp_path / "run", limit=2, seed=3)
+    # Another model (or the same one decoded otherwise) never adds its images to this run's.
+    other_model = tmp_path / "other-model"
+    other_model.symlink_to(tiny_checkpoint)
+    with pytest.raises(ValueError, match="model="):
+        run_benchmark(
+            "coco",
+            str(other_model),
+            tmp_path / "run",
+            **{k: samples[k] for k in ("instances", "captions", "image_dir")},
+            detector="grounder",
+            limit=2,
+            batch_size=BATCH,
+            palette=True,
+            device="cpu",
+        )
+    with pytest.raises(ValueError, match="palette=True, not False"):
+        _coco(tiny_checkpoint, samples, tmp_path / "run", limit=2, palette=False)
     (tmp_path / "run" / "notes.txt").write_text("mine")
     _coco(tiny_checkpoint, samples, tmp_path / "run", limit=2, seed=3, overwrite=True)
     assert (tmp_path / "run" / "notes.txt").read_text() == "mine"

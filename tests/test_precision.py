@@ -109,14 +109,13 @@ def test_an_update_of_1e_6_changes_fp32_master_weights_and_not_bf16_ones(tiny_ch
 def test_fsdp1_is_refused_with_what_to_use_instead():
     from types import SimpleNamespace
 
-    from echogen_rl.models.sharding import check_sharding
+    from echogen_rl.models.sharding import prepare_sharding
 
-    check_sharding(SimpleNamespace(is_fsdp_enabled=False))
-    fsdp1 = SimpleNamespace(
-        accelerator=SimpleNamespace(state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=1)))
-    )
+    prepare_sharding(SimpleNamespace(is_fsdp_enabled=False))
+    state = SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=1))
+    trainer = SimpleNamespace(is_fsdp_enabled=True, accelerator=SimpleNamespace(state=state))
     with pytest.raises(ValueError, match=r"supports FSDP2 only \(fsdp_version: 2.*fsdp.yaml"):
-        check_sharding(SimpleNamespace(is_fsdp_enabled=True, **vars(fsdp1)))
+        prepare_sharding(trainer)
 
 
 def test_an_fsdp_config_on_cpu_processes_warns_that_it_runs_plain_data_parallelism(

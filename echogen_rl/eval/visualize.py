@@ -68,9 +68,18 @@ def image_grid(
 
 def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
     """Writes a PNG atomically (a temporary file renamed into place): never a half-written picture."""
+    return save_image(image, path, "PNG")
+
+
+def save_image(image: Image.Image, path: str | os.PathLike, fmt: str | None = None) -> Path:
+    """Writes an image atomically, in `fmt` or the format its name asks for (JPEG at quality 95, as benchmark
+    folders of `.jpg` names are read)."""
     path = Path(path)
+    fmt = fmt or Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"{path.name}: no image format for the extension {path.suffix!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
+    image.save(tmp, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
     tmp.replace(path)
     return path

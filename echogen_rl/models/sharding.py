@@ -13,7 +13,7 @@ from accelerate.utils import DistributedType
 from echogen_rl.models.modeling import soft_code_inputs, unwrap_janus
 
 
-def check_sharding(trainer) -> None:
+def prepare_sharding(trainer) -> None:
     """Shards a trainer's model with [`shard_janus`] under accelerate's FSDP2 (before accelerate prepares it, which
     then leaves an FSDP2 model as it is); stops it under FSDP1 with a message that says what to use instead; and
     warns when an accelerate config asked for FSDP or DeepSpeed but the processes run plain data parallelism

@@ -15,7 +15,7 @@ from echogen_rl.models.grounding import Grounder
 from echogen_rl.models.modeling import freeze_untrained, image_token_logprobs, unwrap_janus
 from echogen_rl.models.prompts import PromptBuilder, pad_segments, parse_prompt_text
 from echogen_rl.models.sampling import resolve_guidance_scale
-from echogen_rl.models.sharding import check_sharding
+from echogen_rl.models.sharding import prepare_sharding
 from echogen_rl.rewards import layout_agreement, load_rewards
 from echogen_rl.rollout.base import RolloutEngine
 from echogen_rl.rollout.build import build_engine
@@ -103,7 +103,7 @@ class CycleRLTrainer(GRPOTrainer):
                 "rollout_engine='vllm' does not support FSDP (the engine would read weight shards); use "
                 "rollout_engine='torch', which reads the gathered weights, or recipes/accelerate_configs/ddp.yaml"
             )
-        check_sharding(self)
+        prepare_sharding(self)
         if args.rollout_engine == "vllm" and self.is_deepspeed_enabled:
             plugin = self.accelerator.state.deepspeed_plugin
             if plugin is not None and plugin.zero_stage == 3:

@@ -8,7 +8,7 @@ from trl import SFTTrainer
 from echogen_rl.data.collators import AbsentPhrases, dataset_phrases, training_columns
 from echogen_rl.models.modeling import TargetLoss, freeze_untrained, unwrap_janus
 from echogen_rl.models.prompts import PromptBuilder
-from echogen_rl.models.sharding import check_sharding
+from echogen_rl.models.sharding import prepare_sharding
 from echogen_rl.trainer.callbacks import attach_sample_logging
 
 
@@ -50,7 +50,7 @@ class LayoutSFTTrainer(SFTTrainer):
         )
         # The loss is a mean per micro-batch, so the Trainer must divide it by the accumulation steps.
         self.model_accepts_loss_kwargs = False
-        check_sharding(self)
+        prepare_sharding(self)
         attach_sample_logging(self, (eval_dataset, train_dataset))
 
     def prepare_stage(self, model, args, prompts: PromptBuilder, train_dataset, processing_class):

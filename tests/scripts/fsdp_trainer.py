@@ -38,6 +38,7 @@ from echogen_rl.trainer.pmtp_trainer import PMTPTrainer
 FSDP_YAML = Path(__file__).resolve().parents[2] / "recipes" / "accelerate_configs" / "fsdp.yaml"
 STAGES = {
     "pmtp": (PMTPTrainer, PMTPConfig, {"max_length": 1024}),
+    # DJO's default loop image, as the shipped configs: the model's own sample, drawn mid-step (`gathered_root`).
     "djo": (DJOTrainer, DJOConfig, {}),
     # LoRA, a group of 4 split over the ranks, the disabled adapter as reference and grounder.
     "cyclerl": (CycleRLTrainer, CycleRLConfig, {"num_generations": 4, "beta": 0.04, "grounding_model": "reference"}),

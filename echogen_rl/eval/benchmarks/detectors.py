@@ -11,6 +11,7 @@ normalized to each image.
 from __future__ import annotations
 
 import os
+from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -19,7 +20,7 @@ import torch
 from PIL import Image
 
 from echogen_rl.eval.benchmarks.protocols import BenchmarkItem
-from echogen_rl.eval.coco_results import load_coco_results
+from echogen_rl.eval.coco_results import coco_results_layouts, read_coco_results
 from echogen_rl.layout import Entity, Layout
 from echogen_rl.models.grounding import Grounder
 from echogen_rl.models.image_tokenizers import ImageTokenizer
@@ -102,18 +103,23 @@ class YoloDetector:
 
 class ResultsFileDetector:
     """An external detector's COCO results JSON (`[{"image_id", "category_id", "bbox", "score"}, ...]`, pixel
-    boxes of the generated images), read for the items' COCO image ids."""
+    boxes of the generated images), read and checked once, then looked up by the items' COCO image ids."""
 
     def __init__(self, path: str | os.PathLike, categories: dict[int, str]):
         if not Path(path).is_file():
             raise FileNotFoundError(f"--detector {path}: no such COCO results file")
         self.path, self.categories = Path(path), categories
+        # By image id: each batch converts its own images' entries, not the whole file again.
+        self.by_image: dict[int, list[dict]] = defaultdict(list)
+        for entry in read_coco_results(path, categories):
+            self.by_image[entry["image_id"]].append(entry)
 
     def detect(self, images: Sequence[Image.Image], items: Sequence[BenchmarkItem]) -> Detections:
         ids = [item.image_id for item in items]
         if None in ids:
             raise ValueError(f"--detector {self.path}: a results file names images by COCO id; these items have none")
-        layouts, scores = load_coco_results(self.path, ids, self.categories, [im.size for im in images])
+        entries = [entry for image_id in ids for entry in self.by_image.get(image_id, [])]
+        layouts, scores = coco_results_layouts(entries, ids, self.categories, [im.size for im in images])
         return list(zip(layouts, scores))
 
 

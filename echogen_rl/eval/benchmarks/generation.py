@@ -16,29 +16,18 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from echogen_rl.eval.benchmarks.protocols import BenchmarkItem
 from echogen_rl.eval.evaluation import write_report
 from echogen_rl.eval.inference import generate_images
+from echogen_rl.eval.visualize import save_image
 from echogen_rl.models.image_tokenizers import ImageTokenizer
 
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 IMAGES = "images"
-
-
-def save_image(image: Image.Image, path: Path) -> None:
-    """Writes an image atomically, in the format its name asks for (JPEG at quality 95, as benchmark folders of
-    `.jpg` names are read): never a half-written file under the final name."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fmt = Image.registered_extensions().get(path.suffix.lower())
-    if fmt is None:
-        raise ValueError(f"{path.name}: no image format for the extension {path.suffix!r}")
-    image.convert("RGB").save(tmp, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
-    tmp.replace(path)
 
 
 def _batch_record(items: Sequence[BenchmarkItem]) -> dict:
@@ -116,7 +105,7 @@ def generate_benchmark_images(
             len(batch),
         )
         for item, image in zip(batch, decoder.decode(codes)):
-            save_image(image, image_dir / item.name)
+            save_image(image.convert("RGB"), image_dir / item.name)
         manifest["batches"][str(k)] = record
         write_report(manifest, out / MANIFEST)  # after the images: a listed batch is always complete
     if reused:

@@ -31,7 +31,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from echogen_rl.layout import Box
+from echogen_rl.layout import Box, iou
 from echogen_rl.models.grounding import Grounder
 from echogen_rl.models.image_tokenizers import JanusVQTokenizer
 from echogen_rl.models.modeling import unwrap_janus
@@ -249,12 +249,8 @@ def to_pixels(box: Box, left: int, top: int, side: int, width: int, height: int)
 
 
 def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    """IoU of two pixel xyxy boxes in float64 (Python floats); an inverted box has area 0, and so an IoU of 0."""
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = max(0.0, a[2] - a[0]) * max(0.0, a[3] - a[1]) + max(0.0, b[2] - b[0]) * max(0.0, b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
+    """IoU of two pixel xyxy boxes, by [`echogen_rl.layout.iou`] in float64; an inverted box has area 0."""
+    return float(iou(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)))
 
 
 def refexp_accuracy(predicted: Sequence[Sequence[float] | None], targets: Sequence[Sequence[float]]) -> dict:
@@ -344,14 +340,14 @@ def evaluate_refexp(
         for ref, frame, result in zip(chunk, frames, results):
             entities = result.layout.entities
             box = to_pixels(entities[0].box, *frame, ref.width, ref.height) if entities else None
-            iou = 0.0 if box is None else box_iou(box, ref.box)
+            overlap = 0.0 if box is None else box_iou(box, ref.box)
             predicted.append(box)
             per_item.append(
                 {
                     "id": ref.id,
                     "expression": ref.expression,
                     "box": None if box is None else list(box),
-                    "iou": iou,
+                    "iou": overlap,
                     "answer": result.text,
                 }
             )

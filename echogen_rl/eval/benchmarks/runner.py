@@ -229,7 +229,7 @@ def run_benchmark(
             "guidance_scale": guidance_scale,
             "temperature": temperature,
         }
-        decoder = _generate(model, tokenizer, items, out, report, sampling, palette)
+        decoder = _generate(model, tokenizer, items, out, report, sampling | {"adapter": adapter, "palette": palette})
         if fid_weights is not None and fid_extractor is None:
             fid_extractor = inception_extractor(fid_weights, str(next(model.parameters()).device))
         scorer = {"detector": detector, "categories": categories, "judge": judge, "fid_extractor": fid_extractor}
@@ -239,12 +239,16 @@ def run_benchmark(
     return _write(report, out, provenance)
 
 
-def _generate(model, tokenizer, items, out: Path, report: dict, sampling: dict, palette: bool) -> ImageTokenizer:
-    """Generates the items' images (resuming), records the settings in `report`; returns the decoder used."""
-    settings = {"benchmark": report["benchmark"], "seed": sampling["seed"], "batch_size": sampling["batch_size"]}
+def _generate(model, tokenizer, items, out: Path, report: dict, sampling: dict) -> ImageTokenizer:
+    """Generates the items' images (resuming), records the settings in `report`; returns the decoder used.
+
+    The settings a resumed run must share: which model drew the images and how, so that a folder never mixes two
+    models' images (`read_manifest` refuses other settings)."""
+    settings = {"benchmark": report["benchmark"], "model": report["model"], "adapter": sampling["adapter"]}
+    settings |= {"palette": sampling["palette"], "seed": sampling["seed"], "batch_size": sampling["batch_size"]}
     settings["guidance_scale"] = resolve_guidance_scale(model, sampling["guidance_scale"], "eval --guidance-scale")
     settings["temperature"] = resolve_temperature(model, sampling["temperature"])
-    decoder = image_tokenizer_for(model, palette)
+    decoder = image_tokenizer_for(model, sampling["palette"])
     generate_benchmark_images(model, tokenizer, items, out, decoder, settings)
     report["items"], report["sampling"] = len(items), settings
     return decoder
