@@ -1,9 +1,15 @@
 """Chooses PMTP's `kind_negative_prob` on the validation split: does the grounder, and so the cycle reward, see shape?
 
     python benchmarks/reward_grounder_validation.py --out-dir outputs/kind_negatives 0 0.3 0.6
+    python benchmarks/reward_grounder_validation.py --out-dir outputs/kind_negatives --curriculum 1500 5e-4 0 0.3
+    python benchmarks/reward_grounder_validation.py --out-dir outputs/kind_negatives \
+        --djo-from curriculum_kind0.3_steps3000_lr0.0005 0 0.3
 
 Trains the shipped shapes PMTP config once per value (seed 0, everything else as the study runs it; the runs go side
-by side, one per core), then scores each model on the validation layouts (never the held-out ones): the reward check
+by side, one per core). With `--curriculum STEPS LR`, each value is instead a second phase: the shipped PMTP
+(`kind_negative_prob` 0, trained first if missing) continued for STEPS steps at learning rate LR (cosine, no warm-up)
+with that value. With `--djo-from RUN`, each value is the shipped DJO's `kind_negative_prob` (seed 0), trained from
+that run in `--out-dir`. Then it scores each model on the validation layouts (never the held-out ones): the reward check
 (cycle IoU its grounder gives a correct drawing, the boxes filled with their colors, another kind in each box, an
 empty image; paired intervals), its grounding of the real images, and its L2I scores as the study scores them.
 Writes `kind_negatives_validation.json` to `--out-dir`; the shipped value came from
@@ -49,36 +55,63 @@ def l2i_row(result: dict, targets: list[Layout]) -> dict:
     return row
 
 
+def ran_with(run: Path) -> dict:
+    """The settings a run trained with (its `study_run.json`), its start named by folder, not by this machine's path."""
+    record = json.loads((run / "study_run.json").read_text())
+    settings = record["settings"]
+    kept = ("kind_negative_prob", "max_steps", "learning_rate", "warmup_steps", "lr_scheduler_type", "seed")
+    return {
+        "stage": record["stage"],
+        "starts_from": Path(settings["model_name_or_path"]).name,
+        **{k: settings[k] for k in kept if k in settings},
+    }
+
+
+def _job(name: str, run: Path, settings: dict, stage: str = "pmtp") -> Job:
+    settings = {**settings, "cache_dir": str(run.parent / "cache"), **_run_settings(run, 0)}
+    return Job(
+        name,
+        train_run,
+        {"stage": stage, "config_stage": stage, "out": str(run), "settings": settings},
+        log=run / "train.log",
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", type=Path, required=True)
     parser.add_argument("--layouts", type=int, default=256)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--max-steps", type=int, default=None, help="PMTP steps (default: the config's)")
+    parser.add_argument("--curriculum", nargs=2, metavar=("STEPS", "LR"), help="a second phase from the shipped PMTP")
+    parser.add_argument("--djo-from", help="train the shipped DJO (seed 0) from this run in --out-dir, per value")
     parser.add_argument("probs", type=float, nargs="+")
     args = parser.parse_args()
     out = args.out_dir
     tiny = out / "tiny-janus"
     ensure_tiny_checkpoint(tiny)
-    runs = {p: out / f"pmtp_kind{p:g}" for p in args.probs}
+    first = {"model_name_or_path": str(tiny), **({"max_steps": args.max_steps} if args.max_steps else {})}
+    stage = "pmtp"
+    if args.djo_from:
+        stage, start = "djo", out / args.djo_from
+        runs = {f"{p:g}": out / f"djo_kind{p:g}_from_{args.djo_from}" for p in args.probs}
+        settings = {
+            key: {"model_name_or_path": str(start), "kind_negative_prob": p} for key, p in zip(runs, args.probs)
+        }
+    elif args.curriculum:
+        steps, lr = int(args.curriculum[0]), float(args.curriculum[1])
+        start = out / "pmtp_kind0"
+        if not (start / "study_run.json").exists():
+            run_jobs([_job("train the shipped PMTP", start, {**first, "kind_negative_prob": 0.0})], 1, "[validation]")
+        runs = {f"{p:g}": out / f"curriculum_kind{p:g}_steps{steps}_lr{lr:g}" for p in args.probs}
+        second = {"model_name_or_path": str(start), "max_steps": steps, "learning_rate": lr, "warmup_steps": 0}
+        settings = {key: {**second, "kind_negative_prob": p} for key, p in zip(runs, args.probs)}
+    else:
+        runs = {f"{p:g}": out / f"pmtp_kind{p:g}" for p in args.probs}
+        settings = {key: {**first, "kind_negative_prob": p} for key, p in zip(runs, args.probs)}
     jobs = [
-        Job(
-            f"train kind_negative_prob={p:g}",
-            train_run,
-            {
-                "stage": "pmtp",
-                "config_stage": "pmtp",
-                "out": str(run),
-                "settings": {
-                    "model_name_or_path": str(tiny),
-                    "kind_negative_prob": p,
-                    **({"max_steps": args.max_steps} if args.max_steps else {}),
-                    **_run_settings(run, 0),
-                },
-            },
-            log=run / "train.log",
-        )
-        for p, run in runs.items()
+        _job(f"train kind_negative_prob={key}", run, settings[key], stage)
+        for key, run in runs.items()
         if not (run / "study_run.json").exists()
     ]
     run_jobs(jobs, args.jobs, prefix="[validation]")
@@ -87,18 +120,20 @@ def main() -> None:
     targets, real_codes = study_layouts("validation", args.layouts, config)
     rows = {}
     for p, run in runs.items():
+        key = p if not (args.curriculum or args.djo_from) else run.name
         model, tokenizer = load_trained(run)
         result = evaluate_model(model, tokenizer, model, targets, real_codes, config)
         grounder = Grounder(model, PromptBuilder(tokenizer, real_codes.shape[1]), SCORING_BATCH)
         result["reward_check"] = reward_check(grounder, targets, config)
         check = summarize_reward_check({"pmtp": [result]}, 2000)["pmtp"]
-        rows[f"{p:g}"] = {
+        rows[key] = {
+            "settings": ran_with(run),
             "reward_check": check,
             "gate": reward_gate(check),
             "l2i_and_grounding": l2i_row(result, targets),
         }
         means = ", ".join(f"{d} {check[d]['mean']:.3f}" for d in ("correct", "filled", "other_kind", "empty"))
-        print(f"kind_negative_prob={p:g}: {means}; {rows[f'{p:g}']['l2i_and_grounding']}", flush=True)
+        print(f"{key}: {means}; {rows[key]['l2i_and_grounding']}", flush=True)
         del model
         gc.collect()
     previous = out / "kind_negatives_validation.json"

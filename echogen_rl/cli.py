@@ -74,6 +74,7 @@ def _dry_run(args: argparse.Namespace) -> int:
         overrides=args.overrides,
         json_path=args.json,
         work_dir=args.work_dir,
+        layers=args.layers,
     )
     print(format_report(report))
     return 0
@@ -245,6 +246,13 @@ def _add_dry_run(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--json", help="also write the report to this JSON file")
     p.add_argument("--work-dir", help="where the temporary checkpoint, data and output go (default: the temp dir)")
+    p.add_argument(
+        "--layers",
+        type=int,
+        nargs=2,
+        metavar=("K1", "K2"),
+        help="run at two depths and extrapolate (e.g. 7B on a CPU)",
+    )
     p.add_argument("overrides", nargs="*", help="config fields after --, e.g. -- --gradient_checkpointing false")
     p.set_defaults(func=_dry_run)
 

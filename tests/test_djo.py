@@ -15,6 +15,7 @@ from echogen_rl.models.prompts import IGNORE_INDEX
 from echogen_rl.trainer import djo_trainer
 from echogen_rl.trainer.djo_config import DJOConfig
 from echogen_rl.trainer.djo_trainer import DJOTrainer, djo_losses, gumbel_tau, soft_image_tokens, warmup_loop_weight
+from echogen_rl.trainer.pmtp_config import PMTPConfig
 from echogen_rl.trainer.pmtp_trainer import pmtp_losses
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,9 +170,26 @@ def test_recipe_without_its_pmtp_checkpoint_names_the_command(tmp_path, monkeypa
         ["--config", str(ROOT / "recipes/configs/djo/shapes_tiny.yaml"), "--use_cpu", "--report_to", "none"]
     )
     with pytest.raises(
-        SystemExit, match="accelerate launch recipes/pmtp.py --config recipes/configs/pmtp/shapes_tiny.yaml"
+        SystemExit, match="accelerate launch recipes/pmtp.py --config recipes/configs/pmtp/shapes_tiny_kinds.yaml"
     ):
         recipe["main"](*args)
+
+
+def test_pmtps_second_phase_without_its_first_names_the_command(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe = runpy.run_path(str(ROOT / "recipes/pmtp.py"))
+    parser = TrlParser((LayoutDataArguments, PMTPConfig, JanusModelConfig))
+    config = [
+        "--config",
+        str(ROOT / "recipes/configs/pmtp/shapes_tiny_kinds.yaml"),
+        "--use_cpu",
+        "--report_to",
+        "none",
+    ]
+    with pytest.raises(
+        SystemExit, match="accelerate launch recipes/pmtp.py --config recipes/configs/pmtp/shapes_tiny.yaml"
+    ):
+        recipe["main"](*parser.parse_args_and_config(config))
 
 
 def test_a_missing_local_start_that_no_config_makes_is_named(tmp_path, monkeypatch):

@@ -59,6 +59,8 @@ def test_the_trainer_under_accelerates_fsdp2_path_trains_as_under_ddp(tiny_check
     """The real trainer (accelerate's prepare, AdamW on DTensors, clipping, logging), sharded by `shard_janus`,
     against the same trainer under DDP: the same losses and the same weights after three steps."""
     sharded = _step(tiny_checkpoint, tmp_path / "fsdp", "--stage", stage, "--fsdp", script="fsdp_trainer.py")
+    if stage == "cyclerl-full":  # TRL's reference copy, prepared by TRL for FSDP2
+        assert sharded[0]["reference"] is not None and sharded[0]["reference"].startswith("FSDP")
     plain = _step(tiny_checkpoint, tmp_path / "ddp", "--stage", stage, script="fsdp_trainer.py")
     assert sharded[0]["fsdp2"] and sharded[0]["sharded"] and plain[0]["wrapped"] == "DistributedDataParallel"
     assert sharded[0]["wrapped"] in ("FSDPJanusForConditionalGeneration", "FSDPPeftModel")
@@ -71,6 +73,54 @@ def test_the_trainer_under_accelerates_fsdp2_path_trains_as_under_ddp(tiny_check
         assert torch.equal(value, sharded[1]["after"][name]), name
     moved = [n for n, v in after.items() if not torch.equal(v, sharded[0]["before"][n])]
     assert len(moved) >= 0.9 * len(after), sorted(set(after) - set(moved))
+
+
+@pytest.mark.slow
+def test_full_cyclerl_under_accelerates_fsdp2_path_trains_as_under_ddp(tiny_checkpoint, tmp_path):
+    """Full fine-tuning: TRL builds the reference (KL term and grounder) and prepares it for FSDP itself."""
+    test_the_trainer_under_accelerates_fsdp2_path_trains_as_under_ddp(tiny_checkpoint, tmp_path, "cyclerl-full")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["pmtp", "djo", "cyclerl", "cyclerl-full"])
+def test_the_trainers_fsdp2_checkpoint_resumes_and_its_final_save_reloads(tiny_checkpoint, tmp_path, stage):
+    """The real trainer under FSDP2: two steps with a checkpoint after the first; the same run resumed from that
+    checkpoint (sharded model and optimizer state, read back by the trainer's own resume) ends with the same losses
+    and weights; the final `save_model` writes whole weights (or the adapter) that reload to the trained ones."""
+    from transformers import JanusForConditionalGeneration
+
+    export = tmp_path / "export"
+    run = ["--stage", stage, "--fsdp", "--steps", "2"]
+    unbroken = _step(
+        tiny_checkpoint,
+        tmp_path / "unbroken",
+        *run,
+        "--save-steps",
+        "1",
+        "--export",
+        str(export),
+        script="fsdp_trainer.py",
+    )
+    checkpoint = tmp_path / "unbroken" / "run" / "checkpoint-1"
+    assert not list(checkpoint.glob("*.safetensors"))  # the checkpoint holds shards, not gathered weights
+    resumed = _step(tiny_checkpoint, tmp_path / "resumed", *run, "--resume", str(checkpoint), script="fsdp_trainer.py")
+    assert len(unbroken[0]["losses"]) == 2
+    assert resumed[0]["losses"] == pytest.approx(unbroken[0]["losses"], abs=1e-6)
+    after = unbroken[0]["after"]
+    moved = [n for n, v in after.items() if not torch.equal(v, unbroken[0]["before"][n])]
+    assert len(moved) >= 0.9 * len(after)  # training moved the weights compared below
+    for name, value in after.items():
+        torch.testing.assert_close(resumed[0]["after"][name], value, atol=1e-6, rtol=0, msg=name)
+    base = JanusForConditionalGeneration.from_pretrained(export if stage != "cyclerl" else tiny_checkpoint)
+    if stage == "cyclerl":  # LoRA: the adapter alone
+        from peft import PeftModel
+
+        assert (export / "adapter_model.safetensors").is_file() and not (export / "model.safetensors").exists()
+        base = PeftModel.from_pretrained(base, export)
+    reloaded = dict(base.named_parameters())
+    for name, value in after.items():
+        torch.testing.assert_close(reloaded[name], value, atol=0, rtol=0, msg=name)
+    assert (export / "tokenizer.json").is_file()
 
 
 @pytest.mark.slow

@@ -1,10 +1,10 @@
 """`echogen-rl demo`: the three stages end to end on the shapes world, offline on a CPU.
 
-It builds the tiny checkpoint, trains PMTP -> DJO -> CycleRL by running the shipped shapes configs through
-their recipes (`recipes/configs/<stage>/shapes_tiny.yaml`; a budget changes only the fields it lists),
-evaluates after each stage on held-out layouts (the oracle detector reads the generated code grids
-exactly), and trains a "separate" baseline with the PMTP config's steps: one model on L2I only, another on
-I2L only, no joint packing. It writes `report.json` and a PNG grid per stage, and `echogen-rl demo` prints a table.
+It builds the tiny checkpoint, trains PMTP (its two phases) -> DJO -> CycleRL by running the shipped shapes configs
+through their recipes (`recipes/configs/<stage>/shapes_tiny.yaml`, and `pmtp/shapes_tiny_kinds.yaml`; a budget
+changes only the fields it lists), evaluates after each stage on held-out layouts (the oracle detector reads the
+generated code grids exactly), and trains a "separate" baseline with PMTP's steps (both phases): one model on L2I
+only, another on I2L only, no joint packing. It writes `report.json` and a PNG grid per stage, and `echogen-rl demo` prints a table.
 The numbers are whatever this budget gives; nothing is tuned to the held-out set.
 """
 
@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 from transformers import AutoTokenizer
 
 from echogen_rl.data.shapes import ShapesConfig, build_shapes_dataset
@@ -27,7 +28,15 @@ from echogen_rl.data.splits import DEMO_HELD_OUT_SEED
 from echogen_rl.eval.inference import evaluate_i2l, evaluate_l2i
 from echogen_rl.eval.metrics import cycle_miou, mask_iou
 from echogen_rl.eval.visualize import image_grid, overlay, save_png
-from echogen_rl.experiments.jobs import FollowThreadShare, Job, default_workers, run_jobs, run_settings, shapes_config
+from echogen_rl.experiments.jobs import (
+    PMTP_KINDS_CONFIG,
+    FollowThreadShare,
+    Job,
+    default_workers,
+    run_jobs,
+    run_settings,
+    shapes_config,
+)
 from echogen_rl.experiments.provenance import provenance
 from echogen_rl.layout import Layout
 from echogen_rl.models.architectures import config_name
@@ -40,6 +49,7 @@ from echogen_rl.models.tiny import build_tiny_checkpoint
 from echogen_rl.scripts.runner import run_recipe
 
 logger = logging.getLogger(__name__)
+
 
 COLUMNS = (
     "ap",
@@ -65,26 +75,30 @@ class DemoBudget:
 
     eval_layouts: int = 64
     pmtp: dict = field(default_factory=lambda: {"max_steps": 420})
+    pmtp_kinds: dict = field(default_factory=lambda: {"max_steps": 600})
     djo: dict = field(default_factory=lambda: {"max_steps": 100})
     cyclerl: dict = field(default_factory=lambda: {"max_steps": 40})
 
     @classmethod
     def shipped(cls) -> DemoBudget:
-        return cls(pmtp={}, djo={}, cyclerl={})
+        return cls(pmtp={}, pmtp_kinds={}, djo={}, cyclerl={})
 
     @classmethod
     def quick(cls) -> DemoBudget:
         return cls(
             eval_layouts=8,
             pmtp={"max_steps": 4, "num_train_samples": 64},
+            pmtp_kinds={"max_steps": 2, "num_train_samples": 32},
             djo={"max_steps": 3, "num_train_samples": 32, "warmup_steps": 1},
             cyclerl={"max_steps": 2, "num_train_samples": 8, "per_device_train_batch_size": 8, "num_generations": 4},
         )
 
 
-def train_stage(stage: str, out: str, changes: dict) -> list[dict]:
-    """Runs the stage's shipped shapes config through its recipe with `changes` (a demo job); returns its log."""
-    trainer = run_recipe(stage, shapes_config(stage), {**changes, **run_settings(out)}, [FollowThreadShare()])
+def train_stage(stage: str, out: str, changes: dict, config: str | None = None) -> list[dict]:
+    """Runs the stage's shipped shapes config (or `config`, see [`shapes_config`]) through its recipe with `changes`
+    (a demo job); returns its log."""
+    config = shapes_config(config or stage)
+    trainer = run_recipe(stage, config, {**changes, **run_settings(out)}, [FollowThreadShare()])
     return trainer.state.log_history
 
 
@@ -167,17 +181,30 @@ def _data_picture(out: Path, eval_layouts: int, shapes: ShapesConfig) -> Path:
 
 
 def _runs(out: Path, ckpt: Path, budget: DemoBudget) -> dict[str, tuple]:
-    """The runs to train, as `{name: (config stage, changes, the run it starts from)}`."""
+    """The runs to train, as `{name: (config, see [`shapes_config`]; changes; the run it starts from)}`."""
     cache = {"cache_dir": str(out / "cache")}
-    separate = {**budget.pmtp, "model_name_or_path": str(ckpt), **cache}
+    steps = {
+        name: changes.get("max_steps", _config_value(name, "max_steps"))
+        for name, changes in (("pmtp", budget.pmtp), (PMTP_KINDS_CONFIG, budget.pmtp_kinds))
+    }
+    # The baseline: L2I and I2L as two models, each with PMTP's steps (both phases), no joint packing.
+    separate = {**budget.pmtp, "max_steps": sum(steps.values()), "model_name_or_path": str(ckpt), **cache}
     return {
-        "pmtp": ("pmtp", {**budget.pmtp, "model_name_or_path": str(ckpt), **cache}, None),
+        "pmtp_base": ("pmtp", {**budget.pmtp, "model_name_or_path": str(ckpt), **cache}, None),
+        "pmtp": (
+            PMTP_KINDS_CONFIG,
+            {**budget.pmtp_kinds, "model_name_or_path": str(out / "pmtp_base"), **cache},
+            "pmtp_base",
+        ),
         "djo": ("djo", {**budget.djo, "model_name_or_path": str(out / "pmtp"), **cache}, "pmtp"),
         "cyclerl": ("cyclerl", {**budget.cyclerl, "model_name_or_path": str(out / "djo"), **cache}, "djo"),
-        # The baseline: L2I and I2L as two models, the PMTP config's steps each, no joint packing.
         "separate-l2i": ("pmtp", {**separate, "text_loss_weight": 0.0}, None),
         "separate-i2l": ("pmtp", {**separate, "image_loss_weight": 0.0}, None),
     }
+
+
+def _config_value(config: str, key: str):
+    return yaml.safe_load(shapes_config(config).read_text())[key]
 
 
 def _evaluations(out: Path, ckpt: Path) -> dict[str, tuple]:
@@ -197,11 +224,11 @@ def _jobs(out: Path, runs: dict[str, tuple], evaluations: dict[str, tuple], eval
         Job(
             f"train {name}",
             train_stage,
-            {"stage": stage, "out": str(out / name), "changes": changes},
+            {"stage": config.split("/")[0], "out": str(out / name), "changes": changes, "config": config},
             (f"train {after}",) if after else (),
             out / name / "train.log",
         )
-        for name, (stage, changes, after) in runs.items()
+        for name, (config, changes, after) in runs.items()
     ]
     for stage, (l2i, i2l, base, needs) in evaluations.items():
         kwargs = {
@@ -264,7 +291,10 @@ def run_demo(
         "stages": stages,
         "training": _training(history),
         "budget": asdict(budget),
-        "configs": {stage: config_name(shapes_config(stage)) for stage in ("pmtp", "djo", "cyclerl")},
+        "configs": {
+            **{stage: config_name(shapes_config(stage)) for stage in ("pmtp", "djo", "cyclerl")},
+            "pmtp_kinds": config_name(shapes_config(PMTP_KINDS_CONFIG)),
+        },
         "held_out_layouts": budget.eval_layouts,
         "workers": workers or default_workers(),
         "seconds": time.perf_counter() - start,

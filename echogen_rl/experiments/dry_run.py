@@ -21,6 +21,7 @@ estimate of the GPU memory per device at the config's own batch (see
 
 from __future__ import annotations
 
+import copy
 import gc
 import json
 import logging
@@ -39,10 +40,11 @@ from trl import SFTConfig
 
 from echogen_rl.data.synthetic import synthesize_missing
 from echogen_rl.experiments.dry_run_probe import StepProbe, measured, probed
-from echogen_rl.experiments.dry_run_report import GIB, estimate_gpu_memory, launch_config
+from echogen_rl.experiments.dry_run_report import GIB, estimate_gpu_memory, extrapolate_depth, launch_config
 from echogen_rl.experiments.provenance import provenance
 from echogen_rl.models.architectures import (
     SHIPPED_CONFIGS,
+    Architecture,
     config_name,
     resolve_architecture,
     write_random_checkpoint,
@@ -163,6 +165,27 @@ def _architecture(config: Path, model_args, architecture: str | None):
     )
 
 
+def _depths(arch, layers) -> list[int] | None:
+    """The two depths to run at (see `run_dry_run`'s `layers`), checked against the architecture."""
+    if layers is None:
+        return None
+    depths = sorted(set(layers))
+    if arch.config is None:
+        raise ValueError("layers: the tiny model runs at its full depth; extrapolating applies to real architectures")
+    full = arch.config.text_config.num_hidden_layers
+    if len(depths) != 2 or len(layers) != 2 or not all(0 < d < full for d in depths):
+        raise ValueError(f"layers: two different depths between 1 and {full - 1} (the model's {full}), got {layers}")
+    return depths
+
+
+def shallower(arch: Architecture, layers: int) -> Architecture:
+    """The architecture at its own width with only `layers` decoder layers."""
+    config = copy.deepcopy(arch.config)
+    full = config.text_config.num_hidden_layers
+    config.text_config.num_hidden_layers = layers
+    return Architecture(config, f"{arch.source}, {layers} of its {full} decoder layers", list(arch.via))
+
+
 def _prepare(arch, work: Path, stage: str, values: dict, args: tuple, steps: int, batch_size: int, cpu_changes: dict):
     """Writes the random-init checkpoint and the missing data into `work`; returns what the dry run changes
     (`{field: value}`) and the seconds the checkpoint took (`{"checkpoint_seconds": s}`)."""
@@ -202,6 +225,7 @@ def run_dry_run(
     overrides: list[str] | tuple[str, ...] = (),
     json_path: str | Path | None = None,
     work_dir: str | Path | None = None,
+    layers: typing.Sequence[int] | None = None,
 ) -> dict:
     """Runs `steps` steps of `config`'s recipe on a random-init real-size model and returns the report.
 
@@ -214,6 +238,9 @@ def run_dry_run(
         overrides (`list[str]`, *optional*): config fields as on the recipe's command line, applied last.
         json_path (`str` or `Path`, *optional*): also write the report there as JSON.
         work_dir (`str` or `Path`, *optional*): parent of the temporary folder (checkpoint, data, output).
+        layers (`Sequence[int]`, *optional*): two depths, e.g. `(1, 2)`: run the architecture at its own width but
+            with only that many decoder layers, once per depth, and extrapolate what was measured to its full depth
+            ([`extrapolate_depth`]), for a model whose full depth does not fit this machine (Janus-Pro-7B on a CPU).
     """
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}")
@@ -228,17 +255,25 @@ def run_dry_run(
     args = _parse(classes, config, [*cpu, *overrides])
     _, training_args, model_args = args
     arch = _architecture(config, model_args, architecture)
-    cpu_changes = cpu_adjustments(arch, stage, training_args, model_args)
+    depths = _depths(arch, layers)
     if work_dir is not None:
         Path(work_dir).mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="echogen-dry-run-", dir=work_dir))
-    try:
-        changed, phases = _prepare(arch, work, stage, values, args, steps, batch_size, cpu_changes)
-        probe = _run_probed(recipe, classes, config, changed, overrides)
-        phases["setup_seconds"] = probe.setup_seconds  # loading, data (VQ encoding), trainer
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    measurements = measured(probe, phases, changed["per_device_train_batch_size"])
+    runs, works = [], []
+    for depth in depths or [None]:
+        arch_run = arch if depth is None else shallower(arch, depth)
+        cpu_changes = cpu_adjustments(arch_run, stage, training_args, model_args)
+        work = Path(tempfile.mkdtemp(prefix="echogen-dry-run-", dir=work_dir))
+        works.append(work)
+        try:
+            changed, phases = _prepare(arch_run, work, stage, values, args, steps, batch_size, cpu_changes)
+            probe = _run_probed(recipe, classes, config, changed, overrides)
+            phases["setup_seconds"] = probe.setup_seconds  # loading, data (VQ encoding), trainer
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        runs.append((depth, measured(probe, phases, changed["per_device_train_batch_size"])))
+        del probe
+        gc.collect()
+    measurements = runs[0][1] if depths is None else extrapolate_depth(runs, arch.config.text_config.num_hidden_layers)
     report = {
         "config": config_name(config),
         "stage": stage,
@@ -250,7 +285,10 @@ def run_dry_run(
         "provenance": provenance(),
     }
     # The temporary folder is gone: the report names it by its role, not by this machine's path.
-    report = json.loads(json.dumps(report, default=str).replace(str(work), "<temporary>"))
+    text = json.dumps(report, default=str)
+    for work in works:
+        text = text.replace(str(work), "<temporary>")
+    report = json.loads(text)
     if json_path is not None:
         Path(json_path).write_text(json.dumps(report, indent=2, default=str) + "\n")
     return report

@@ -78,6 +78,9 @@ class StepProbe(TrainerCallback):
             "weights_bytes": sum(p.numel() * p.element_size() for p in params),
             "trainable_bytes": sum(p.numel() * p.element_size() for p in trainable),
             "dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in trainable}),
+            # What a sharded run gathers at once (`shard_janus`'s units): the root (text embeddings and head) and
+            # one decoder layer, in elements.
+            **_unit_sizes(self.trainer.model),
         }
         self._before = [(p, p.detach().reshape(-1)[:64].clone()) for p in trainable]
         if not self.cuda:
@@ -132,6 +135,15 @@ def probed(trainer_cls: type, probe: StepProbe) -> type:
 
     DryRunTrainer.__name__ = DryRunTrainer.__qualname__ = trainer_cls.__name__
     return DryRunTrainer
+
+
+def _unit_sizes(model: torch.nn.Module) -> dict[str, int]:
+    janus = unwrap_janus(model)
+    root = {id(p): p for m in (janus.get_input_embeddings(), janus.lm_head) for p in m.parameters()}
+    return {
+        "root_unit": sum(p.numel() for p in root.values()),
+        "decoder_layer": sum(p.numel() for p in janus.model.language_model.layers[0].parameters()),
+    }
 
 
 def measured(probe: StepProbe, phases: dict, per_device_batch: int) -> dict:

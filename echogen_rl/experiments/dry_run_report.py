@@ -62,9 +62,52 @@ def estimate_gpu_memory(measured: dict, stage: str, training_args, model_args, l
         shards = sharded.get(zero, []) if kind == "DEEPSPEED" else sharded[3] if kind == "FSDP" else []
         how = f"DeepSpeed ZeRO-{zero}" if kind == "DEEPSPEED" else kind
         estimate["launch"] = {"config": name, "kind": how, "num_processes": n, "sharded": shards}
-        estimate["sharded_formula"] = " + ".join(f"{t}/{n}" if t in shards else t for t in terms)
-        estimate["sharded_bytes"] = int(sum(v / n if t in shards else v for t, v in terms.items()))
+        sharded_terms = {t: v / n if t in shards else v for t, v in terms.items()}
+        formula = [f"{t}/{n}" if t in shards else t for t in terms]
+        if "weights" in shards and "root_unit" in p:
+            # Sharded weights are gathered unit by unit: the root (text embeddings and head) for the whole step and
+            # two decoder layers at a time (the one computing, the next prefetched), in the compute dtype.
+            size = 2 if training_args.bf16 else p["weights_bytes"] / max(p["total"], 1)
+            sharded_terms["gathered"] = (p["root_unit"] + 2 * p["decoder_layer"]) * size
+            estimate["gathered_bytes"] = int(sharded_terms["gathered"])
+            formula.append("gathered (root + 2 layers)")
+        estimate["sharded_formula"] = " + ".join(formula)
+        estimate["sharded_bytes"] = int(sum(sharded_terms.values()))
     return estimate
+
+
+def extrapolate_depth(runs: list[tuple[int, dict]], depth: int) -> dict:
+    """The `measured` part of a model `depth` decoder layers deep, from runs at two smaller depths of the same width.
+
+    The decoder layers are identical, so parameter counts and sizes are exactly linear in depth; so, with gradient
+    checkpointing, is the memory the forward keeps (one input per layer) and the gradients. Each is extrapolated
+    along the line through the two runs; step seconds too (a CPU's seconds, as in any dry run). The rest (device,
+    tokens, what training changed) is the deeper run's.
+
+    Args:
+        runs (`list[tuple[int, dict]]`): `(layers, measured)` of two runs, e.g. at 1 and 2 layers.
+        depth (`int`): the architecture's own number of decoder layers.
+    """
+    (k1, m1), (k2, m2) = sorted(runs, key=lambda run: run[0])
+    if k1 == k2:
+        raise ValueError(f"extrapolating in depth needs two different depths, got {k1} twice")
+
+    def line(a: float, b: float) -> float:
+        return a + (b - a) * (depth - k1) / (k2 - k1)
+
+    counts = ("total", "trainable", "weights_bytes", "trainable_bytes")
+    step_terms = ("seconds", "start_bytes", "forward_bytes", "gradients_bytes", "peak_bytes")
+    first, second = m1["steps"][-1], m2["steps"][-1]
+    return {
+        **m2,
+        "parameters": {
+            **m2["parameters"],
+            **{k: round(line(m1["parameters"][k], m2["parameters"][k])) for k in counts},
+        },
+        "steps": [{**second, **{k: line(first[k], second[k]) for k in step_terms}}],
+        "process_peak_bytes": round(line(m1["process_peak_bytes"], m2["process_peak_bytes"])),
+        "depth": {"layers": depth, "measured_layers": [k1, k2], "measured": {str(k1): m1, str(k2): m2}},
+    }
 
 
 def format_report(report: dict) -> str:
@@ -79,7 +122,12 @@ def format_report(report: dict) -> str:
         + "".join(f"\n    via {v}" for v in report["architecture"]["via"]),
         "  changed from the config: " + ", ".join(f"{k}={v}" for k, v in changed.items()),
         f"  your overrides: {' '.join(report['overrides']) or 'none'}",
-        f"MEASURED ({len(m['steps'])} step(s), per-device batch {m['per_device_batch']}):",
+        f"MEASURED ({len(m['steps'])} step(s), per-device batch {m['per_device_batch']}):"
+        + (
+            f" extrapolated to {m['depth']['layers']} decoder layers from runs at {m['depth']['measured_layers']}"
+            if "depth" in m
+            else ""
+        ),
         f"  time                 checkpoint {m['checkpoint_seconds']:.0f} s, model and data {m['setup_seconds']:.0f} s, "
         f"steps {seconds} s",
         f"  tokens per step      {', '.join(str(s['tokens']) for s in m['steps'])}",

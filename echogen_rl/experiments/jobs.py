@@ -276,9 +276,16 @@ def _give_free_cores(free: int, running: dict, shares, most: dict[str, int]) -> 
     return free
 
 
+# PMTP's second phase on the shapes world, the grounder's shape curriculum (kind negatives from the trained PMTP):
+# the demo's and the study's `pmtp` is the model after it.
+PMTP_KINDS_CONFIG = "pmtp/shapes_tiny_kinds"
+
+
 def shapes_config(stage: str) -> Path:
     """The shipped shapes config of `stage` (`recipes/configs/<stage>/shapes_tiny.yaml`), which demo and study runs
-    start from."""
+    start from; `"<stage>/<name>"` names another of the stage's configs (`recipes/configs/<stage>/<name>.yaml`)."""
+    if "/" in stage:
+        return SHIPPED_CONFIGS / f"{stage}.yaml"
     return SHIPPED_CONFIGS / stage / "shapes_tiny.yaml"
 
 

@@ -33,7 +33,15 @@ import yaml
 from echogen_rl.data.shapes import ShapesConfig
 from echogen_rl.data.splits import SEED_SETS
 from echogen_rl.eval.reward_check import REWARD_GROUNDERS, reward_gate, summarize_reward_check
-from echogen_rl.experiments.jobs import FollowThreadShare, Job, default_workers, run_jobs, run_settings, shapes_config
+from echogen_rl.experiments.jobs import (
+    PMTP_KINDS_CONFIG,
+    FollowThreadShare,
+    Job,
+    default_workers,
+    run_jobs,
+    run_settings,
+    shapes_config,
+)
 from echogen_rl.experiments.provenance import provenance
 from echogen_rl.experiments.study_report import write_study
 from echogen_rl.experiments.study_scoring import has_scores, score_run, scores_path, study_layouts
@@ -56,6 +64,7 @@ DJO_CONTROL_FIELDS = (
     "num_train_samples",
     "dataset_seed",
     "optim",
+    "kind_negative_prob",  # PMTP's kind negatives (both halves) at DJO's rate: both keep the grounder seeing shape
 )
 STAGE_ARMS = {"djo": ("djo", "pmtp_continued"), "cyclerl": ("cyclerl", "sft_continued", "cyclerl_shuffled")}
 
@@ -72,6 +81,7 @@ class StudyBudget:
     seeds: int = 3
     layouts: int = 512
     pmtp: dict = field(default_factory=dict)
+    pmtp_kinds: dict = field(default_factory=dict)
     djo: dict = field(default_factory=dict)
     cyclerl: dict = field(default_factory=dict)
     n_resamples: int = 4000
@@ -99,6 +109,7 @@ class StudyBudget:
             seeds=2,
             layouts=8,
             pmtp={"max_steps": 4, "num_train_samples": 32, "per_device_train_batch_size": 8},
+            pmtp_kinds={"max_steps": 2, "num_train_samples": 32, "per_device_train_batch_size": 8},
             djo={"max_steps": 2, "num_train_samples": 16, "per_device_train_batch_size": 4, "warmup_steps": 1},
             cyclerl={"max_steps": 2, "num_train_samples": 8, "per_device_train_batch_size": 8, "num_generations": 4},
             n_resamples=200,
@@ -229,17 +240,29 @@ def _plan_runs(out: Path, budget: StudyBudget, world: dict, first: int) -> tuple
     preference: the runs that others wait for, then the long ones; and the settings of each arm's runs, as
     `study.json` records them."""
     arms = budget.arms()
-    pmtp_settings = {
+    base_settings = {
         **budget.pmtp,
         **world,
         "model_name_or_path": str(out / "tiny-janus"),
+        "cache_dir": str(out / "cache"),
+        **_run_settings(out / "pmtp_base", first),
+    }
+    # PMTP in two phases, as the shipped configs chain them: the study's `pmtp` is the second, every arm starts
+    # from it and its grounder scores `cycle_miou_ref`.
+    pmtp_settings = {
+        **budget.pmtp_kinds,
+        **world,
+        "model_name_or_path": str(out / "pmtp_base"),
         "cache_dir": str(out / "cache"),
         **_run_settings(out / "pmtp", first),
     }
     djo_values = _values("djo", budget.djo)
     rl_values = _values("cyclerl", budget.cyclerl)
-    settings: dict[str, dict] = {"pmtp": pmtp_settings}
-    runs = [("pmtp", "pmtp", "pmtp", pmtp_settings, None)]
+    settings: dict[str, dict] = {"pmtp_base": base_settings, "pmtp": pmtp_settings}
+    runs = [
+        ("pmtp_base", "pmtp", "pmtp", base_settings, None),
+        ("pmtp", "pmtp", PMTP_KINDS_CONFIG, pmtp_settings, "pmtp_base"),
+    ]
     later = []
     for s in range(budget.seeds):
         root, seed = out / f"seed{s}", first + s
@@ -409,7 +432,10 @@ def run_study(
         "seeds": budget.seeds,
         "budget": asdict(budget),
         "settings": settings,
-        "configs": {stage: config_name(shapes_config(stage)) for stage in ("pmtp", "djo", "cyclerl")},
+        "configs": {
+            **{stage: config_name(shapes_config(stage)) for stage in ("pmtp", "djo", "cyclerl")},
+            "pmtp_kinds": config_name(shapes_config(PMTP_KINDS_CONFIG)),
+        },
         "provenance": provenance(),
         "world": asdict(shapes),
         "training_seconds": {

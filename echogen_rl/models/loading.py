@@ -37,11 +37,11 @@ def producing_config(path: str, configs_dir: str | os.PathLike, stage: str = "*"
 
 def require_start_checkpoint(path: str, producer: str | os.PathLike) -> None:
     """Stops a recipe before loading anything when its start checkpoint is the not-yet-made output of a shipped
-    config of the stage before, and names the command that makes it.
+    config of the stage before (or of the same stage: PMTP's second phase), and names the command that makes it.
 
     Args:
         path (`str`): the recipe's `model_name_or_path`.
-        producer (`str` or `os.PathLike`): the previous stage's recipe, e.g. `recipes/pmtp.py`; its configs are
+        producer (`str` or `os.PathLike`): the recipe that makes it, e.g. `recipes/pmtp.py`; its configs are
             read from `configs/<stage>/*.yaml` beside it.
     """
     if (Path(path) / "config.json").exists():

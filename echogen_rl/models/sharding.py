@@ -134,6 +134,24 @@ def save_sharded_pretrained(model: torch.nn.Module, output_dir: str | os.PathLik
     dist.barrier()
 
 
+def save_fsdp2_model(trainer, output_dir: str | os.PathLike) -> bool:
+    """What a trainer's final `save_model` writes under FSDP2: the whole weights (or a PEFT adapter), the tokenizer
+    and the training arguments, as an unsharded run writes them, so the next stage or `generate` can load the
+    folder. `Trainer.save_model` writes no weights under a sharded state dict (its checkpoints hold the shards, for
+    resuming). A collective; returns `False`, having done nothing, when the trainer's model is not FSDP2-sharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not (getattr(trainer, "is_fsdp_enabled", False) and isinstance(trainer.model, FSDPModule)):
+        return False
+    os.makedirs(output_dir, exist_ok=True)
+    save_sharded_pretrained(trainer.model, output_dir)
+    if trainer.args.should_save:
+        if trainer.processing_class is not None:
+            trainer.processing_class.save_pretrained(output_dir)
+        torch.save(trainer.args, os.path.join(output_dir, "training_args.bin"))
+    return True
+
+
 def save_sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, checkpoint_dir: str | os.PathLike):
     """Writes the model's and the optimizer's shards with `torch.distributed.checkpoint`: each rank writes its own,
     nothing is gathered. A collective; [`load_sharded_state`] reads it back on the same number of ranks or another.

@@ -1,16 +1,19 @@
 """Stage 1, PMTP: layout-to-image and image-to-layout packed in one sequence with a task-aware mask.
 
     accelerate launch recipes/pmtp.py --config recipes/configs/pmtp/shapes_tiny.yaml
+    accelerate launch recipes/pmtp.py --config recipes/configs/pmtp/shapes_tiny_kinds.yaml   # its second phase
 
 Any field can be overridden on the command line, e.g. `--max_steps 50 --output_dir outputs/try`.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from transformers import TrainerCallback, set_seed
 
 from echogen_rl.data.sources import LayoutDataArguments, build_layout_datasets, vq_tokenizer_for
-from echogen_rl.models.loading import JanusModelConfig, load_janus, lora_config_from
+from echogen_rl.models.loading import JanusModelConfig, load_janus, lora_config_from, require_start_checkpoint
 from echogen_rl.scripts.runner import RecipeParser
 from echogen_rl.trainer.pmtp_config import PMTPConfig
 from echogen_rl.trainer.pmtp_trainer import PMTPTrainer
@@ -22,6 +25,8 @@ def main(
     model_args: JanusModelConfig,
     callbacks: list[TrainerCallback] | None = None,
 ) -> PMTPTrainer:
+    if not model_args.build_tiny_if_missing:  # a second phase (shapes_tiny_kinds.yaml) starts from the first's output
+        require_start_checkpoint(model_args.model_name_or_path, Path(__file__))
     set_seed(training_args.seed)
     with training_args.main_process_first(desc="checkpoint and data"):
         model, tokenizer = load_janus(

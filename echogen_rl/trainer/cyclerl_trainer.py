@@ -15,7 +15,7 @@ from echogen_rl.models.grounding import Grounder
 from echogen_rl.models.modeling import freeze_untrained, image_token_logprobs, unwrap_janus
 from echogen_rl.models.prompts import PromptBuilder, pad_segments, parse_prompt_text
 from echogen_rl.models.sampling import resolve_guidance_scale
-from echogen_rl.models.sharding import prepare_sharding
+from echogen_rl.models.sharding import prepare_sharding, save_fsdp2_model
 from echogen_rl.rewards import layout_agreement, load_rewards
 from echogen_rl.rollout.base import RolloutEngine
 from echogen_rl.rollout.build import build_engine
@@ -128,6 +128,12 @@ class CycleRLTrainer(GRPOTrainer):
                 f"{self.layout_prompts.num_image_tokens} image tokens; set shapes_grid_size to the model's grid"
             )
         self.shapes_world = shapes_world
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """As `Trainer.save_model`; under FSDP2 the final save writes the whole weights ([`save_fsdp2_model`]),
+        while each checkpoint keeps the shards for resuming."""
+        if _internal_call or not save_fsdp2_model(self, output_dir or self.args.output_dir):
+            super().save_model(output_dir, _internal_call)
 
     def _ensure_engines(self) -> None:
         # Built on first use: the accelerator has wrapped the model by then, and we generate with its inner module.

@@ -8,7 +8,7 @@ from trl import SFTTrainer
 from echogen_rl.data.collators import AbsentPhrases, dataset_phrases, training_columns
 from echogen_rl.models.modeling import TargetLoss, freeze_untrained, unwrap_janus
 from echogen_rl.models.prompts import PromptBuilder
-from echogen_rl.models.sharding import prepare_sharding
+from echogen_rl.models.sharding import prepare_sharding, save_fsdp2_model
 from echogen_rl.trainer.callbacks import attach_sample_logging
 
 
@@ -52,6 +52,12 @@ class LayoutSFTTrainer(SFTTrainer):
         self.model_accepts_loss_kwargs = False
         prepare_sharding(self)
         attach_sample_logging(self, (eval_dataset, train_dataset))
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """As `Trainer.save_model`; under FSDP2 the final save writes the whole weights ([`save_fsdp2_model`]),
+        while each checkpoint keeps the shards for resuming."""
+        if _internal_call or not save_fsdp2_model(self, output_dir or self.args.output_dir):
+            super().save_model(output_dir, _internal_call)
 
     def prepare_stage(self, model, args, prompts: PromptBuilder, train_dataset, processing_class):
         """Everything the stage sets up before the `SFTTrainer` exists; returns its data collator."""

@@ -42,6 +42,12 @@ STAGES = {
     "djo": (DJOTrainer, DJOConfig, {}),
     # LoRA, a group of 4 split over the ranks, the disabled adapter as reference and grounder.
     "cyclerl": (CycleRLTrainer, CycleRLConfig, {"num_generations": 4, "beta": 0.04, "grounding_model": "reference"}),
+    # Full fine-tuning: TRL builds a reference copy (KL and grounder) and prepares it for FSDP itself.
+    "cyclerl-full": (
+        CycleRLTrainer,
+        CycleRLConfig,
+        {"num_generations": 4, "beta": 0.04, "grounding_model": "reference"},
+    ),
 }
 
 
@@ -84,22 +90,29 @@ def main() -> None:
     parser.add_argument("out_dir")
     parser.add_argument("--stage", choices=sorted(STAGES), required=True)
     parser.add_argument("--fsdp", action="store_true")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--save-steps", type=int, help="write a checkpoint every this many steps")
+    parser.add_argument("--resume", help="resume from this checkpoint folder (`resume_from_checkpoint`)")
+    parser.add_argument("--export", help="after training, `trainer.save_model` to this folder")
     args = parser.parse_args()
     if args.fsdp:
         force_fsdp2()
     trainer_cls, config_cls, extra = STAGES[args.stage]
-    shared = common_args(argparse.Namespace(out_dir=args.out_dir, steps=3, gradient_accumulation_steps=1))
+    shared = common_args(argparse.Namespace(out_dir=args.out_dir, steps=args.steps, gradient_accumulation_steps=1))
+    if args.save_steps:
+        shared |= {"save_strategy": "steps", "save_steps": args.save_steps}
     config = config_cls(**shared, per_device_train_batch_size=2, **extra)
     model = JanusForConditionalGeneration.from_pretrained(args.checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
-    if args.stage == "cyclerl":
+    if args.stage.startswith("cyclerl"):
+        lora = LoraConfig(r=4, lora_alpha=8, target_modules=DEFAULT_LORA_TARGETS) if args.stage == "cyclerl" else None
         trainer = trainer_cls(
             model,
             [mean_code],
             config,
             train_dataset=build_random_layout_dataset(16, 0, phrase_pool(), grid_size=8),
             processing_class=tokenizer,
-            peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=DEFAULT_LORA_TARGETS),
+            peft_config=lora,
         )
     else:
         trainer = trainer_cls(
@@ -110,8 +123,10 @@ def main() -> None:
     if args.fsdp:
         # CycleRL's set-up leaves the distributed type as the CPU chose it (observed): choose FSDP once more.
         fsdp2_state(trainer)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=args.resume)
     after = trainable_weights(trainer.model)
+    if args.export:
+        trainer.save_model(args.export)
     rank = dist.get_rank()
     record = {
         "rank": rank,
@@ -119,6 +134,7 @@ def main() -> None:
         "wrapped": type(trainer.model_wrapped).__name__,
         "fsdp2": isinstance(trainer.model, FSDPModule),
         "sharded": all(isinstance(p, DTensor) for p in trainer.model.parameters()),
+        "reference": None if getattr(trainer, "ref_model", None) is None else type(trainer.ref_model).__name__,
         "before": before,
         "after": after,
     }
