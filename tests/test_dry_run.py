@@ -96,9 +96,9 @@ def test_architecture_follows_the_chain_of_configs_back_to_a_hub_id(tmp_path, mo
     monkeypatch.chdir(tmp_path)  # the chain's relative outputs/... must not exist
     arch = resolve_architecture("outputs/pmtp-janus-pro-1b-coco")
     assert arch.config.text_config.hidden_size == 2048 and arch.via == ["recipes/configs/pmtp/janus_pro_1b_coco.yaml"]
-    arch = resolve_architecture("outputs/djo-shapes-tiny")  # DJO <- PMTP <- the tiny checkpoint
+    arch = resolve_architecture("outputs/djo-shapes-tiny")  # DJO <- PMTP's two phases <- the tiny checkpoint
     assert arch.config is None
-    assert [Path(v).parent.name for v in arch.via] == ["djo", "pmtp"]
+    assert [Path(v).parent.name for v in arch.via] == ["djo", "pmtp", "pmtp"]
 
     configs = tmp_path / "configs"
     _write_yaml(
