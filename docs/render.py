@@ -298,6 +298,76 @@ def paper_eval_cpu() -> str:
     )
 
 
+# The study of the two-phase PMTP (the second phase teaches the grounder shape); set b where it has run.
+KINDS_SETS = {"a": "study_kinds/study.json", "b": "study_kinds_b/study.json"}
+
+
+def _kinds_sets() -> dict[str, dict]:
+    return {name: _json(path) for name, path in KINDS_SETS.items() if (RESULTS / path).is_file()}
+
+
+def replication_kinds() -> str:
+    return format_replication(_kinds_sets())
+
+
+def reward_gate_kinds() -> str:
+    """Each set's reward check per grounder, and its gate (the DJO grounder's)."""
+    rows = []
+    for name, report in _kinds_sets().items():
+        for grounder, label in (("pmtp", "PMTP (scores cycle_miou_ref)"), ("djo", "DJO (CycleRL reward)")):
+            check = report["reward_check"][grounder]
+            gate = ("passed" if report["reward_gate"]["passed"] else "failed") if grounder == "djo" else ""
+            means = [f"{check[d]['mean']:.3f}" for d in ("correct", "filled", "other_kind", "empty")]
+            diffs = [_ci(check[f"correct_minus_{d}"]) for d in ("filled", "other_kind")]
+            rows.append([label, name, *means, *diffs, gate])
+    columns = ["grounder", "set", "correct", "filled", "other kind", "empty", "correct - filled"]
+    return _table([*columns, "correct - other kind", "gate"], rows)
+
+
+def kinds_validation() -> str:
+    """The second phase and DJO's kind negatives, chosen on the validation split (seed 0, 256 layouts)."""
+    runs = _json("study/kind_negatives_validation.json")["runs"]
+    rows = []
+    for key, row in runs.items():
+        settings = row.get("settings")
+        if not settings or settings.get("starts_from") == "tiny-janus":
+            continue  # the one-phase rows: the table above
+        check, scores = row["reward_check"], row["l2i_and_grounding"]
+        lr = settings.get("learning_rate", "DJO's")
+        steps = settings.get("max_steps", "DJO's")
+        rows.append(
+            [
+                settings["stage"].upper(),
+                f"`{settings['starts_from']}`",
+                f"{settings['kind_negative_prob']:g}",
+                str(steps),
+                f"{lr:g}" if isinstance(lr, float) else lr,
+                f"{check['correct']['mean']:.3f}",
+                f"{check['filled']['mean']:.3f}",
+                _ci(check["correct_minus_filled"]),
+                f"{scores['strict50_t1']:.3f}",
+                f"{scores['color_t1']:.3f}",
+            ]
+        )
+    columns = ["stage", "starts from", "kind negatives", "steps", "lr", "correct", "filled", "correct - filled"]
+    return _table([*columns, "strict50 (T=1)", "color (T=1)"], rows)
+
+
+def kinds_summary() -> str:
+    """The two-phase study in a few lines for the README: the reward gate and CycleRL against SFT continued."""
+    lines = []
+    for name, report in _kinds_sets().items():
+        check, gate = report["reward_check"]["djo"], report["reward_gate"]
+        row = report["comparisons"]["cyclerl_vs_sft_continued"]
+        metrics = ", ".join(f"`{m}` {_ci(row[m])}" for m in ("cycle_miou_ref", "tolerant_l2i", "strict50"))
+        lines.append(
+            f"- Set {name}: the reward grounder's correct - filled cycle IoU {_ci(check['correct_minus_filled'])} "
+            f"(gate at {gate['margin']}: {'passed' if gate['passed'] else 'failed'}); CycleRL - SFT continued "
+            f"(T=1) {metrics}{'' if gate['passed'] else ', no evidence while the gate fails'}.\n"
+        )
+    return "".join(lines)
+
+
 RENDERERS = {
     "demo-table": demo_table,
     "demo-run": demo_run,
@@ -309,6 +379,10 @@ RENDERERS = {
     "djo-control": djo_control,
     "djo-summary": djo_summary,
     "paper-eval-cpu": paper_eval_cpu,
+    "replication-kinds": replication_kinds,
+    "reward-gate-kinds": reward_gate_kinds,
+    "kinds-validation": kinds_validation,
+    "kinds-summary": kinds_summary,
 }
 
 
