@@ -82,6 +82,20 @@ def test_full_cyclerl_under_accelerates_fsdp2_path_trains_as_under_ddp(tiny_chec
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("stage", ["pmtp", "djo", "cyclerl-full"])
+def test_gradient_checkpointing_under_fsdp2_trains_as_without(tiny_checkpoint, tmp_path, stage):
+    """The 7B configs turn on gradient checkpointing under FSDP2: recomputing each layer in the backward, inside its
+    unit, gives the same losses and weights as DDP without it."""
+    args = ("--stage", stage, "--fsdp", "--gradient-checkpointing")
+    checkpointed = _step(tiny_checkpoint, tmp_path / "fsdp", *args, script="fsdp_trainer.py")
+    plain = _step(tiny_checkpoint, tmp_path / "ddp", "--stage", stage, script="fsdp_trainer.py")
+    assert checkpointed[0]["checkpointing"] and not plain[0]["checkpointing"] and checkpointed[0]["fsdp2"]
+    assert checkpointed[0]["losses"] == pytest.approx(plain[0]["losses"], abs=1e-5)
+    for name, value in checkpointed[0]["after"].items():
+        torch.testing.assert_close(value, plain[0]["after"][name], atol=1e-5, rtol=0, msg=name)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["pmtp", "djo", "cyclerl", "cyclerl-full"])
 def test_the_trainers_fsdp2_checkpoint_resumes_and_its_final_save_reloads(tiny_checkpoint, tmp_path, stage):
     """The real trainer under FSDP2: two steps with a checkpoint after the first; the same run resumed from that
@@ -102,7 +116,10 @@ def test_the_trainers_fsdp2_checkpoint_resumes_and_its_final_save_reloads(tiny_c
         script="fsdp_trainer.py",
     )
     checkpoint = tmp_path / "unbroken" / "run" / "checkpoint-1"
-    assert not list(checkpoint.glob("*.safetensors"))  # the checkpoint holds shards, not gathered weights
+    # The checkpoint holds the model's and AdamW's shards (one file per rank), not gathered weights.
+    assert not list(checkpoint.glob("*.safetensors"))
+    shards = {p.name for p in (checkpoint / "pytorch_model_fsdp_0").glob("*.distcp")}
+    assert shards == {"__0_0.distcp", "__1_0.distcp"} and (checkpoint / "optimizer_0").is_dir()
     resumed = _step(tiny_checkpoint, tmp_path / "resumed", *run, "--resume", str(checkpoint), script="fsdp_trainer.py")
     assert len(unbroken[0]["losses"]) == 2
     assert resumed[0]["losses"] == pytest.approx(unbroken[0]["losses"], abs=1e-6)

@@ -22,6 +22,8 @@ def prepare_sharding(trainer) -> None:
     FSDP1's auto-wrapping would leave the embeddings and heads in units gathered only around the model's `forward`,
     while they also run outside it (the heads at the positions with a target, DJO's soft tokens).
     """
+    from torch.distributed.fsdp import FSDPModule
+
     name = type(trainer).__name__
     if getattr(trainer, "is_fsdp_enabled", False):
         plugin = trainer.accelerator.state.fsdp_plugin
@@ -35,6 +37,11 @@ def prepare_sharding(trainer) -> None:
             mp_policy=getattr(plugin, "mixed_precision_policy", None),
             reshard_after_forward=bool(getattr(plugin, "reshard_after_forward", True)),
         )
+        reference = getattr(trainer, "ref_model", None)
+        if isinstance(reference, FSDPModule):
+            # TRL shards the reference as one unit; its heads run after its call, so it stays gathered from its
+            # call to the end of its use (`gathered_root` around each use frees it).
+            reference.set_reshard_after_forward(False)
         return
     asked = [kind for kind in ("DEEPSPEED", "FSDP") if os.environ.get(f"ACCELERATE_USE_{kind}", "").lower() == "true"]
     accelerator = getattr(trainer, "accelerator", None)

@@ -15,7 +15,7 @@ from echogen_rl.models.grounding import Grounder
 from echogen_rl.models.modeling import freeze_untrained, image_token_logprobs, unwrap_janus
 from echogen_rl.models.prompts import PromptBuilder, pad_segments, parse_prompt_text
 from echogen_rl.models.sampling import resolve_guidance_scale
-from echogen_rl.models.sharding import prepare_sharding, save_fsdp2_model
+from echogen_rl.models.sharding import gathered_root, prepare_sharding, save_fsdp2_model
 from echogen_rl.rewards import layout_agreement, load_rewards
 from echogen_rl.rollout.base import RolloutEngine
 from echogen_rl.rollout.build import build_engine
@@ -279,7 +279,9 @@ class CycleRLTrainer(GRPOTrainer):
         logps, entropies = [], []
         for start in range(0, input_ids.size(0), batch_size):
             ids, mask = input_ids[start : start + batch_size], attention_mask[start : start + batch_size]
-            with self.accelerator.autocast():
+            # The reference under FSDP2 is one unit (TRL's): gathered for the call and the head after it, then freed.
+            gathered = gathered_root(model) if model is self.ref_model else contextlib.nullcontext()
+            with self.accelerator.autocast(), gathered:
                 out = image_token_logprobs(
                     model,
                     ids[:, :-logits_to_keep],

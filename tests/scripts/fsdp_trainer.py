@@ -28,6 +28,7 @@ from transformers import AutoTokenizer, JanusForConditionalGeneration, Trainer
 from echogen_rl.data.random_layouts import build_random_layout_dataset
 from echogen_rl.data.shapes import build_shapes_dataset, phrase_pool
 from echogen_rl.models.loading import DEFAULT_LORA_TARGETS
+from echogen_rl.models.modeling import unwrap_janus
 from echogen_rl.trainer.cyclerl_config import CycleRLConfig
 from echogen_rl.trainer.cyclerl_trainer import CycleRLTrainer
 from echogen_rl.trainer.djo_config import DJOConfig
@@ -94,6 +95,7 @@ def main() -> None:
     parser.add_argument("--save-steps", type=int, help="write a checkpoint every this many steps")
     parser.add_argument("--resume", help="resume from this checkpoint folder (`resume_from_checkpoint`)")
     parser.add_argument("--export", help="after training, `trainer.save_model` to this folder")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="as the 7B configs train")
     args = parser.parse_args()
     if args.fsdp:
         force_fsdp2()
@@ -101,6 +103,8 @@ def main() -> None:
     shared = common_args(argparse.Namespace(out_dir=args.out_dir, steps=args.steps, gradient_accumulation_steps=1))
     if args.save_steps:
         shared |= {"save_strategy": "steps", "save_steps": args.save_steps}
+    if args.gradient_checkpointing:
+        shared |= {"gradient_checkpointing": True}
     config = config_cls(**shared, per_device_train_batch_size=2, **extra)
     model = JanusForConditionalGeneration.from_pretrained(args.checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
@@ -134,6 +138,7 @@ def main() -> None:
         "wrapped": type(trainer.model_wrapped).__name__,
         "fsdp2": isinstance(trainer.model, FSDPModule),
         "sharded": all(isinstance(p, DTensor) for p in trainer.model.parameters()),
+        "checkpointing": getattr(unwrap_janus(trainer.model), "is_gradient_checkpointing", False),
         "reference": None if getattr(trainer, "ref_model", None) is None else type(trainer.ref_model).__name__,
         "before": before,
         "after": after,
