@@ -328,7 +328,17 @@ def kinds_validation() -> str:
     """The second phase and DJO's kind negatives, chosen on the validation split (seed 0, 256 layouts)."""
     runs = _json("study/kind_negatives_validation.json")["runs"]
     rows = []
-    for key, row in runs.items():
+
+    def order(item):
+        settings = item[1].get("settings") or {}
+        return (
+            settings.get("stage") != "pmtp",
+            settings.get("starts_from", ""),
+            settings.get("max_steps", 0),
+            item[0],
+        )
+
+    for key, row in sorted(runs.items(), key=order):
         settings = row.get("settings")
         if not settings or settings.get("starts_from") == "tiny-janus":
             continue  # the one-phase rows: the table above
