@@ -338,7 +338,7 @@ def kinds_validation() -> str:
             item[0],
         )
 
-    for key, row in sorted(runs.items(), key=order):
+    for _, row in sorted(runs.items(), key=order):
         settings = row.get("settings")
         if not settings or settings.get("starts_from") == "tiny-janus":
             continue  # the one-phase rows: the table above
