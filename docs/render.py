@@ -52,6 +52,9 @@ DRY_RUN_ORDER = (
     "djo_janus_pro_1b",
     "cyclerl_janus_pro_1b_full",
     "cyclerl_janus_pro_1b_lora",
+    "pmtp_janus_pro_7b_coco",
+    "djo_janus_pro_7b",
+    "cyclerl_janus_pro_7b_full",
 )
 
 
@@ -101,9 +104,12 @@ def dry_run_cpu() -> str:
         sgd = " (sgd)" if report["changed"].get("optim") == "sgd" else ""
         trainable = f"{measured['parameters']['trainable'] / 1e9:.2f} B"
         peak = f"{measured['process_peak_bytes'] / GIB:.1f} GiB{sgd}"
-        rows.append(
-            [_config(report), f"{step['seconds']:.1f}", str(step["tokens"]), trainable, peak, *_estimates(report)]
-        )
+        config = _config(report)
+        if "depth" in measured:  # run at two depths, extrapolated to the full one (7B)
+            depth = measured["depth"]
+            layers = " and ".join(map(str, depth["measured_layers"]))
+            config += f" (run at {layers} of {depth['layers']} layers, extrapolated)"
+        rows.append([config, f"{step['seconds']:.1f}", str(step["tokens"]), trainable, peak, *_estimates(report)])
     return _table(columns, rows)
 
 
