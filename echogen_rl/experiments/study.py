@@ -240,22 +240,13 @@ def _plan_runs(out: Path, budget: StudyBudget, world: dict, first: int) -> tuple
     preference: the runs that others wait for, then the long ones; and the settings of each arm's runs, as
     `study.json` records them."""
     arms = budget.arms()
-    base_settings = {
-        **budget.pmtp,
-        **world,
-        "model_name_or_path": str(out / "tiny-janus"),
-        "cache_dir": str(out / "cache"),
-        **_run_settings(out / "pmtp_base", first),
-    }
     # PMTP in two phases, as the shipped configs chain them: the study's `pmtp` is the second, every arm starts
     # from it and its grounder scores `cycle_miou_ref`.
-    pmtp_settings = {
-        **budget.pmtp_kinds,
-        **world,
-        "model_name_or_path": str(out / "pmtp_base"),
-        "cache_dir": str(out / "cache"),
-        **_run_settings(out / "pmtp", first),
-    }
+    base_settings, pmtp_settings = (
+        {**fields, **world, "model_name_or_path": str(out / start), "cache_dir": str(out / "cache")}
+        | _run_settings(out / name, first)
+        for name, start, fields in (("pmtp_base", "tiny-janus", budget.pmtp), ("pmtp", "pmtp_base", budget.pmtp_kinds))
+    )
     djo_values = _values("djo", budget.djo)
     rl_values = _values("cyclerl", budget.cyclerl)
     settings: dict[str, dict] = {"pmtp_base": base_settings, "pmtp": pmtp_settings}
