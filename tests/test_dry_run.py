@@ -347,6 +347,12 @@ def test_gpu_estimate_adds_the_parts_and_shards_what_the_launch_config_shards():
         estimate_gpu_memory(measured, "djo", args, SimpleNamespace(use_peft=False), fsdp)["sharded_bytes"]
         == 700 / 4 + 120
     )
+    units = {**measured, "parameters": {**measured["parameters"], "total": 100, "root_unit": 10, "decoder_layer": 5}}
+    bf16 = SimpleNamespace(**vars(args), bf16=True)
+    gathered = estimate_gpu_memory(units, "cyclerl", bf16, SimpleNamespace(use_peft=False), fsdp)
+    assert gathered["gathered_bytes"] == 2 * (10 + 2 * 5 + 100)  # in bf16, with TRL's one-unit reference whole
+    assert gathered["sharded_bytes"] == 800 / 4 + 100 / 4 + 200 / 4 + 120 + 2 * (10 + 2 * 5 + 100)
+    assert estimate_gpu_memory(units, "pmtp", bf16, SimpleNamespace(use_peft=False), fsdp)["gathered_bytes"] == 40
     full = estimate_gpu_memory(measured, "cyclerl", args, SimpleNamespace(use_peft=False), None)
     assert full["reference_model"] and full["weights_bytes"] == 800  # beta > 0 without LoRA: a reference copy
     assert not estimate_gpu_memory(measured, "cyclerl", args, SimpleNamespace(use_peft=True), None)["reference_model"]

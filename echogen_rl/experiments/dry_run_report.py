@@ -68,9 +68,13 @@ def estimate_gpu_memory(measured: dict, stage: str, training_args, model_args, l
             # Sharded weights are gathered unit by unit: the root (text embeddings and head) for the whole step and
             # two decoder layers at a time (the one computing, the next prefetched), in the compute dtype.
             size = 2 if training_args.bf16 else p["weights_bytes"] / max(p["total"], 1)
-            sharded_terms["gathered"] = (p["root_unit"] + 2 * p["decoder_layer"]) * size
-            estimate["gathered_bytes"] = int(sharded_terms["gathered"])
+            gathered = p["root_unit"] + 2 * p["decoder_layer"]
             formula.append("gathered (root + 2 layers)")
+            if reference and kind == "FSDP":  # TRL shards the reference as one unit, gathered whole for its use
+                gathered += p["total"]
+                formula[-1] = "gathered (root + 2 layers + the whole reference)"
+            sharded_terms["gathered"] = gathered * size
+            estimate["gathered_bytes"] = int(sharded_terms["gathered"])
         estimate["sharded_formula"] = " + ".join(formula)
         estimate["sharded_bytes"] = int(sum(sharded_terms.values()))
     return estimate
