@@ -94,11 +94,11 @@ class DemoBudget:
         )
 
 
-def train_stage(stage: str, out: str, changes: dict, config: str | None = None) -> list[dict]:
-    """Runs the stage's shipped shapes config (or `config`, see [`shapes_config`]) through its recipe with `changes`
-    (a demo job); returns its log."""
-    config = shapes_config(config or stage)
-    trainer = run_recipe(stage, config, {**changes, **run_settings(out)}, [FollowThreadShare()])
+def train_stage(config: str, out: str, changes: dict) -> list[dict]:
+    """Runs a shipped shapes config (a stage, or `"<stage>/<name>"`, see [`shapes_config`]) through its stage's
+    recipe with `changes` (a demo job); returns its log."""
+    stage = config.split("/")[0]
+    trainer = run_recipe(stage, shapes_config(config), {**changes, **run_settings(out)}, [FollowThreadShare()])
     return trainer.state.log_history
 
 
@@ -224,7 +224,7 @@ def _jobs(out: Path, runs: dict[str, tuple], evaluations: dict[str, tuple], eval
         Job(
             f"train {name}",
             train_stage,
-            {"stage": config.split("/")[0], "out": str(out / name), "changes": changes, "config": config},
+            {"config": config, "out": str(out / name), "changes": changes},
             (f"train {after}",) if after else (),
             out / name / "train.log",
         )

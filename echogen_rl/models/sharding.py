@@ -157,25 +157,3 @@ def save_fsdp2_model(trainer, output_dir: str | os.PathLike) -> bool:
             trainer.processing_class.save_pretrained(output_dir)
         torch.save(trainer.args, os.path.join(output_dir, "training_args.bin"))
     return True
-
-
-def save_sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, checkpoint_dir: str | os.PathLike):
-    """Writes the model's and the optimizer's shards with `torch.distributed.checkpoint`: each rank writes its own,
-    nothing is gathered. A collective; [`load_sharded_state`] reads it back on the same number of ranks or another.
-    """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(checkpoint_dir))
-
-
-def load_sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, checkpoint_dir: str | os.PathLike):
-    """Loads what [`save_sharded_state`] wrote into a model sharded the same way and its optimizer. A collective."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(state, checkpoint_id=str(checkpoint_dir))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])

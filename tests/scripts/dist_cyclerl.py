@@ -35,6 +35,18 @@ class RecordingCycleRLTrainer(CycleRLTrainer):
         return out
 
 
+def build_trainer(trainer_cls, model, config, tokenizer, lora: bool):
+    """The distributed tests' CycleRL trainer: the mean-code reward on 16 random shapes layouts, LoRA or full."""
+    return trainer_cls(
+        model,
+        [mean_code],
+        config,
+        train_dataset=build_random_layout_dataset(16, 0, phrase_pool(), grid_size=8),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=DEFAULT_LORA_TARGETS) if lora else None,
+    )
+
+
 def main():
     args = parse_args()
     model = JanusForConditionalGeneration.from_pretrained(args.checkpoint)
@@ -49,15 +61,7 @@ def main():
         vllm_kv_cache_gib=0.05,
         vllm_enforce_eager=True,
     )
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=DEFAULT_LORA_TARGETS)
-    trainer = RecordingCycleRLTrainer(
-        model,
-        [mean_code],
-        config,
-        train_dataset=build_random_layout_dataset(16, 0, phrase_pool(), grid_size=8),
-        processing_class=tokenizer,
-        peft_config=lora,
-    )
+    trainer = build_trainer(RecordingCycleRLTrainer, model, config, tokenizer, lora=True)
     before = trainable(trainer.model)
     trainer.train()
     sync_count = getattr(trainer.rollout_engine, "sync_count", None)

@@ -19,15 +19,12 @@ import torch.distributed as dist
 import yaml
 from _dist import common_args
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-from dist_cyclerl import mean_code
-from peft import LoraConfig
+from dist_cyclerl import build_trainer
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from transformers import AutoTokenizer, JanusForConditionalGeneration, Trainer
 
-from echogen_rl.data.random_layouts import build_random_layout_dataset
-from echogen_rl.data.shapes import build_shapes_dataset, phrase_pool
-from echogen_rl.models.loading import DEFAULT_LORA_TARGETS
+from echogen_rl.data.shapes import build_shapes_dataset
 from echogen_rl.models.modeling import unwrap_janus
 from echogen_rl.trainer.cyclerl_config import CycleRLConfig
 from echogen_rl.trainer.cyclerl_trainer import CycleRLTrainer
@@ -109,15 +106,7 @@ def main() -> None:
     model = JanusForConditionalGeneration.from_pretrained(args.checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
     if args.stage.startswith("cyclerl"):
-        lora = LoraConfig(r=4, lora_alpha=8, target_modules=DEFAULT_LORA_TARGETS) if args.stage == "cyclerl" else None
-        trainer = trainer_cls(
-            model,
-            [mean_code],
-            config,
-            train_dataset=build_random_layout_dataset(16, 0, phrase_pool(), grid_size=8),
-            processing_class=tokenizer,
-            peft_config=lora,
-        )
+        trainer = build_trainer(trainer_cls, model, config, tokenizer, lora=args.stage == "cyclerl")
     else:
         trainer = trainer_cls(
             model, config, train_dataset=build_shapes_dataset(32, seed=0), processing_class=tokenizer
