@@ -5,8 +5,8 @@
     python benchmarks/reward_grounder_validation.py --out-dir outputs/kind_negatives \
         --djo-from curriculum_kind0.3_steps3000_lr0.0005 0 0.3
 
-Trains the shipped shapes PMTP config once per value (seed 0, everything else as the study runs it; the runs go side
-by side, one per core). With `--curriculum STEPS LR`, each value is instead a second phase: the shipped PMTP
+Trains the shipped shapes PMTP config once per value (seed 0, or each of `--seeds`; everything else as the study runs
+it; the runs go side by side, one per core). With `--curriculum STEPS LR`, each value is instead a second phase: the shipped PMTP
 (`kind_negative_prob` 0, trained first if missing) continued for STEPS steps at learning rate LR (cosine, no warm-up)
 with that value. With `--djo-from RUN`, each value is the shipped DJO's `kind_negative_prob` (seed 0), trained from
 that run in `--out-dir`. Then it scores each model on the validation layouts (never the held-out ones): the reward check
@@ -67,8 +67,8 @@ def ran_with(run: Path) -> dict:
     }
 
 
-def _job(name: str, run: Path, settings: dict, stage: str = "pmtp") -> Job:
-    settings = {**settings, "cache_dir": str(run.parent / "cache"), **_run_settings(run, 0)}
+def _job(name: str, run: Path, settings: dict, stage: str = "pmtp", seed: int = 0) -> Job:
+    settings = {**settings, "cache_dir": str(run.parent / "cache"), **_run_settings(run, seed)}
     return Job(
         name,
         train_run,
@@ -85,6 +85,13 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=None, help="PMTP steps (default: the config's)")
     parser.add_argument("--curriculum", nargs=2, metavar=("STEPS", "LR"), help="a second phase from the shipped PMTP")
     parser.add_argument("--djo-from", help="train the shipped DJO (seed 0) from this run in --out-dir, per value")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="training seeds (run folders of seeds other than 0 end in _seedS)",
+    )
     parser.add_argument("probs", type=float, nargs="+")
     args = parser.parse_args()
     out = args.out_dir
@@ -92,25 +99,34 @@ def main() -> None:
     ensure_tiny_checkpoint(tiny)
     first = {"model_name_or_path": str(tiny), **({"max_steps": args.max_steps} if args.max_steps else {})}
     stage = "pmtp"
-    if args.djo_from:
-        stage, start = "djo", out / args.djo_from
-        runs = {f"{p:g}": out / f"djo_kind{p:g}_from_{args.djo_from}" for p in args.probs}
-        settings = {
-            key: {"model_name_or_path": str(start), "kind_negative_prob": p} for key, p in zip(runs, args.probs)
-        }
-    elif args.curriculum:
-        steps, lr = int(args.curriculum[0]), float(args.curriculum[1])
-        start = out / "pmtp_kind0"
-        if not (start / "study_run.json").exists():
-            run_jobs([_job("train the shipped PMTP", start, {**first, "kind_negative_prob": 0.0})], 1, "[validation]")
-        runs = {f"{p:g}": out / f"curriculum_kind{p:g}_steps{steps}_lr{lr:g}" for p in args.probs}
-        second = {"model_name_or_path": str(start), "max_steps": steps, "learning_rate": lr, "warmup_steps": 0}
-        settings = {key: {**second, "kind_negative_prob": p} for key, p in zip(runs, args.probs)}
-    else:
-        runs = {f"{p:g}": out / f"pmtp_kind{p:g}" for p in args.probs}
-        settings = {key: {**first, "kind_negative_prob": p} for key, p in zip(runs, args.probs)}
+    runs, settings, seeds, firsts = {}, {}, {}, []
+    for seed in args.seeds:
+        suffix = f"_seed{seed}" if seed else ""
+        if args.djo_from:
+            stage, start = "djo", out / (args.djo_from + suffix)
+            named = {f"{p:g}{suffix}": (out / f"djo_kind{p:g}_from_{args.djo_from}{suffix}", p) for p in args.probs}
+            base = {"model_name_or_path": str(start)}
+        elif args.curriculum:
+            steps, lr = int(args.curriculum[0]), float(args.curriculum[1])
+            start = out / f"pmtp_kind0{suffix}"
+            if not (start / "study_run.json").exists():
+                firsts.append(
+                    _job(
+                        f"train the shipped PMTP (seed {seed})", start, {**first, "kind_negative_prob": 0.0}, seed=seed
+                    )
+                )
+            named = {
+                f"{p:g}{suffix}": (out / f"curriculum_kind{p:g}_steps{steps}_lr{lr:g}{suffix}", p) for p in args.probs
+            }
+            base = {"model_name_or_path": str(start), "max_steps": steps, "learning_rate": lr, "warmup_steps": 0}
+        else:
+            named = {f"{p:g}{suffix}": (out / f"pmtp_kind{p:g}{suffix}", p) for p in args.probs}
+            base = first
+        for key, (run, p) in named.items():
+            runs[key], settings[key], seeds[key] = run, {**base, "kind_negative_prob": p}, seed
+    run_jobs(firsts, args.jobs, prefix="[validation]")
     jobs = [
-        _job(f"train kind_negative_prob={key}", run, settings[key], stage)
+        _job(f"train kind_negative_prob={key}", run, settings[key], stage, seeds[key])
         for key, run in runs.items()
         if not (run / "study_run.json").exists()
     ]
@@ -144,7 +160,7 @@ def main() -> None:
     report = {
         "split": "validation",
         "layouts": len(targets),
-        "seed": 0,
+        "seeds": sorted({row["settings"].get("seed", 0) for row in rows.values() if row.get("settings")}),
         "config": "recipes/configs/pmtp/shapes_tiny.yaml",
         "runs": rows,
         **provenance(),
