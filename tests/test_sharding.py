@@ -1,38 +1,44 @@
-"""FSDP2 (`shard_janus`) on two CPU processes over gloo, around each stage's own loss function (CycleRL: on its own
+"""Sharded training on two CPU processes over gloo: FSDP2 (`shard_janus`) and DeepSpeed ZeRO-3, each stage's real
+trainer against the same trainer under DDP, and FSDP2 around each stage's own loss function (CycleRL: on its own
 rollout): one step's loss and update equal the unsharded step's on the same global batch, and the ranks agree.
 
-accelerate turns FSDP on only for GPU processes, so these tests apply `fully_shard` the way `shard_janus` does and
-call the stages' loss functions (`pmtp_losses`, `djo_losses`, `image_token_logprobs`) directly (`tests/scripts/fsdp_step.py`)."""
+accelerate turns FSDP on only for GPU processes: `tests/scripts/sharded_trainer.py` sets the state's distributed type
+(its docstring says how), and `tests/scripts/fsdp_step.py` applies `fully_shard` the way `shard_janus` does and calls
+the stages' loss functions (`pmtp_losses`, `djo_losses`, `image_token_logprobs`) directly. ZeRO-3 runs under
+`accelerate launch --config_file recipes/accelerate_configs/zero3.yaml` with `DS_ACCELERATOR=cpu`."""
 
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from accelerate.utils import DistributedType
+
+from echogen_rl.models.sharding import prepare_sharding
 
 SCRIPTS = Path(__file__).parent / "scripts"
+CONFIGS = Path(__file__).parents[1] / "recipes" / "accelerate_configs"
 
 
-def _step(checkpoint, out_dir: Path, *args: str, script: str = "fsdp_step.py") -> list[dict]:
+def _step(checkpoint, out_dir: Path, *args: str, script: str = "fsdp_step.py", deepspeed: str = "") -> list[dict]:
+    """Runs `script` on two processes: torch.distributed.run, or with `deepspeed` ("zero2", "zero3"), accelerate
+    launch with that shipped config."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     out_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2"]
-    cmd += [
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(port),
-        str(SCRIPTS / script),
-        str(checkpoint),
-        str(out_dir),
-        *args,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    if deepspeed:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / f"{deepspeed}.yaml")]
+        cmd += ["--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(port)]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2"]
+        cmd += ["--master_addr", "127.0.0.1", "--master_port", str(port)]
+    cmd += [str(SCRIPTS / script), str(checkpoint), str(out_dir), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return [torch.load(out_dir / f"rank{i}.pt") for i in range(2)]
@@ -58,12 +64,18 @@ def _check_sharded_step(ranks: list[dict], tol: float = 1e-5) -> None:
 def test_the_trainer_under_accelerates_fsdp2_path_trains_as_under_ddp(tiny_checkpoint, tmp_path, stage):
     """The real trainer (accelerate's prepare, AdamW on DTensors, clipping, logging), sharded by `shard_janus`,
     against the same trainer under DDP: the same losses and the same weights after three steps."""
-    sharded = _step(tiny_checkpoint, tmp_path / "fsdp", "--stage", stage, "--fsdp", script="fsdp_trainer.py")
+    sharded = _step(tiny_checkpoint, tmp_path / "fsdp", "--stage", stage, "--fsdp", script="sharded_trainer.py")
     if stage == "cyclerl-full":  # TRL's reference copy, prepared by TRL for FSDP2
         assert sharded[0]["reference"] is not None and sharded[0]["reference"].startswith("FSDP")
-    plain = _step(tiny_checkpoint, tmp_path / "ddp", "--stage", stage, script="fsdp_trainer.py")
-    assert sharded[0]["fsdp2"] and sharded[0]["sharded"] and plain[0]["wrapped"] == "DistributedDataParallel"
+    plain = _step(tiny_checkpoint, tmp_path / "ddp", "--stage", stage, script="sharded_trainer.py")
+    assert sharded[0]["fsdp2"] and sharded[0]["sharded"]
     assert sharded[0]["wrapped"] in ("FSDPJanusForConditionalGeneration", "FSDPPeftModel")
+    _assert_trains_as_under_ddp(sharded, plain)
+
+
+def _assert_trains_as_under_ddp(sharded: list[dict], plain: list[dict]) -> None:
+    """Three steps: the same losses and weights as DDP (1e-5), the ranks agree, and training moved the weights."""
+    assert plain[0]["wrapped"] == "DistributedDataParallel"
     assert len(sharded[0]["losses"]) == 3
     assert sharded[0]["losses"] == pytest.approx(plain[0]["losses"], abs=1e-5)
     after = sharded[0]["after"]
@@ -81,14 +93,54 @@ def test_full_cyclerl_under_accelerates_fsdp2_path_trains_as_under_ddp(tiny_chec
     test_the_trainer_under_accelerates_fsdp2_path_trains_as_under_ddp(tiny_checkpoint, tmp_path, "cyclerl-full")
 
 
+@pytest.mark.parametrize(
+    ("config", "stage"),
+    [
+        ("zero3", "pmtp"),
+        *(pytest.param("zero3", s, marks=pytest.mark.slow) for s in ("djo", "cyclerl", "cyclerl-full")),
+        pytest.param("zero2", "pmtp", marks=pytest.mark.slow),
+    ],
+)
+def test_the_trainer_under_deepspeed_trains_as_under_ddp(tiny_checkpoint, tmp_path, config, stage):
+    """`accelerate launch` with the shipped zero3.yaml (zero2.yaml) on two CPU processes, DeepSpeed over gloo: the
+    real trainer in DeepSpeed's engine, ZeRO-3 partitioning every weight over the ranks (ZeRO-2 the optimizer state),
+    against the same trainer under DDP."""
+    args = ("--stage", stage, "--deepspeed")
+    sharded = _step(tiny_checkpoint, tmp_path / config, *args, script="sharded_trainer.py", deepspeed=config)
+    plain = _step(tiny_checkpoint, tmp_path / "ddp", "--stage", stage, script="sharded_trainer.py")
+    # accelerate counted one process (what the trainers refuse); the script counted two, as torch.distributed does.
+    assert sharded[0]["accelerate_counted"] == 1
+    assert sharded[0]["wrapped"] == "DeepSpeedEngine" and sharded[0]["zero_stage"] == int(config[-1])
+    if config == "zero2":
+        assert sharded[0]["optimizer"] == "DeepSpeedZeroOptimizer"
+    else:
+        assert sharded[0]["optimizer"] == "DeepSpeedZeroOptimizer_Stage3"
+        for rank in sharded:  # each rank holds half of every weight (a shard is padded by at most one element)
+            assert 0 <= 2 * rank["local_numel"] - rank["full_numel"] <= rank["tensors"]
+    if stage == "cyclerl-full":  # TRL's reference copy, prepared by TRL for DeepSpeed
+        assert sharded[0]["reference"] == "DeepSpeedEngine"
+    _assert_trains_as_under_ddp(sharded, plain)
+
+
+def test_a_trainer_refuses_deepspeed_that_counts_fewer_processes_than_launched(monkeypatch):
+    """accelerate's DeepSpeed path on CPU processes counts one process: every process would train on the same batches."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    accelerator = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=1)
+    trainer = SimpleNamespace(accelerator=accelerator, is_fsdp_enabled=False)
+    with pytest.raises(RuntimeError, match="over the 2 launched processes, but accelerate counts 1"):
+        prepare_sharding(trainer)
+    accelerator.num_processes = 2
+    prepare_sharding(trainer)  # counted: trains
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["pmtp", "djo", "cyclerl-full"])
 def test_gradient_checkpointing_under_fsdp2_trains_as_without(tiny_checkpoint, tmp_path, stage):
     """The 7B configs turn on gradient checkpointing under FSDP2: recomputing each layer in the backward, inside its
     unit, gives the same losses and weights as DDP without it."""
     args = ("--stage", stage, "--fsdp", "--gradient-checkpointing")
-    checkpointed = _step(tiny_checkpoint, tmp_path / "fsdp", *args, script="fsdp_trainer.py")
-    plain = _step(tiny_checkpoint, tmp_path / "ddp", "--stage", stage, script="fsdp_trainer.py")
+    checkpointed = _step(tiny_checkpoint, tmp_path / "fsdp", *args, script="sharded_trainer.py")
+    plain = _step(tiny_checkpoint, tmp_path / "ddp", "--stage", stage, script="sharded_trainer.py")
     assert checkpointed[0]["checkpointing"] and not plain[0]["checkpointing"] and checkpointed[0]["fsdp2"]
     assert checkpointed[0]["losses"] == pytest.approx(plain[0]["losses"], abs=1e-5)
     for name, value in checkpointed[0]["after"].items():
@@ -113,14 +165,16 @@ def test_the_trainers_fsdp2_checkpoint_resumes_and_its_final_save_reloads(tiny_c
         "1",
         "--export",
         str(export),
-        script="fsdp_trainer.py",
+        script="sharded_trainer.py",
     )
     checkpoint = tmp_path / "unbroken" / "run" / "checkpoint-1"
     # The checkpoint holds the model's and AdamW's shards (one file per rank), not gathered weights.
     assert not list(checkpoint.glob("*.safetensors"))
     shards = {p.name for p in (checkpoint / "pytorch_model_fsdp_0").glob("*.distcp")}
     assert shards == {"__0_0.distcp", "__1_0.distcp"} and (checkpoint / "optimizer_0").is_dir()
-    resumed = _step(tiny_checkpoint, tmp_path / "resumed", *run, "--resume", str(checkpoint), script="fsdp_trainer.py")
+    resumed = _step(
+        tiny_checkpoint, tmp_path / "resumed", *run, "--resume", str(checkpoint), script="sharded_trainer.py"
+    )
     assert len(unbroken[0]["losses"]) == 2
     assert resumed[0]["losses"] == pytest.approx(unbroken[0]["losses"], abs=1e-6)
     after = unbroken[0]["after"]

@@ -15,9 +15,10 @@ from echogen_rl.models.modeling import soft_code_inputs, unwrap_janus
 
 def prepare_sharding(trainer) -> None:
     """Shards a trainer's model with [`shard_janus`] under accelerate's FSDP2 (before accelerate prepares it, which
-    then leaves an FSDP2 model as it is); stops it under FSDP1 with a message that says what to use instead; and
-    warns when an accelerate config asked for FSDP or DeepSpeed but the processes run plain data parallelism
-    (accelerate does so on CPUs).
+    then leaves an FSDP2 model as it is); stops it under FSDP1 with a message that says what to use instead, and
+    under DeepSpeed when accelerate counts fewer processes than were launched (its DeepSpeed path on CPU processes
+    counts one: every process would train on the same batches); warns when an accelerate config asked for FSDP or
+    DeepSpeed but the processes run plain data parallelism.
 
     FSDP1's auto-wrapping would leave the embeddings and heads in units gathered only around the model's `forward`,
     while they also run outside it (the heads at the positions with a target, DJO's soft tokens).
@@ -43,8 +44,18 @@ def prepare_sharding(trainer) -> None:
             # call to the end of its use (`gathered_root` around each use frees it).
             reference.set_reshard_after_forward(False)
         return
-    asked = [kind for kind in ("DEEPSPEED", "FSDP") if os.environ.get(f"ACCELERATE_USE_{kind}", "").lower() == "true"]
     accelerator = getattr(trainer, "accelerator", None)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator is not None and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        if accelerator.num_processes != launched:
+            raise RuntimeError(
+                f"{name}: DeepSpeed runs over the {launched} launched processes, but accelerate counts "
+                f"{accelerator.num_processes} (its DeepSpeed path does so on CPU processes), so every process would "
+                "train on the same batches. On CPU processes, set the counts of accelerate's `PartialState` from "
+                "torch.distributed before building the training arguments (tests/scripts/sharded_trainer.py, "
+                "`count_processes`)."
+            )
+    asked = [kind for kind in ("DEEPSPEED", "FSDP") if os.environ.get(f"ACCELERATE_USE_{kind}", "").lower() == "true"]
     if asked and accelerator is not None and accelerator.distributed_type == DistributedType.MULTI_CPU:
         warnings.warn(
             f"{name}: the accelerate config asks for {asked[0]}, but on CPU processes accelerate runs plain data "

@@ -1,5 +1,5 @@
-"""A stage's real trainer for a few steps on two processes (`torch.distributed.run`), under accelerate's FSDP2 path
-(`--fsdp`) or plain DDP, so that the test can compare the two.
+"""A stage's real trainer for a few steps on two processes, under accelerate's FSDP2 path (`--fsdp`), its DeepSpeed
+path (`--deepspeed`: ZeRO-2 or ZeRO-3) or plain DDP, so that the tests can compare them.
 
 accelerate takes its FSDP branch only for GPU-type runs; on CPU processes it picks plain data parallelism. With
 `--fsdp` this script changes only that choice, after accelerate's device check: the accelerator's state is set to
@@ -8,16 +8,27 @@ Everything after that (the trainer sharding its model with `shard_janus`, accele
 DTensors, gradient clipping, logging) is the real code path. Each rank writes `rank{r}.pt`: the logged losses, the
 wrapper types, and the trainable weights after training, gathered whole.
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/scripts/fsdp_trainer.py CKPT OUT --stage pmtp --fsdp
+DeepSpeed runs as a user runs it, under `accelerate launch --config_file recipes/accelerate_configs/zero3.yaml` (with
+`DS_ACCELERATOR=cpu`, the test's process count and no mixed precision): accelerate then turns DeepSpeed on, and
+DeepSpeed starts gloo over the processes, but accelerate's state, having found no backend of its own for CPU
+processes, counts one process. With `--deepspeed` this script sets the state's process counts to torch.distributed's
+before the training arguments are built (`count_processes`), and nothing else; the trainers refuse the uncounted state.
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/scripts/sharded_trainer.py CKPT OUT --stage pmtp --fsdp
+    DS_ACCELERATOR=cpu accelerate launch --config_file recipes/accelerate_configs/zero3.yaml --num_processes 2 \
+        --mixed_precision no tests/scripts/sharded_trainer.py CKPT OUT --stage pmtp --deepspeed
 """
 
 import argparse
+import contextlib
+import os
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import yaml
 from _dist import common_args
+from accelerate import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from dist_cyclerl import build_trainer
 from torch.distributed.fsdp import FSDPModule
@@ -73,13 +84,38 @@ def force_fsdp2() -> None:
     Trainer.create_accelerator_and_postprocess = create
 
 
+def count_processes(state) -> int:
+    """accelerate's state under `accelerate launch` with a DeepSpeed config on CPU processes: DeepSpeed is on, over
+    gloo, but the state counts one process. Sets its counts to torch.distributed's; returns the count it found."""
+    assert os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" and state.distributed_type == DistributedType.DEEPSPEED
+    found = state.num_processes
+    state.num_processes, state.process_index = dist.get_world_size(), dist.get_rank()
+    state.local_process_index = int(os.environ["LOCAL_RANK"])
+    return found
+
+
 def trainable_weights(model) -> dict[str, torch.Tensor]:
-    """The trainable weights, gathered whole from their shards (a collective under FSDP2)."""
-    return {
-        n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
-        for n, p in model.named_parameters()
-        if p.requires_grad
-    }
+    """The trainable weights, gathered whole from their shards (a collective under FSDP2 and ZeRO-3)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    gathered = contextlib.nullcontext()
+    if any(hasattr(p, "ds_id") for _, p in named):  # ZeRO-3 partitions
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters([p for _, p in named])
+    with gathered:
+        return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for n, p in named}
+
+
+def deepspeed_record(engine) -> dict:
+    """What ran under `--deepspeed`: DeepSpeed's engine, its ZeRO stage and optimizer, and (ZeRO-3) each rank's share
+    of the weights."""
+    params = list(engine.module.parameters())
+    record = {"zero_stage": engine.zero_optimization_stage(), "optimizer": type(engine.optimizer).__name__}
+    if record["zero_stage"] == 3:
+        record["local_numel"] = sum(p.ds_tensor.numel() for p in params)
+        record["full_numel"] = sum(p.ds_numel for p in params)
+        record["tensors"] = len(params)
+    return record
 
 
 def main() -> None:
@@ -88,6 +124,9 @@ def main() -> None:
     parser.add_argument("out_dir")
     parser.add_argument("--stage", choices=sorted(STAGES), required=True)
     parser.add_argument("--fsdp", action="store_true")
+    parser.add_argument(
+        "--deepspeed", action="store_true", help="under accelerate launch with zero2.yaml or zero3.yaml"
+    )
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--save-steps", type=int, help="write a checkpoint every this many steps")
     parser.add_argument("--resume", help="resume from this checkpoint folder (`resume_from_checkpoint`)")
@@ -102,6 +141,11 @@ def main() -> None:
         shared |= {"save_strategy": "steps", "save_steps": args.save_steps}
     if args.gradient_checkpointing:
         shared |= {"gradient_checkpointing": True}
+    if args.deepspeed:
+        # Counted before the config is built (TRL's GRPOConfig sizes its generation batch by the process count),
+        # which then keeps the state (`use_configured_state`); accelerate's DeepSpeed path needs `use_cpu` off.
+        counted = count_processes(PartialState())
+        shared |= {"use_cpu": False, "accelerator_config": {"use_configured_state": True}}
     config = config_cls(**shared, per_device_train_batch_size=2, **extra)
     model = JanusForConditionalGeneration.from_pretrained(args.checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
@@ -129,6 +173,7 @@ def main() -> None:
         "sharded": all(isinstance(p, DTensor) for p in trainer.model.parameters()),
         "checkpointing": getattr(unwrap_janus(trainer.model), "is_gradient_checkpointing", False),
         "reference": None if getattr(trainer, "ref_model", None) is None else type(trainer.ref_model).__name__,
+        **({"accelerate_counted": counted, **deepspeed_record(trainer.model_wrapped)} if args.deepspeed else {}),
         "before": before,
         "after": after,
     }
