@@ -331,7 +331,8 @@ def reward_gate_kinds() -> str:
 
 
 def kinds_validation() -> str:
-    """The second phase and DJO's kind negatives, chosen on the validation split (seed 0, 256 layouts)."""
+    """The second phase and DJO's kind negatives, chosen on the validation split (256 layouts; seed 0, then the
+    chosen phase and one alternative on two more first-phase seeds)."""
     runs = _json("study/kind_negatives_validation.json")["runs"]
     rows = []
 
@@ -341,6 +342,7 @@ def kinds_validation() -> str:
             settings.get("stage") != "pmtp",
             settings.get("starts_from", ""),
             settings.get("max_steps", 0),
+            settings.get("seed", 0),
             item[0],
         )
 
@@ -354,6 +356,7 @@ def kinds_validation() -> str:
         rows.append(
             [
                 settings["stage"].upper(),
+                str(settings.get("seed", 0)),
                 f"`{settings['starts_from']}`",
                 f"{settings['kind_negative_prob']:g}",
                 str(steps),
@@ -365,7 +368,17 @@ def kinds_validation() -> str:
                 f"{scores['color_t1']:.3f}",
             ]
         )
-    columns = ["stage", "starts from", "kind negatives", "steps", "lr", "correct", "filled", "correct - filled"]
+    columns = [
+        "stage",
+        "seed",
+        "starts from",
+        "kind negatives",
+        "steps",
+        "lr",
+        "correct",
+        "filled",
+        "correct - filled",
+    ]
     return _table([*columns, "strict50 (T=1)", "color (T=1)"], rows)
 
 
