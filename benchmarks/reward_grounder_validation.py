@@ -6,10 +6,11 @@
         --djo-from curriculum_kind0.3_steps3000_lr0.0005 0 0.3
 
 Trains the shipped shapes PMTP config once per value (seed 0, or each of `--seeds`; everything else as the study runs
-it; the runs go side by side, one per core). With `--curriculum STEPS LR`, each value is instead a second phase: the shipped PMTP
-(`kind_negative_prob` 0, trained first if missing) continued for STEPS steps at learning rate LR (cosine, no warm-up)
-with that value. With `--djo-from RUN`, each value is the shipped DJO's `kind_negative_prob` (seed 0), trained from
-that run in `--out-dir`. Then it scores each model on the validation layouts (never the held-out ones): the reward check
+it; the runs go side by side, one per core). With `--curriculum STEPS LR`, each value is instead a second phase: the
+shipped PMTP (`kind_negative_prob` 0, trained first if missing) continued for STEPS steps at learning rate LR (cosine,
+no warm-up) with that value; with `--from RUN` as well, RUN in `--out-dir` is continued instead (`RUN_then_kindP`).
+With `--djo-from RUN`, each value is the shipped DJO's `kind_negative_prob`, trained from that run in `--out-dir`.
+Then it scores each model on the validation layouts (never the held-out ones): the reward check
 (cycle IoU its grounder gives a correct drawing, the boxes filled with their colors, another kind in each box, an
 empty image; paired intervals), its grounding of the real images, and its L2I scores as the study scores them.
 Writes `kind_negatives_validation.json` to `--out-dir`; the shipped value came from
@@ -84,6 +85,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--max-steps", type=int, default=None, help="PMTP steps (default: the config's)")
     parser.add_argument("--curriculum", nargs=2, metavar=("STEPS", "LR"), help="a second phase from the shipped PMTP")
+    parser.add_argument("--from", dest="start", help="with --curriculum: continue this run in --out-dir instead")
     parser.add_argument("--djo-from", help="train the shipped DJO (seed 0) from this run in --out-dir, per value")
     parser.add_argument(
         "--seeds",
@@ -108,16 +110,17 @@ def main() -> None:
             base = {"model_name_or_path": str(start)}
         elif args.curriculum:
             steps, lr = int(args.curriculum[0]), float(args.curriculum[1])
-            start = out / f"pmtp_kind0{suffix}"
-            if not (start / "study_run.json").exists():
+            start = out / f"{args.start or 'pmtp_kind0'}{suffix}"
+            if not args.start and not (start / "study_run.json").exists():
                 firsts.append(
                     _job(
                         f"train the shipped PMTP (seed {seed})", start, {**first, "kind_negative_prob": 0.0}, seed=seed
                     )
                 )
-            named = {
-                f"{p:g}{suffix}": (out / f"curriculum_kind{p:g}_steps{steps}_lr{lr:g}{suffix}", p) for p in args.probs
-            }
+            name = (
+                f"curriculum_kind{{:g}}_steps{steps}_lr{lr:g}" if not args.start else f"{args.start}_then_kind{{:g}}"
+            )
+            named = {f"{p:g}{suffix}": (out / (name.format(p) + suffix), p) for p in args.probs}
             base = {"model_name_or_path": str(start), "max_steps": steps, "learning_rate": lr, "warmup_steps": 0}
         else:
             named = {f"{p:g}{suffix}": (out / f"pmtp_kind{p:g}{suffix}", p) for p in args.probs}
