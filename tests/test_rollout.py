@@ -183,9 +183,12 @@ def test_sampled_logprobs_equal_an_independent_naive_recomputation(
     trainer = image_token_logprobs(
         noisy_model, ids, mask, out.codes, _special(prompts), guidance, temperature, top_k, mode
     )
-    torch.testing.assert_close(trainer, naive, atol=1e-4, rtol=0)
+    # CFG scales the float32 rounding of the two branches' logits by about the guidance (1.2e-4 seen at guidance 5
+    # on one machine, cached against full recomputation); a wrong formula is off by far more.
+    tol = 1e-4 * max(1.0, guidance if mode == "cfg" else 1.0)
+    torch.testing.assert_close(trainer, naive, atol=tol, rtol=0)
     if mode == "cfg":
-        torch.testing.assert_close(out.logprobs, naive, atol=1e-4, rtol=0)
+        torch.testing.assert_close(out.logprobs, naive, atol=tol, rtol=0)
 
 
 def test_the_naive_reference_can_tell_a_wrong_formula(noisy_model, prompts):
