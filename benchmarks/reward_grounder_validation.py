@@ -86,7 +86,7 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=None, help="PMTP steps (default: the config's)")
     parser.add_argument("--curriculum", nargs=2, metavar=("STEPS", "LR"), help="a second phase from the shipped PMTP")
     parser.add_argument("--from", dest="start", help="with --curriculum: continue this run in --out-dir instead")
-    parser.add_argument("--djo-from", help="train the shipped DJO (seed 0) from this run in --out-dir, per value")
+    parser.add_argument("--djo-from", help="train the shipped DJO from this run in --out-dir, per value and seed")
     parser.add_argument(
         "--seeds",
         type=int,
@@ -117,10 +117,9 @@ def main() -> None:
                         f"train the shipped PMTP (seed {seed})", start, {**first, "kind_negative_prob": 0.0}, seed=seed
                     )
                 )
-            name = (
-                f"curriculum_kind{{:g}}_steps{steps}_lr{lr:g}" if not args.start else f"{args.start}_then_kind{{:g}}"
-            )
-            named = {f"{p:g}{suffix}": (out / (name.format(p) + suffix), p) for p in args.probs}
+            stem = f"{args.start}_then_kind" if args.start else "curriculum_kind"
+            tail = "" if args.start else f"_steps{steps}_lr{lr:g}"
+            named = {f"{p:g}{suffix}": (out / f"{stem}{p:g}{tail}{suffix}", p) for p in args.probs}
             base = {"model_name_or_path": str(start), "max_steps": steps, "learning_rate": lr, "warmup_steps": 0}
         else:
             named = {f"{p:g}{suffix}": (out / f"pmtp_kind{p:g}{suffix}", p) for p in args.probs}

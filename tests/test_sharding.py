@@ -142,9 +142,7 @@ def test_gradient_checkpointing_under_fsdp2_trains_as_without(tiny_checkpoint, t
     checkpointed = _step(tiny_checkpoint, tmp_path / "fsdp", *args, script="sharded_trainer.py")
     plain = _step(tiny_checkpoint, tmp_path / "ddp", "--stage", stage, script="sharded_trainer.py")
     assert checkpointed[0]["checkpointing"] and not plain[0]["checkpointing"] and checkpointed[0]["fsdp2"]
-    assert checkpointed[0]["losses"] == pytest.approx(plain[0]["losses"], abs=1e-5)
-    for name, value in checkpointed[0]["after"].items():
-        torch.testing.assert_close(value, plain[0]["after"][name], atol=1e-5, rtol=0, msg=name)
+    _assert_trains_as_under_ddp(checkpointed, plain)
 
 
 @pytest.mark.slow

@@ -45,15 +45,14 @@ def prepare_sharding(trainer) -> None:
             reference.set_reshard_after_forward(False)
         return
     accelerator = getattr(trainer, "accelerator", None)
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator is not None and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
         if accelerator.num_processes != launched:
             raise RuntimeError(
                 f"{name}: DeepSpeed runs over the {launched} launched processes, but accelerate counts "
                 f"{accelerator.num_processes} (its DeepSpeed path does so on CPU processes), so every process would "
-                "train on the same batches. On CPU processes, set the counts of accelerate's `PartialState` from "
-                "torch.distributed before building the training arguments (tests/scripts/sharded_trainer.py, "
-                "`count_processes`)."
+                "train on the same batches. On CPU processes, set `num_processes` and `process_index` of accelerate's "
+                "`PartialState` from torch.distributed before building the training arguments."
             )
     asked = [kind for kind in ("DEEPSPEED", "FSDP") if os.environ.get(f"ACCELERATE_USE_{kind}", "").lower() == "true"]
     if asked and accelerator is not None and accelerator.distributed_type == DistributedType.MULTI_CPU:
