@@ -304,22 +304,26 @@ def paper_eval_cpu() -> str:
     )
 
 
-# The study of the two-phase PMTP (the second phase teaches the grounder shape); set b where it has run.
-KINDS_SETS = {"a": "study_kinds/study.json", "b": "study_kinds_b/study.json"}
+# The studies of the two-phase PMTP (the second phase teaches the grounder shape), per second phase: one cosine
+# cycle of 3000 steps, then the shipped two; set b where it has run.
+KINDS_STUDIES = {
+    "one_cycle": {"a": "study_kinds/study.json", "b": "study_kinds_b/study.json"},
+    "two_cycles": {"a": "study_two_cycles/study.json", "b": "study_two_cycles_b/study.json"},
+}
 
 
-def _kinds_sets() -> dict[str, dict]:
-    return {name: _json(path) for name, path in KINDS_SETS.items() if (RESULTS / path).is_file()}
+def _kinds_sets(study: str) -> dict[str, dict]:
+    return {name: _json(path) for name, path in KINDS_STUDIES[study].items() if (RESULTS / path).is_file()}
 
 
-def replication_kinds() -> str:
-    return format_replication(_kinds_sets())
+def replication_kinds(study: str = "one_cycle") -> str:
+    return format_replication(_kinds_sets(study))
 
 
-def reward_gate_kinds() -> str:
+def reward_gate_kinds(study: str = "one_cycle") -> str:
     """Each set's reward check per grounder, and its gate (the DJO grounder's)."""
     rows = []
-    for name, report in _kinds_sets().items():
+    for name, report in _kinds_sets(study).items():
         for grounder, label in (("pmtp", "PMTP (scores cycle_miou_ref)"), ("djo", "DJO (CycleRL reward)")):
             check = report["reward_check"][grounder]
             gate = ("passed" if report["reward_gate"]["passed"] else "failed") if grounder == "djo" else ""
@@ -385,7 +389,7 @@ def kinds_validation() -> str:
 def kinds_summary() -> str:
     """The two-phase study in a few lines for the README: the reward gate and CycleRL against SFT continued."""
     lines = []
-    for name, report in _kinds_sets().items():
+    for name, report in _kinds_sets("two_cycles").items():
         check, gate = report["reward_check"]["djo"], report["reward_gate"]
         row = report["comparisons"]["cyclerl_vs_sft_continued"]
         metrics = ", ".join(f"`{m}` {_ci(row[m])}" for m in ("cycle_miou_ref", "tolerant_l2i", "strict50"))
@@ -410,6 +414,8 @@ RENDERERS = {
     "paper-eval-cpu": paper_eval_cpu,
     "replication-kinds": replication_kinds,
     "reward-gate-kinds": reward_gate_kinds,
+    "replication-two-cycles": lambda: replication_kinds("two_cycles"),
+    "reward-gate-two-cycles": lambda: reward_gate_kinds("two_cycles"),
     "kinds-validation": kinds_validation,
     "kinds-summary": kinds_summary,
 }

@@ -67,6 +67,34 @@ def test_shipped_configs_chain(stage, path):
     assert path.name.startswith("shapes") == ("shapes-tiny" in start)
 
 
+def test_the_kinds_phase_runs_two_cosine_cycles_each_from_its_peak(tmp_path):
+    """PMTP's second phase, as chosen on the validation split: 3000 steps of cosine from 5e-4, then the same again
+    (one run, `cosine_with_restarts`); the learning rate the trainer would follow restarts at the midpoint."""
+    import torch
+    from transformers import get_scheduler
+
+    path = ROOT / "recipes/configs/pmtp/shapes_tiny_kinds.yaml"
+    _, args, _ = make_parser().parse_args_and_config(["--config", str(path), "--output_dir", str(tmp_path)])
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=args.learning_rate)
+    schedule = get_scheduler(
+        args.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=args.warmup_steps,
+        num_training_steps=args.max_steps,
+        scheduler_specific_kwargs=args.lr_scheduler_kwargs,
+    )
+    rates = []
+    for _ in range(args.max_steps):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    half = args.max_steps // 2
+    assert (args.max_steps, args.learning_rate, half) == (6000, 5e-4, 3000)
+    assert rates[0] == rates[half] == pytest.approx(5e-4)
+    assert rates[half - 1] < 1e-9 and rates[-1] < 1e-9
+    assert rates[:half] == pytest.approx(rates[half:], abs=1e-12)
+
+
 @pytest.mark.parametrize("path", sorted(ROOT.glob("recipes/configs/*/janus_pro_*.yaml")), ids=lambda p: p.name)
 def test_gpu_configs_keep_fp32_master_weights(path):
     """Loading bf16 weights and training with `bf16: true` would leave no fp32 copy to apply small updates to."""
