@@ -51,8 +51,8 @@ def test_bad_examples_are_named(prompts, shapes):
         LoopLossCollator(prompts, max_length=50)([good])
 
 
-def _detached_soft_tokens(model, logits, tau, straight_through=True):
-    y, _ = soft_image_tokens(model, logits, tau, straight_through)
+def _detached_soft_tokens(model, logits, tau, straight_through=True, generator=None):
+    y, _ = soft_image_tokens(model, logits, tau, straight_through, generator)
     return y, soft_code_embeddings(model, y.detach())
 
 
@@ -95,6 +95,27 @@ def test_soft_tokens_without_straight_through_are_mixtures(noisy_model):
     assert (y.max(-1).values < 0.999).all()  # no row is one-hot
     janus = noisy_model.model
     torch.testing.assert_close(e, janus.generation_aligner(y @ janus.generation_embeddings.weight))
+
+
+def test_the_teacher_forced_loop_draws_its_noise_from_the_generator_given(noisy_model, prompts, shapes):
+    """As the generated loop images do: the same seed, the same loop loss; another seed, another; the global RNG
+    is left alone."""
+    batch = LoopLossCollator(prompts)(_examples(shapes, 3))
+
+    def loop_loss(seed):
+        generator = torch.Generator().manual_seed(seed)
+        return djo_losses(noisy_model, batch, tau=1.0, loop_image="teacher_forced", generator=generator).loop.loss
+
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    first, again, other = loop_loss(0), loop_loss(0), loop_loss(1)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    # Without a generator the noise is the global RNG's, which a seed fixes.
+    torch.manual_seed(5)
+    unset = djo_losses(noisy_model, batch, tau=1.0, loop_image="teacher_forced").loop.loss
+    torch.manual_seed(5)
+    assert torch.equal(unset, djo_losses(noisy_model, batch, tau=1.0, loop_image="teacher_forced").loop.loss)
 
 
 def test_zero_loop_weight_is_the_pmtp_image_loss(noisy_model, prompts, shapes):

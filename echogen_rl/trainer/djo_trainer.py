@@ -30,6 +30,7 @@ from echogen_rl.models.modeling import (
 )
 from echogen_rl.models.prompts import IGNORE_INDEX
 from echogen_rl.models.sampling import resolve_guidance_scale
+from echogen_rl.rollout.torch_engine import gumbel_noise
 from echogen_rl.trainer.djo_config import DJOConfig
 from echogen_rl.trainer.djo_loop import (
     LOOP_IMAGES,
@@ -89,7 +90,11 @@ def warmup_loop_weight(step: int, loop_weight: float, warmup_steps: int) -> floa
 
 
 def soft_image_tokens(
-    model: torch.nn.Module, logits: torch.Tensor, tau: float, straight_through: bool = True
+    model: torch.nn.Module,
+    logits: torch.Tensor,
+    tau: float,
+    straight_through: bool = True,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gumbel-Softmax samples `y` [..., V] of image-code logits and their embeddings `e` [..., H].
 
@@ -98,11 +103,17 @@ def soft_image_tokens(
         tau (`float`): the Gumbel-Softmax temperature.
         straight_through (`bool`, *optional*, defaults to `True`): `y` is one-hot in the forward pass (so `e`
             equals the embedding of a real code) with the soft sample's gradient; `False`: `y` is the soft sample.
+        generator (`torch.Generator`, *optional*): draws the Gumbel noise; the global generator when unset.
 
     Returns:
         `tuple[torch.Tensor, torch.Tensor]`: `y`, and `e = generation_aligner(y @ generation_embeddings.weight)`.
     """
-    y = F.gumbel_softmax(logits.float(), tau=tau, hard=straight_through, dim=-1)
+    logits = logits.float()
+    soft = torch.softmax((logits + gumbel_noise(logits.shape, generator, logits.device)) / tau, dim=-1)
+    if not straight_through:
+        return soft, soft_code_embeddings(model, soft)
+    hard = F.one_hot(soft.argmax(-1), soft.shape[-1]).to(soft.dtype)
+    y = hard - soft.detach() + soft
     return y, soft_code_embeddings(model, y)
 
 
@@ -161,7 +172,7 @@ def _loop_image_embeddings(
     """The soft image tokens the `reader` sees in the loop, embedded: from the teacher-forced L2I `logits`, or from
     the policy `model`'s own self-forced or autoregressive image (see [`djo_losses`])."""
     if loop_image == "teacher_forced":
-        _, embeds = soft_image_tokens(reader, logits, tau, straight_through)
+        _, embeds = soft_image_tokens(reader, logits, tau, straight_through, generator)
         return embeds
     if loop_image == "self_forced":
         codes = sample_images(model, batch, special_ids, guidance_scale, temperature, generator)
