@@ -193,6 +193,58 @@ def test_the_trainers_fsdp2_checkpoint_resumes_and_its_final_save_reloads(tiny_c
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("stage", ["pmtp", "cyclerl"])
+def test_the_trainers_zero3_checkpoint_resumes_and_its_final_save_reloads(tiny_checkpoint, tmp_path, stage):
+    """Under zero3.yaml: two steps with a checkpoint after the first; resumed from it (each rank's partition of the
+    weights and of AdamW's state, read back by DeepSpeed through the trainer's own resume) the run ends with the same
+    losses and weights; `save_model` gathers whole weights (zero3_save_16bit_model; float32 here) or the adapter."""
+    from transformers import JanusForConditionalGeneration
+
+    export = tmp_path / "export"
+    run = ["--stage", stage, "--deepspeed", "--steps", "2"]
+    unbroken = _step(
+        tiny_checkpoint,
+        tmp_path / "unbroken",
+        *run,
+        "--save-steps",
+        "1",
+        "--export",
+        str(export),
+        script="sharded_trainer.py",
+        deepspeed="zero3",
+    )
+    checkpoint = tmp_path / "unbroken" / "run" / "checkpoint-1"
+    # DeepSpeed's checkpoint: one partition of the weights and one of the optimizer per rank.
+    states = {p.name for p in (checkpoint / "global_step1").iterdir()}
+    assert states == {f"zero_pp_rank_{r}_mp_rank_00_{s}_states.pt" for r in (0, 1) for s in ("model", "optim")}
+    resumed = _step(
+        tiny_checkpoint,
+        tmp_path / "resumed",
+        *run,
+        "--resume",
+        str(checkpoint),
+        script="sharded_trainer.py",
+        deepspeed="zero3",
+    )
+    assert unbroken[0]["zero_stage"] == resumed[0]["zero_stage"] == 3 and len(unbroken[0]["losses"]) == 2
+    assert resumed[0]["losses"] == pytest.approx(unbroken[0]["losses"], abs=1e-6)
+    after = unbroken[0]["after"]
+    moved = [n for n, v in after.items() if not torch.equal(v, unbroken[0]["before"][n])]
+    assert len(moved) >= 0.9 * len(after)
+    for name, value in after.items():
+        torch.testing.assert_close(resumed[0]["after"][name], value, atol=1e-6, rtol=0, msg=name)
+    base = JanusForConditionalGeneration.from_pretrained(export if stage != "cyclerl" else tiny_checkpoint)
+    if stage == "cyclerl":
+        from peft import PeftModel
+
+        assert (export / "adapter_model.safetensors").is_file() and not (export / "model.safetensors").exists()
+        base = PeftModel.from_pretrained(base, export)
+    reloaded = dict(base.named_parameters())
+    for name, value in after.items():
+        torch.testing.assert_close(reloaded[name], value, atol=0, rtol=0, msg=name)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["pmtp", "djo", "cyclerl", "cyclerl-lora"])
 def test_a_sharded_step_equals_the_unsharded_step(tiny_checkpoint, tmp_path, stage):
     stage, _, lora = stage.partition("-")
