@@ -10,6 +10,8 @@ it; the runs go side by side, one per core). With `--curriculum STEPS LR`, each 
 shipped PMTP (`kind_negative_prob` 0, trained first if missing) continued for STEPS steps at learning rate LR (cosine,
 no warm-up) with that value; with `--from RUN` as well, RUN in `--out-dir` is continued instead (`RUN_then_kindP`).
 With `--djo-from RUN`, each value is the shipped DJO's `kind_negative_prob`, trained from that run in `--out-dir`.
+With `--score RUN...` instead of values, finished runs (a study's `pmtp`, say) are scored as they are, under their
+folder names.
 Then it scores each model on the validation layouts (never the held-out ones): the reward check
 (cycle IoU its grounder gives a correct drawing, the boxes filled with their colors, another kind in each box, an
 empty image; paired intervals), its grounding of the real images, and its L2I scores as the study scores them.
@@ -25,6 +27,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import yaml
 from common import provenance
 
 from echogen_rl.data.shapes import ShapesConfig
@@ -59,8 +62,17 @@ def l2i_row(result: dict, targets: list[Layout]) -> dict:
 def ran_with(run: Path) -> dict:
     """The settings a run trained with (its `study_run.json`), its start named by folder, not by this machine's path."""
     record = json.loads((run / "study_run.json").read_text())
-    settings = record["settings"]
-    kept = ("kind_negative_prob", "max_steps", "learning_rate", "warmup_steps", "lr_scheduler_type", "seed")
+    # The values of the config it ran (a repository path), under the settings that changed them.
+    settings = {**yaml.safe_load(Path(record["config"]).read_text()), **record["settings"]}
+    kept = (
+        "kind_negative_prob",
+        "max_steps",
+        "learning_rate",
+        "warmup_steps",
+        "lr_scheduler_type",
+        "lr_scheduler_kwargs",
+        "seed",
+    )
     return {
         "stage": record["stage"],
         "starts_from": Path(settings["model_name_or_path"]).name,
@@ -94,8 +106,17 @@ def main() -> None:
         default=[0],
         help="training seeds (run folders of seeds other than 0 end in _seedS)",
     )
-    parser.add_argument("probs", type=float, nargs="+")
+    parser.add_argument(
+        "--score",
+        type=Path,
+        nargs="+",
+        metavar="RUN",
+        help="score these finished runs as they are (folders holding study_run.json, e.g. a study's pmtp), no values",
+    )
+    parser.add_argument("probs", type=float, nargs="*")
     args = parser.parse_args()
+    if bool(args.score) == bool(args.probs):
+        parser.error("give kind_negative_prob values to train, or --score RUN... to score finished runs")
     out = args.out_dir
     tiny = out / "tiny-janus"
     ensure_tiny_checkpoint(tiny)
@@ -126,6 +147,10 @@ def main() -> None:
             base = first
         for key, (run, p) in named.items():
             runs[key], settings[key], seeds[key] = run, {**base, "kind_negative_prob": p}, seed
+    for run in args.score or ():
+        if not (run / "study_run.json").is_file():
+            parser.error(f"--score {run}: no study_run.json there (not a finished run)")
+        runs[run.name] = run
     run_jobs(firsts, args.jobs, prefix="[validation]")
     jobs = [
         _job(f"train kind_negative_prob={key}", run, settings[key], stage, seeds[key])
@@ -138,7 +163,7 @@ def main() -> None:
     targets, real_codes = study_layouts("validation", args.layouts, config)
     rows = {}
     for p, run in runs.items():
-        key = p if not (args.curriculum or args.djo_from) else run.name
+        key = p if not (args.curriculum or args.djo_from or args.score) else run.name
         model, tokenizer = load_trained(run)
         result = evaluate_model(model, tokenizer, model, targets, real_codes, config)
         grounder = Grounder(model, PromptBuilder(tokenizer, real_codes.shape[1]), SCORING_BATCH)

@@ -357,13 +357,15 @@ def kinds_validation() -> str:
         check, scores = row["reward_check"], row["l2i_and_grounding"]
         lr = settings.get("learning_rate", "DJO's")
         steps = settings.get("max_steps", "DJO's")
+        cycles = (settings.get("lr_scheduler_kwargs") or {}).get("num_cycles")
+        steps = f"{steps} ({cycles} cycles)" if cycles else str(steps)
         rows.append(
             [
                 settings["stage"].upper(),
                 str(settings.get("seed", 0)),
                 f"`{settings['starts_from']}`",
                 f"{settings['kind_negative_prob']:g}",
-                str(steps),
+                steps,
                 f"{lr:g}" if isinstance(lr, float) else lr,
                 f"{check['correct']['mean']:.3f}",
                 f"{check['filled']['mean']:.3f}",
