@@ -145,34 +145,19 @@ def test_gradient_checkpointing_under_fsdp2_trains_as_without(tiny_checkpoint, t
     _assert_trains_as_under_ddp(checkpointed, plain)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("stage", ["pmtp", "djo", "cyclerl", "cyclerl-full"])
-def test_the_trainers_fsdp2_checkpoint_resumes_and_its_final_save_reloads(tiny_checkpoint, tmp_path, stage):
-    """The real trainer under FSDP2: two steps with a checkpoint after the first; the same run resumed from that
-    checkpoint (sharded model and optimizer state, read back by the trainer's own resume) ends with the same losses
-    and weights; the final `save_model` writes whole weights (or the adapter) that reload to the trained ones."""
+def _assert_resumes_and_reloads(tiny_checkpoint, tmp_path, stage: str, *run: str, deepspeed: str = "") -> Path:
+    """Two steps of `run` with a checkpoint after the first, exported at the end; the same run resumed from that
+    checkpoint ends with the same losses and weights, and the export reloads to the trained weights. Returns the
+    checkpoint's folder."""
     from transformers import JanusForConditionalGeneration
 
     export = tmp_path / "export"
-    run = ["--stage", stage, "--fsdp", "--steps", "2"]
-    unbroken = _step(
-        tiny_checkpoint,
-        tmp_path / "unbroken",
-        *run,
-        "--save-steps",
-        "1",
-        "--export",
-        str(export),
-        script="sharded_trainer.py",
-    )
+    run = ["--stage", stage, *run, "--steps", "2"]
+    launch = {"script": "sharded_trainer.py", "deepspeed": deepspeed}
+    saving = ("--save-steps", "1", "--export", str(export))
+    unbroken = _step(tiny_checkpoint, tmp_path / "unbroken", *run, *saving, **launch)
     checkpoint = tmp_path / "unbroken" / "run" / "checkpoint-1"
-    # The checkpoint holds the model's and AdamW's shards (one file per rank), not gathered weights.
-    assert not list(checkpoint.glob("*.safetensors"))
-    shards = {p.name for p in (checkpoint / "pytorch_model_fsdp_0").glob("*.distcp")}
-    assert shards == {"__0_0.distcp", "__1_0.distcp"} and (checkpoint / "optimizer_0").is_dir()
-    resumed = _step(
-        tiny_checkpoint, tmp_path / "resumed", *run, "--resume", str(checkpoint), script="sharded_trainer.py"
-    )
+    resumed = _step(tiny_checkpoint, tmp_path / "resumed", *run, "--resume", str(checkpoint), **launch)
     assert len(unbroken[0]["losses"]) == 2
     assert resumed[0]["losses"] == pytest.approx(unbroken[0]["losses"], abs=1e-6)
     after = unbroken[0]["after"]
@@ -190,6 +175,20 @@ def test_the_trainers_fsdp2_checkpoint_resumes_and_its_final_save_reloads(tiny_c
     for name, value in after.items():
         torch.testing.assert_close(reloaded[name], value, atol=0, rtol=0, msg=name)
     assert (export / "tokenizer.json").is_file()
+    return checkpoint
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["pmtp", "djo", "cyclerl", "cyclerl-full"])
+def test_the_trainers_fsdp2_checkpoint_resumes_and_its_final_save_reloads(tiny_checkpoint, tmp_path, stage):
+    """The real trainer under FSDP2: two steps with a checkpoint after the first; the same run resumed from that
+    checkpoint (sharded model and optimizer state, read back by the trainer's own resume) ends with the same losses
+    and weights; the final `save_model` writes whole weights (or the adapter) that reload to the trained ones."""
+    checkpoint = _assert_resumes_and_reloads(tiny_checkpoint, tmp_path, stage, "--fsdp")
+    # The checkpoint holds the model's and AdamW's shards (one file per rank), not gathered weights.
+    assert not list(checkpoint.glob("*.safetensors"))
+    shards = {p.name for p in (checkpoint / "pytorch_model_fsdp_0").glob("*.distcp")}
+    assert shards == {"__0_0.distcp", "__1_0.distcp"} and (checkpoint / "optimizer_0").is_dir()
 
 
 @pytest.mark.slow
@@ -198,50 +197,9 @@ def test_the_trainers_zero3_checkpoint_resumes_and_its_final_save_reloads(tiny_c
     """Under zero3.yaml: two steps with a checkpoint after the first; resumed from it (each rank's partition of the
     weights and of AdamW's state, read back by DeepSpeed through the trainer's own resume) the run ends with the same
     losses and weights; `save_model` gathers whole weights (zero3_save_16bit_model; float32 here) or the adapter."""
-    from transformers import JanusForConditionalGeneration
-
-    export = tmp_path / "export"
-    run = ["--stage", stage, "--deepspeed", "--steps", "2"]
-    unbroken = _step(
-        tiny_checkpoint,
-        tmp_path / "unbroken",
-        *run,
-        "--save-steps",
-        "1",
-        "--export",
-        str(export),
-        script="sharded_trainer.py",
-        deepspeed="zero3",
-    )
-    checkpoint = tmp_path / "unbroken" / "run" / "checkpoint-1"
-    # DeepSpeed's checkpoint: one partition of the weights and one of the optimizer per rank.
+    checkpoint = _assert_resumes_and_reloads(tiny_checkpoint, tmp_path, stage, "--deepspeed", deepspeed="zero3")
     states = {p.name for p in (checkpoint / "global_step1").iterdir()}
     assert states == {f"zero_pp_rank_{r}_mp_rank_00_{s}_states.pt" for r in (0, 1) for s in ("model", "optim")}
-    resumed = _step(
-        tiny_checkpoint,
-        tmp_path / "resumed",
-        *run,
-        "--resume",
-        str(checkpoint),
-        script="sharded_trainer.py",
-        deepspeed="zero3",
-    )
-    assert unbroken[0]["zero_stage"] == resumed[0]["zero_stage"] == 3 and len(unbroken[0]["losses"]) == 2
-    assert resumed[0]["losses"] == pytest.approx(unbroken[0]["losses"], abs=1e-6)
-    after = unbroken[0]["after"]
-    moved = [n for n, v in after.items() if not torch.equal(v, unbroken[0]["before"][n])]
-    assert len(moved) >= 0.9 * len(after)
-    for name, value in after.items():
-        torch.testing.assert_close(resumed[0]["after"][name], value, atol=1e-6, rtol=0, msg=name)
-    base = JanusForConditionalGeneration.from_pretrained(export if stage != "cyclerl" else tiny_checkpoint)
-    if stage == "cyclerl":
-        from peft import PeftModel
-
-        assert (export / "adapter_model.safetensors").is_file() and not (export / "model.safetensors").exists()
-        base = PeftModel.from_pretrained(base, export)
-    reloaded = dict(base.named_parameters())
-    for name, value in after.items():
-        torch.testing.assert_close(reloaded[name], value, atol=0, rtol=0, msg=name)
 
 
 @pytest.mark.slow
