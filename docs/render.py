@@ -400,6 +400,17 @@ def kinds_summary() -> str:
             f"(gate at {gate['margin']}: {'passed' if gate['passed'] else 'failed'}); CycleRL - SFT continued "
             f"(T=1) {metrics}{'' if gate['passed'] else ', no evidence while the gate fails'}.\n"
         )
+    sets = _kinds_sets("two_cycles")
+    if sets:
+        pmtp = ", ".join(f"set {n} {r['arms']['pmtp']['strict50']['mean']:.3f}" for n, r in sets.items())
+        below = ", ".join(f"set {n} {_ci(r['comparisons']['cyclerl_vs_pmtp']['strict50'])}" for n, r in sets.items())
+        groups = {n: _json(str(Path(p).parent / "cyclerl_groups.json")) for n, p in KINDS_STUDIES["two_cycles"].items()}
+        agree = ", ".join(f"set {n} {g['summary']['frac_reward_zero_std']['mean']:.0%}" for n, g in groups.items())
+        lines.append(
+            f"- Where CycleRL's signal dies: PMTP alone draws the phrase's shape and color (`strict50`) {pmtp}, and no "
+            f"later stage improves on it (CycleRL - PMTP {below}); in CycleRL's groups of images for one layout, "
+            f"{agree} of the groups earned one reward for every image, which gives GRPO no advantage.\n"
+        )
     return "".join(lines)
 
 
