@@ -33,7 +33,8 @@ def demo_table() -> str:
 def demo_run() -> str:
     report = _json("demo/report.json")
     made = report["provenance"]
-    budget = ", ".join(f"{stage} {report['budget'][stage]['max_steps']}" for stage in ("pmtp", "djo", "cyclerl"))
+    stages = [s for s in ("pmtp", "pmtp_kinds", "djo", "cyclerl") if s in report["budget"]]  # older: no kinds
+    budget = ", ".join(f"{stage} {report['budget'][stage]['max_steps']}" for stage in stages)
     return (
         f"Steps: {budget}; {report['held_out_layouts']} held-out layouts. Time: {report['seconds']:.0f} s in all, "
         f"{report['workers']} workers on {made['hardware']['cores']} cores ({made['hardware']['cpu']}), commit "
