@@ -14,7 +14,7 @@ VLLM_TESTS ?= tests/test_vllm_engine.py tests/test_rollout.py tests/test_precisi
 TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= outputs/demo
 STUDY_DIR ?= outputs/study
-PYTEST_ARGS ?= -n 2
+PYTEST_ARGS ?= -n 2 --dist loadgroup  # tests marked xdist_group share a worker
 
 .PHONY: docs install install-vllm test test-wheel test-vllm test-low demo study quality bench clean
 

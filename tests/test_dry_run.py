@@ -364,6 +364,7 @@ def test_gpu_estimate_adds_the_parts_and_shards_what_the_launch_config_shards():
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("real_size")  # one worker runs them one after another: two at once exceed 24 GiB
 @pytest.mark.parametrize("config", GPU_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_real_size_dry_run_of_every_gpu_config(config, tmp_path, monkeypatch):
     """One real-size step of each GPU config (Janus-Pro-1B, random init; Janus-Pro-7B at two depths). On a 2-core CPU 4 to 35 minutes each and
