@@ -405,9 +405,7 @@ def kinds_summary() -> str:
     if sets:
         pmtp = ", ".join(f"set {n} {r['arms']['pmtp']['strict50']['mean']:.3f}" for n, r in sets.items())
         below = ", ".join(f"set {n} {_ci(r['comparisons']['cyclerl_vs_pmtp']['strict50'])}" for n, r in sets.items())
-        groups = {
-            n: _json(str(Path(p).parent / "cyclerl_groups.json")) for n, p in KINDS_STUDIES["two_cycles"].items()
-        }
+        groups = {n: _json(str(Path(KINDS_STUDIES["two_cycles"][n]).parent / "cyclerl_groups.json")) for n in sets}
         agree = ", ".join(f"set {n} {g['summary']['frac_reward_zero_std']['mean']:.0%}" for n, g in groups.items())
         lines.append(
             f"- Where CycleRL's signal dies: PMTP alone draws the phrase's shape and color (`strict50`) {pmtp}, and no "

@@ -46,6 +46,18 @@ def gumbel_at(
     return F.one_hot(codes, shape[-1]).to(soft.dtype) - soft.detach() + soft
 
 
+def gumbel_softmax(
+    logits: torch.Tensor, tau: float, hard: bool = True, generator=None, noise: torch.Tensor | None = None
+) -> torch.Tensor:
+    """A Gumbel-Softmax sample of `logits` [..., V] with its `noise` (drawn from `generator` when unset);
+    `hard`: straight-through, one-hot at the perturbed argmax in the forward pass, the soft sample's gradient."""
+    perturbed = logits + (noise if noise is not None else gumbel_noise(logits.shape, generator, logits.device))
+    soft = F.softmax(perturbed / tau, dim=-1)
+    if not hard:
+        return soft
+    return F.one_hot(perturbed.argmax(-1), logits.shape[-1]).to(soft.dtype) - soft.detach() + soft
+
+
 def image_prompts(batch: dict[str, torch.Tensor], pad_id: int) -> tuple[torch.LongTensor, torch.Tensor]:
     """The L2I prompts of a `LoopLossCollator` batch (each row up to its first image position), left-padded."""
     ids, image_mask = batch["l2i_input_ids"], batch["l2i_image_mask"]
@@ -113,10 +125,7 @@ def autoregressive_loop(
         image_embeds = torch.stack(embeds, dim=1).reshape(B * t, -1) if t else None
         hidden = mixed_forward(model, ids, image_mask, attention, image_embeds=image_embeds)
         z = image_logits(model, hidden[:, -1]).float()  # [B, V]
-        g = noise[:, t] if noise is not None else gumbel_noise(z.shape, generator, z.device)
-        soft = F.softmax((z + g) / tau, dim=-1)
-        hard = F.one_hot((z + g).argmax(-1), z.shape[-1]).to(soft.dtype)
-        y = hard - soft.detach() + soft
+        y = gumbel_softmax(z, tau, True, generator, noise[:, t] if noise is not None else None)
         samples.append(y)
         embeds.append(soft_code_embeddings(model, y))
     y = torch.stack(samples, dim=1)

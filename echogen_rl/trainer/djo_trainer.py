@@ -30,13 +30,13 @@ from echogen_rl.models.modeling import (
 )
 from echogen_rl.models.prompts import IGNORE_INDEX
 from echogen_rl.models.sampling import resolve_guidance_scale
-from echogen_rl.rollout.torch_engine import gumbel_noise
 from echogen_rl.trainer.djo_config import DJOConfig
 from echogen_rl.trainer.djo_loop import (
     LOOP_IMAGES,
     autoregressive_loop,
     autoregressive_memory_gib,
     gumbel_at,
+    gumbel_softmax,
     sample_images,
     self_forced_logits,
 )
@@ -108,12 +108,7 @@ def soft_image_tokens(
     Returns:
         `tuple[torch.Tensor, torch.Tensor]`: `y`, and `e = generation_aligner(y @ generation_embeddings.weight)`.
     """
-    logits = logits.float()
-    soft = torch.softmax((logits + gumbel_noise(logits.shape, generator, logits.device)) / tau, dim=-1)
-    if not straight_through:
-        return soft, soft_code_embeddings(model, soft)
-    hard = F.one_hot(soft.argmax(-1), soft.shape[-1]).to(soft.dtype)
-    y = hard - soft.detach() + soft
+    y = gumbel_softmax(logits.float(), tau, straight_through, generator)
     return y, soft_code_embeddings(model, y)
 
 
