@@ -1,7 +1,9 @@
 """The study end to end on a quick budget: every arm trains from the shipped configs and is scored."""
 
+import importlib.util
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -238,3 +240,49 @@ def test_a_claim_stands_only_when_every_seed_set_holds_it_and_its_reward_gate_pa
     )
     assert "| `cyclerl_vs_sft_continued` | cycle_miou_ref | " in table and "no evidence (reward gate) |" in table
     assert "cyclerl_vs_shuffled_reward" not in table  # a comparison a set lacks is left out
+
+
+def _script(name: str):
+    """A benchmark script as a module (they run from `benchmarks/`, beside their `common.py`)."""
+    path = Path(__file__).parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cyclerl_validation_links_the_shared_runs_and_retrains_only_what_the_change_touches(
+    quick_study, tmp_path, monkeypatch
+):
+    out, _ = quick_study
+    if not (out / "study_validation.json").exists():
+        run_study(out, StudyBudget.quick(), split="validation", workers=1)
+    script = _script("cyclerl_validation")
+    new = tmp_path / "beta"
+    monkeypatch.setattr(
+        "sys.argv", ["cyclerl_validation", "--from-study", str(out), "--out-dir", str(new), "beta=0.1"]
+    )
+    script.main()
+    report = json.loads((new / "study_validation.json").read_text())
+    assert report["split"] == "validation" and set(report["arms"]) == {
+        "pmtp",
+        "cyclerl",
+        "sft_continued",
+        "cyclerl_shuffled",
+    }
+    for run in ("pmtp", "seed0/djo", "seed1/sft_continued"):  # linked: the very same files
+        assert (new / run / "study_run.json").samefile(out / run / "study_run.json")
+    for run in ("seed0/cyclerl", "seed1/cyclerl_shuffled"):  # trained again, with the change
+        assert not (new / run / "study_run.json").samefile(out / run / "study_run.json")
+        assert json.loads((new / run / "study_run.json").read_text())["settings"]["beta"] == 0.1
+    assert json.loads((new / "changes.json").read_text())["changes"] == {"beta": 0.1}
+    # A change SFT continued shares retrains the control too; only a validation study is a source.
+    assert "seed0/sft_continued" not in script.linked_runs(StudyBudget.quick(), {"max_steps": 3})
+    held_out = tmp_path / "held_out"
+    held_out.mkdir()
+    (held_out / "study.json").write_text((out / "study.json").read_text())
+    monkeypatch.setattr(
+        "sys.argv", ["cyclerl_validation", "--from-study", str(held_out), "--out-dir", str(new), "beta=1"]
+    )
+    with pytest.raises(FileNotFoundError, match="--split validation"):
+        script.main()
