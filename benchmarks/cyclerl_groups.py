@@ -55,8 +55,12 @@ def main() -> None:
         }
         for metric in METRICS
     }
-    study = json.loads((args.study / "study.json").read_text())
+    found = [args.study / name for name in ("study.json", "study_validation.json") if (args.study / name).exists()]
+    if not found:
+        raise FileNotFoundError(f"{args.study} holds no study.json or study_validation.json: is it a finished study?")
+    study = json.loads(found[0].read_text())
     report = {
+        "split": study["split"],
         "seed_set": study["seed_set"],
         "study_commit": study["provenance"]["commit"],
         "per_seed": per_seed,

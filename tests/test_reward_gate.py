@@ -139,7 +139,7 @@ def test_the_oracle_passes_the_reward_gate_and_a_box_reader_fails_it(shapes):
     assert summary["correct"]["mean"] == pytest.approx(0.75)
     assert summary["correct_minus_filled"]["diff"] == pytest.approx(0.5)
     assert summary["correct_minus_other_kind"]["diff"] == pytest.approx(0.25)
-    assert not reward_gate({})["passed"]  # no check is no pass
+    assert not reward_gate({})["passed"] and "not scored" in reward_gate({})["reasons"][0]  # no check is no pass
     near = {"correct_minus_filled": {"ci_low": REWARD_GATE_MARGIN - 0.01}}
     near.update({f"correct_minus_{d}": {"ci_low": 0.1} for d in ("other_kind", "empty")})
     assert "correct - filled" in reward_gate(near)["reasons"][0]

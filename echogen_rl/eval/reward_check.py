@@ -70,6 +70,12 @@ def reward_gate(check: dict, margin: float = REWARD_GATE_MARGIN) -> dict:
     def low(name):
         return check.get(name, {}).get("ci_low", -math.inf)
 
+    if not check:
+        return {
+            "margin": margin,
+            "passed": False,
+            "reasons": ["no reward check of the reward grounder: it was not scored"],
+        }
     reasons = []
     if low("correct_minus_filled") < margin:
         reasons.append(f"correct - filled: interval's lower end {low('correct_minus_filled'):.3f} < {margin}")

@@ -102,6 +102,12 @@ class StudyBudget:
     def arms(self) -> tuple[str, ...]:
         return tuple(arm for stage in STAGE_ARMS if stage in self.stages for arm in STAGE_ARMS[stage])
 
+    def scored_arms(self) -> tuple[str, ...]:
+        """The arms scored: those compared, and DJO wherever CycleRL is (its grounder gives CycleRL's rewards, and
+        the reward gate checks it)."""
+        arms = self.arms()
+        return arms if "djo" in arms or "cyclerl" not in self.stages else ("djo", *arms)
+
     @classmethod
     def quick(cls) -> StudyBudget:
         """A pipeline check of a few steps per run (the tests use it)."""
@@ -301,7 +307,7 @@ def _training_jobs(out: Path, runs: list[tuple]) -> list[Job]:
 def _scored_runs(budget: StudyBudget) -> list[tuple[str, str | None]]:
     """Every run scored, as `(name, the base of its LoRA adapter)`: PMTP, then each seed's arms."""
     return [("pmtp", None)] + [
-        (f"seed{s}/{arm}", f"seed{s}/djo") for s in range(budget.seeds) for arm in budget.arms()
+        (f"seed{s}/{arm}", f"seed{s}/djo") for s in range(budget.seeds) for arm in budget.scored_arms()
     ]
 
 
@@ -349,7 +355,7 @@ def _assess(out: Path, scored: list[tuple], budget: StudyBudget, split: str, see
     """The scores of every run summarized ([`summarize`]) with the reward check and gate, and the layouts scored:
     the study's results. CycleRL's comparisons are marked as no evidence when the reward gate fails."""
     targets, _ = study_layouts(split, budget.layouts, budget.shapes(), seed_set)
-    evals: dict[str, list[dict]] = {"pmtp": [], **{a: [] for a in budget.arms()}}
+    evals: dict[str, list[dict]] = {"pmtp": [], **{a: [] for a in budget.scored_arms()}}
     for name, _ in scored:
         evals[name.rsplit("/", 1)[-1]].append(json.loads(scores_path(out / name, split).read_text()))
 
