@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -78,6 +79,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("changes", type=parse_change, nargs="+", help="FIELD=VALUE, CycleRL config fields")
     args = parser.parse_args()
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("echogen_rl").setLevel(logging.INFO)  # the study's progress, as `echogen-rl study` prints it
     source = args.from_study / "study_validation.json"
     if not source.exists():  # a held-out study is never a source: settings are chosen on validation only
         raise FileNotFoundError(f"{source} is missing: run `echogen-rl study --split validation` there first")

@@ -415,6 +415,40 @@ def kinds_summary() -> str:
     return "".join(lines)
 
 
+# The world with headroom after PMTP (8 x 8, up to 6 shapes), on the validation split: the shipped CycleRL, then
+# each variant `benchmarks/cyclerl_validation.py` trained from the same PMTP and DJO runs.
+SIX_SHAPES_VALIDATION = {
+    "shipped (lr 5e-4)": "study_6shapes_validation",
+    "lr 2e-3": "study_6shapes_validation_lr2e-3",
+}
+
+
+def six_shapes_validation() -> str:
+    """CycleRL against its controls in the 6-shape world, per variant, on the validation layouts."""
+    found = {
+        name: (_json(f"{folder}/study_validation.json"), RESULTS / folder / "cyclerl_groups.json")
+        for name, folder in SIX_SHAPES_VALIDATION.items()
+        if (RESULTS / folder / "study_validation.json").is_file()
+    }
+    rows = []
+    for comparison in ("cyclerl_vs_sft_continued", "cyclerl_vs_shuffled_reward", "cyclerl_vs_djo"):
+        for metric in ("cycle_miou_ref", "tolerant_l2i", "strict50"):
+            cells = [_ci(report["comparisons"][comparison][metric]) for report, _ in found.values()]
+            rows.append([f"`{comparison}`", metric, *cells])
+    pmtp = [report["arms"]["pmtp"]["strict50"] for report, _ in found.values()]
+    rows.append(
+        ["PMTP alone", "strict50", *(f"{m['mean']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]" for m in pmtp)]
+    )
+    check = [report["reward_check"]["djo"]["correct_minus_filled"] for report, _ in found.values()]
+    rows.append(["reward grounder (DJO)", "correct - filled", *(_ci(c) for c in check)])
+    zero = [
+        f"{json.loads(groups.read_text())['summary']['frac_reward_zero_std']['mean']:.0%}" if groups.is_file() else "-"
+        for _, groups in found.values()
+    ]
+    rows.append(["CycleRL's groups", "one reward for all 8 images", *zero])
+    return _table(["comparison (T=1)", "metric", *found], rows)
+
+
 RENDERERS = {
     "demo-table": demo_table,
     "demo-run": demo_run,
@@ -432,6 +466,7 @@ RENDERERS = {
     "reward-gate-two-cycles": lambda: reward_gate_kinds("two_cycles"),
     "kinds-validation": kinds_validation,
     "kinds-summary": kinds_summary,
+    "six-shapes-validation": six_shapes_validation,
 }
 
 
