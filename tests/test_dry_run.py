@@ -19,7 +19,7 @@ from echogen_rl.cli import main as cli_main
 from echogen_rl.data.sources import LayoutDataArguments, build_layout_datasets, load_coco, load_layoutsam
 from echogen_rl.data.synthetic import synthesize_missing, write_coco, write_layoutsam
 from echogen_rl.experiments.dry_run import cpu_adjustments, infer_stage, run_dry_run
-from echogen_rl.experiments.dry_run_report import estimate_gpu_memory, format_report
+from echogen_rl.experiments.dry_run_report import estimate_gpu_memory, extrapolate_depth, format_report
 from echogen_rl.layout import LAYOUT_TAGS, Layout
 from echogen_rl.models.architectures import (
     Architecture,
@@ -445,3 +445,21 @@ def test_cpu_dry_run_that_cannot_fit_is_refused_before_it_starts(monkeypatch):
     assert cpu_adjustments(big, "cyclerl", SimpleNamespace(bf16=True, beta=0.0, optim="adamw_torch"), fp32)["optim"]
     memory.total = 32 * 2**30  # enough for both copies and the gradients: adjusted, not refused
     assert cpu_adjustments(big, "cyclerl", with_reference, fp32) == {"bf16": False, "optim": "sgd"}
+
+
+def test_memory_that_fell_with_depth_is_not_extrapolated_below_the_shallow_run():
+    """A CPU's RSS is noisy: a 2-layer run that measured less forward memory than the 1-layer one must not give a
+    30-layer estimate below 0 (a Janus-Pro-7B PMTP dry run did: activations -100 GB, the whole estimate under its
+    weights)."""
+    params = {"total": 10, "trainable": 10, "weights_bytes": 40, "trainable_bytes": 40}
+
+    def run(layers, forward, peak):
+        step = {"seconds": float(layers), "start_bytes": 100, "forward_bytes": forward, "gradients_bytes": 40 * layers}
+        scaled = {k: v * layers for k, v in params.items()}
+        return layers, {"parameters": scaled, "steps": [{**step, "peak_bytes": peak}], "process_peak_bytes": peak}
+
+    grows = extrapolate_depth([run(1, 50, 300), run(2, 80, 400)], depth=30)
+    assert grows["steps"][0]["forward_bytes"] == 50 + 30 * 29 and grows["depth"]["flat"] == []
+    fell = extrapolate_depth([run(2, 70, 380), run(1, 90, 300)], depth=30)
+    assert fell["steps"][0]["forward_bytes"] == 90 and fell["depth"]["flat"] == ["forward_bytes"]
+    assert fell["parameters"]["weights_bytes"] == 40 * 30 and fell["process_peak_bytes"] == 300 + 80 * 29

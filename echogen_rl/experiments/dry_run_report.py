@@ -85,8 +85,10 @@ def extrapolate_depth(runs: list[tuple[int, dict]], depth: int) -> dict:
 
     The decoder layers are identical, so parameter counts and sizes are exactly linear in depth; so, with gradient
     checkpointing, is the memory the forward keeps (one input per layer) and the gradients. Each is extrapolated
-    along the line through the two runs; step seconds too (a CPU's seconds, as in any dry run). The rest (device,
-    tokens, what training changed) is the deeper run's.
+    along the line through the two runs; step seconds too (a CPU's seconds, as in any dry run). A memory term the
+    deeper run measured smaller (a CPU's RSS is noisy) is not extrapolated below the shallower run's: it stays at
+    that, a lower bound, and `depth["flat"]` names it. The rest (device, tokens, what training changed) is the
+    deeper run's.
 
     Args:
         runs (`list[tuple[int, dict]]`): `(layers, measured)` of two runs, e.g. at 1 and 2 layers.
@@ -96,21 +98,34 @@ def extrapolate_depth(runs: list[tuple[int, dict]], depth: int) -> dict:
     if k1 == k2:
         raise ValueError(f"extrapolating in depth needs two different depths, got {k1} twice")
 
-    def line(a: float, b: float) -> float:
+    flat = []  # measured memory that fell with depth: noise in a CPU's RSS, extrapolated flat rather than below 0
+
+    def line(a: float, b: float, name: str | None = None) -> float:
+        if name is not None and b < a:
+            flat.append(name)
+            return float(a)
         return a + (b - a) * (depth - k1) / (k2 - k1)
 
     counts = ("total", "trainable", "weights_bytes", "trainable_bytes")
     step_terms = ("seconds", "start_bytes", "forward_bytes", "gradients_bytes", "peak_bytes")
     first, second = m1["steps"][-1], m2["steps"][-1]
+    steps = {k: line(first[k], second[k], k if k.endswith("_bytes") else None) for k in step_terms}
+    peak = round(line(m1["process_peak_bytes"], m2["process_peak_bytes"], "process_peak_bytes"))
     return {
         **m2,
         "parameters": {
             **m2["parameters"],
             **{k: round(line(m1["parameters"][k], m2["parameters"][k])) for k in counts},
         },
-        "steps": [{**second, **{k: line(first[k], second[k]) for k in step_terms}}],
-        "process_peak_bytes": round(line(m1["process_peak_bytes"], m2["process_peak_bytes"])),
-        "depth": {"layers": depth, "measured_layers": [k1, k2], "measured": {str(k1): m1, str(k2): m2}},
+        "steps": [{**second, **steps}],
+        "process_peak_bytes": peak,
+        "depth": {
+            "layers": depth,
+            "measured_layers": [k1, k2],
+            "measured": {str(k1): m1, str(k2): m2},
+            # A lower bound where listed: the deeper run measured less, so the line through the two is noise.
+            "flat": flat,
+        },
     }
 
 
