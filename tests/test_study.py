@@ -264,12 +264,11 @@ def test_cyclerl_validation_links_the_shared_runs_and_retrains_only_what_the_cha
     )
     script.main()
     report = json.loads((new / "study_validation.json").read_text())
-    assert report["split"] == "validation" and set(report["arms"]) == {
-        "pmtp",
-        "cyclerl",
-        "sft_continued",
-        "cyclerl_shuffled",
-    }
+    # DJO is not compared but scored: its grounder gives CycleRL's rewards, and the gate checks it.
+    assert report["split"] == "validation"
+    assert set(report["arms"]) == {"pmtp", "djo", "cyclerl", "sft_continued", "cyclerl_shuffled"}
+    assert "djo" in report["reward_check"] and "not scored" not in " ".join(report["reward_gate"]["reasons"])
+    assert "djo_vs_pmtp_continued" not in report["comparisons"] and "cyclerl_vs_djo" in report["comparisons"]
     for run in ("pmtp", "seed0/djo", "seed1/sft_continued"):  # linked: the very same files
         assert (new / run / "study_run.json").samefile(out / run / "study_run.json")
     for run in ("seed0/cyclerl", "seed1/cyclerl_shuffled"):  # trained again, with the change
