@@ -24,27 +24,12 @@ from pathlib import Path
 import yaml
 
 from echogen_rl.eval.evaluation import write_report
-from echogen_rl.experiments.study import StudyBudget, run_study
+from echogen_rl.experiments.study import SFT_CONTROL_FIELDS, StudyBudget, run_study
 from echogen_rl.experiments.study_report import format_results
 
-# CycleRL fields its SFT continued control copies (`echogen_rl.experiments.study._cyclerl_arms`): changing one of them
-# changes the control too, which is then trained again.
-SFT_SHARED = {
-    "max_steps",
-    "learning_rate",
-    "lr_scheduler_type",
-    "warmup_steps",
-    "weight_decay",
-    "num_train_samples",
-    "dataset_seed",
-    "use_peft",
-    "lora_r",
-    "lora_alpha",
-    "lora_dropout",
-    "per_device_train_batch_size",
-    "num_generations",
-    "dataset",
-}
+# CycleRL fields its SFT continued control follows (`echogen_rl.experiments.study._cyclerl_arms`): changing one of
+# them changes the control too, which is then trained again.
+SFT_SHARED = {*SFT_CONTROL_FIELDS, "per_device_train_batch_size", "num_generations", "dataset"}
 
 
 def parse_change(text: str) -> tuple[str, object]:

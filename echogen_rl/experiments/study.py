@@ -68,6 +68,21 @@ DJO_CONTROL_FIELDS = (
 )
 STAGE_ARMS = {"djo": ("djo", "pmtp_continued"), "cyclerl": ("cyclerl", "sft_continued", "cyclerl_shuffled")}
 
+# CycleRL's control, SFT continued: the PMTP loss with these of CycleRL's settings (steps, restart, data, LoRA).
+SFT_CONTROL_FIELDS = (
+    "max_steps",
+    "learning_rate",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "weight_decay",
+    "num_train_samples",
+    "dataset_seed",
+    "use_peft",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+)
+
 
 @dataclass
 class StudyBudget:
@@ -211,23 +226,7 @@ def _cyclerl_arms(out: Path, root: Path, seed: int, budget: StudyBudget, world: 
     # The SFT control: the prompts' own layouts with their images, CycleRL's LoRA and optimizer, one layout
     # per prompt of a CycleRL step.
     prompts_per_step = rl_values["per_device_train_batch_size"] // rl_values["num_generations"]
-    sft = {
-        k: rl_values[k]
-        for k in (
-            "max_steps",
-            "learning_rate",
-            "lr_scheduler_type",
-            "warmup_steps",
-            "weight_decay",
-            "num_train_samples",
-            "dataset_seed",
-            "use_peft",
-            "lora_r",
-            "lora_alpha",
-            "lora_dropout",
-        )
-        if k in rl_values
-    }
+    sft = {k: rl_values[k] for k in SFT_CONTROL_FIELDS if k in rl_values}
     sft.update(
         {
             **world,
