@@ -412,10 +412,10 @@ def kinds_summary() -> str:
             f"later stage improves on it (CycleRL - PMTP {below}); in CycleRL's groups of images for one layout, "
             f"{agree} of the groups earned one reward for every image, which gives GRPO no advantage.\n"
         )
-    room = RESULTS / SIX_SHAPES_VALIDATION["shipped (lr 5e-4)"]
-    if (room / "study_validation.json").is_file():
-        report = json.loads((room / "study_validation.json").read_text())
-        groups = json.loads((room / "cyclerl_groups.json").read_text())["summary"]["frac_reward_zero_std"]["mean"]
+    room = SIX_SHAPES_VALIDATION["shipped (lr 5e-4)"]
+    if (RESULTS / room / "study_validation.json").is_file():
+        report = _json(f"{room}/study_validation.json")
+        groups = _json(f"{room}/cyclerl_groups.json")["summary"]["frac_reward_zero_std"]["mean"]
         start = report["comparisons"]["cyclerl_vs_djo"]["cycle_miou_ref"]
         lines.append(
             "- In a world with room (validation split, up to 6 shapes): PMTP's `strict50` "
