@@ -124,3 +124,11 @@ def test_shuffled_rewards_permute_within_the_batch_and_together():
         seen.add(tuple(x))
     assert len(seen) > 1  # a new permutation per batch
     assert load_reward("echogen_rl.rewards.controls:shuffled_cycle_iou").__name__ == "shuffled_cycle_iou"
+
+
+def test_background_share_counts_background_codes():
+    from echogen_rl.rewards.registry import load_reward
+
+    reward = load_reward("echogen_rl.rewards.controls:background_share")
+    codes = [[0, 0, 0, 0], [0, 3, 0, 5], [1, 2, 3, 4]]
+    assert reward(prompts=[""] * 3, completions=[""] * 3, image_codes=codes) == [1.0, 0.5, 0.0]

@@ -285,3 +285,37 @@ def test_cyclerl_validation_links_the_shared_runs_and_retrains_only_what_the_cha
     )
     with pytest.raises(FileNotFoundError, match="--split validation"):
         script.main()
+
+
+def test_learnability_compares_each_cycle_run_with_the_shipped_one_window_by_window(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent.parent / "benchmarks"))  # its `common.py`
+    script = _script("cyclerl_learnability")
+    assert script.variants(0.4, [0.0, 0.04]) == {
+        "background_beta0.4": ("background", 0.4),
+        "background_beta0": ("background", 0.0),
+        "cycle_beta0.4": ("cycle", 0.4),
+        "cycle_beta0": ("cycle", 0.0),
+        "cycle_beta0.04": ("cycle", 0.04),
+    }
+    assert list(script.variants(0.0, [0.0])) == ["background_beta0", "cycle_beta0"]
+
+    def record(rewards):
+        log = [{"step": 10 * (i + 1), "reward": r, "kl": 0.01, "monitor/strict50": 0.5} for i, r in enumerate(rewards)]
+        return {"log_history": [*log, {"train_runtime": 1.0}]}
+
+    runs = {
+        "cycle_beta0.4": script.windows(record([0.6, 0.7, 0.8])),
+        "cycle_beta0": script.windows(record([0.7, 0.6, 0.9])),
+        "background_beta0": script.windows(record([0.5, 1.0])),
+    }
+    assert runs["cycle_beta0"][2] == {
+        "step": 30, "reward": 0.9, "kl": 0.01, "entropy": 0.0, "strict50": 0.5, "filled_box_rate": 0.0
+    }  # fmt: skip
+    summary = script.summarize(runs, "cycle_beta0.4")
+    assert summary["cycle_beta0"]["reward_minus_shipped"] == pytest.approx((0.1 - 0.1 + 0.1) / 3)
+    assert summary["cycle_beta0"]["windows_above_shipped"] == "2/3"
+    assert "reward_minus_shipped" not in summary["cycle_beta0.4"]
+    assert "reward_minus_shipped" not in summary["background_beta0"]  # other prompts and steps than the cycle runs
+    assert (summary["background_beta0"]["first_reward"], summary["background_beta0"]["last_reward"]) == (0.5, 1.0)
+    with pytest.raises(ValueError, match="logged no reward"):
+        script.windows({"log_history": [{"train_runtime": 1.0}]})

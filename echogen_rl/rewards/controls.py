@@ -1,4 +1,4 @@
-"""Control rewards for studies: a reward whose values are shuffled within each batch.
+"""Control rewards for studies: a reward whose values are shuffled within each batch, and one any policy climbs.
 
 GRPO with shuffled rewards keeps everything of a run (rollouts, the loss, the optimizer, the reward's scale and
 spread) except the information in the reward, so a stage that beats it gains from what the reward says, not
@@ -9,6 +9,10 @@ from the extra steps or the noise of policy-gradient updates.
 Each shuffled reward draws its permutations from its own generator seeded alike, and the trainer calls every reward
 function once per batch in the same order, so all the shuffled rewards of a run are permuted together: the total
 reward of a completion is another completion's total.
+
+`background_share` asks for nothing but background: a policy climbs it by drawing less, so a run whose reward stays
+flat on it is held back by its settings (learning rate, KL), not by a weak reward signal
+(`benchmarks/cyclerl_learnability.py`).
 """
 
 from __future__ import annotations
@@ -43,3 +47,8 @@ class ShuffledReward:
 
 shuffled_cycle_iou = ShuffledReward(cycle_iou)
 shuffled_grounding_format = ShuffledReward(grounding_format)
+
+
+def background_share(prompts, completions, image_codes, **kwargs) -> list[float]:
+    """The share of background codes (code 0) in each generated image."""
+    return [sum(code == 0 for code in codes) / len(codes) for codes in image_codes]
