@@ -319,3 +319,14 @@ def test_learnability_compares_each_cycle_run_with_the_shipped_one_window_by_win
     assert (summary["background_beta0"]["first_reward"], summary["background_beta0"]["last_reward"]) == (0.5, 1.0)
     with pytest.raises(ValueError, match="logged no reward"):
         script.windows({"log_history": [{"train_runtime": 1.0}]})
+
+
+def test_signal_correlation_is_within_groups_and_skips_groups_without_spread(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent.parent / "benchmarks"))  # its `common.py`
+    script = _script("cyclerl_signal")
+    # Within each group the reward rises with the score, while across groups it falls: only the first counts.
+    reward = np.array([[0.1, 0.2, 0.3], [0.6, 0.7, 0.8], [0.5, 0.5, 0.5]])
+    score = np.array([[0.7, 0.8, 0.9], [0.1, 0.2, 0.3], [0.0, 1.0, 0.5]])
+    assert script.within_group_correlation(reward, score) == {"correlation": pytest.approx(1.0), "groups": 2, "of": 3}
+    assert script.within_group_correlation(reward, -score)["correlation"] == pytest.approx(-1.0)
+    assert script.within_group_correlation(reward[2:], score[2:])["groups"] == 0
