@@ -51,11 +51,12 @@ def variants(shipped_beta: float, betas: list[float]) -> dict[str, tuple[str, fl
 
 
 def windows(record: dict) -> list[dict]:
-    """The run's logged windows: the step and each metric's value over the window."""
+    """The run's logged windows: the step and each metric's value over the window (`None` where the run logged none:
+    TRL computes no KL at `beta: 0`)."""
     rows = []
     for entry in record["log_history"]:
         if "reward" in entry:
-            rows.append({"step": entry["step"], **{k: entry.get(m, 0.0) for k, m in WINDOW_METRICS.items()}})
+            rows.append({"step": entry["step"], **{k: entry.get(m) for k, m in WINDOW_METRICS.items()}})
     if not rows:
         raise ValueError("the run logged no reward: not a CycleRL run")
     return rows
@@ -66,10 +67,11 @@ def summarize(runs: dict[str, list[dict]], shipped: str) -> dict:
     summary = {}
     for name, rows in runs.items():
         rewards = [r["reward"] for r in rows]
+        kl = [r["kl"] for r in rows]
         entry = {
             "first_reward": rewards[0],
             "last_reward": rewards[-1],
-            "mean_kl": statistics.fmean(r["kl"] for r in rows),
+            "mean_kl": None if None in kl else statistics.fmean(kl),
         }
         if name.startswith("cycle") and name != shipped:
             base = [r["reward"] for r in runs[shipped]]

@@ -309,7 +309,7 @@ def test_learnability_compares_each_cycle_run_with_the_shipped_one_window_by_win
         "background_beta0": script.windows(record([0.5, 1.0])),
     }
     assert runs["cycle_beta0"][2] == {
-        "step": 30, "reward": 0.9, "kl": 0.01, "entropy": 0.0, "strict50": 0.5, "filled_box_rate": 0.0
+        "step": 30, "reward": 0.9, "kl": 0.01, "entropy": None, "strict50": 0.5, "filled_box_rate": None
     }  # fmt: skip
     summary = script.summarize(runs, "cycle_beta0.4")
     assert summary["cycle_beta0"]["reward_minus_shipped"] == pytest.approx((0.1 - 0.1 + 0.1) / 3)
@@ -317,6 +317,9 @@ def test_learnability_compares_each_cycle_run_with_the_shipped_one_window_by_win
     assert "reward_minus_shipped" not in summary["cycle_beta0.4"]
     assert "reward_minus_shipped" not in summary["background_beta0"]  # other prompts and steps than the cycle runs
     assert (summary["background_beta0"]["first_reward"], summary["background_beta0"]["last_reward"]) == (0.5, 1.0)
+    assert summary["cycle_beta0"]["mean_kl"] == pytest.approx(0.01)
+    unlogged = script.windows({"log_history": [{"step": 10, "reward": 0.5}]})  # beta 0: TRL logs no KL
+    assert script.summarize({"cycle_beta0": unlogged}, "cycle_beta0")["cycle_beta0"]["mean_kl"] is None
     with pytest.raises(ValueError, match="logged no reward"):
         script.windows({"log_history": [{"train_runtime": 1.0}]})
 
