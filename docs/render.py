@@ -310,6 +310,9 @@ def paper_eval_cpu() -> str:
 KINDS_STUDIES = {
     "one_cycle": {"a": "study_kinds/study.json", "b": "study_kinds_b/study.json"},
     "two_cycles": {"a": "study_two_cycles/study.json", "b": "study_two_cycles_b/study.json"},
+    # The world with room after PMTP (8 x 8, up to 6 shapes): set a's runs are its validation study's, scored on
+    # set a's held-out layouts; set b trained from scratch on seeds 100-102.
+    "six_shapes": {"a": "study_6shapes/study.json", "b": "study_6shapes_b/study.json"},
 }
 
 
@@ -476,6 +479,8 @@ RENDERERS = {
     "kinds-validation": kinds_validation,
     "kinds-summary": kinds_summary,
     "six-shapes-validation": six_shapes_validation,
+    "replication-six-shapes": lambda: replication_kinds("six_shapes"),
+    "reward-gate-six-shapes": lambda: reward_gate_kinds("six_shapes"),
 }
 
 
