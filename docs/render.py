@@ -326,6 +326,8 @@ def replication_kinds(study: str = "one_cycle") -> str:
 
 def reward_gate_kinds(study: str = "one_cycle") -> str:
     """Each set's reward check per grounder, and its gate (the DJO grounder's)."""
+    if not _kinds_sets(study):
+        return "No seed set has run yet.\n"
     rows = []
     for name, report in _kinds_sets(study).items():
         for grounder, label in (("pmtp", "PMTP (scores cycle_miou_ref)"), ("djo", "DJO (CycleRL reward)")):

@@ -240,6 +240,9 @@ def test_a_claim_stands_only_when_every_seed_set_holds_it_and_its_reward_gate_pa
     )
     assert "| `cyclerl_vs_sft_continued` | cycle_miou_ref | " in table and "no evidence (reward gate) |" in table
     assert "cyclerl_vs_shuffled_reward" not in table  # a comparison a set lacks is left out
+    one = format_replication({"a": report(0.01)}, metrics=("cycle_miou_ref",))  # nothing replicates it yet
+    assert "| `djo_vs_pmtp_continued` | cycle_miou_ref | +0.020 [+0.010, +0.030] | not yet (one set) |" in one
+    assert format_replication({}) == "No seed set has run yet.\n"
 
 
 def _script(name: str):

@@ -209,8 +209,11 @@ def format_replication(
     comparisons: Sequence[str] = REPLICATED_COMPARISONS,
 ) -> str:
     """The paired differences of two or more seed sets side by side (Markdown): a stage's claim stands on a metric
-    only when every set's interval is above 0, and a CycleRL row counts only where its reward gate passed."""
+    only when every set's interval is above 0, and a CycleRL row counts only where its reward gate passed. With one
+    set a claim does not stand yet, however high its interval."""
     names = list(reports)
+    if not names:
+        return "No seed set has run yet.\n"
     header = " | ".join(f"set {n}" for n in names)
     lines = [f"| comparison | metric | {header} | stands |", "| --- " * (len(names) + 3) + "|"]
     for comparison in comparisons:
@@ -222,5 +225,7 @@ def format_replication(
             cells = [_difference_cell(row[metric]) for row in rows]
             above = all(row[metric]["ci_low"] > 0 for row in rows)
             verdict = ("yes" if above else "no") if evidence else "no evidence (reward gate)"
+            if verdict == "yes" and len(names) < 2:
+                verdict = "not yet (one set)"
             lines.append(f"| `{comparison}` | {metric} | " + " | ".join(cells) + f" | {verdict} |")
     return "\n".join(lines) + "\n"
