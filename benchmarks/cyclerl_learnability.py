@@ -6,8 +6,8 @@
 Each run is the study's seed-0 CycleRL run (the same settings, model and prompts) with one reward and one KL
 coefficient (`beta`):
 
-- `background_share` (`echogen_rl.rewards.controls`): the share of background codes in the image. Any policy climbs it by drawing
-  less, so a run that does not is held back by its settings, not by a weak reward signal.
+- `background_share` (`echogen_rl.rewards.controls`): the share of background codes in the image. Any policy
+  climbs it by drawing less, so a run that does not is held back by its settings, not by a weak reward signal.
 - `cycle`: the study's own rewards (`cycle_iou`, `grounding_format`). The shipped `beta` is the study's own
   seed-0 CycleRL run, linked (hard links), not trained again.
 
@@ -44,7 +44,8 @@ BACKGROUND_REWARD = "echogen_rl.rewards.controls:background_share"
 
 
 def variants(shipped_beta: float, betas: list[float]) -> dict[str, tuple[str, float]]:
-    """`{run name: (reward, beta)}`: the background reward at the shipped beta and at 0, the cycle reward at each beta."""
+    """`{run name: (reward, beta)}`: the background reward at the shipped beta and at 0, the cycle reward at the
+    shipped beta and each of `betas`."""
     runs = {f"background_beta{b:g}": ("background", b) for b in dict.fromkeys([shipped_beta, 0.0])}
     runs |= {f"cycle_beta{b:g}": ("cycle", b) for b in dict.fromkeys([shipped_beta, *betas])}
     return runs
