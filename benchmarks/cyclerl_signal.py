@@ -52,6 +52,7 @@ def read(grounder, codes: torch.Tensor, targets, config: ShapesConfig) -> dict[s
         "strict50": strict_recall50(detections, targets),
         "tolerant_l2i": mask_iou_per_image(codes, targets, config),
         "problem": [bool(g.problems) for g in grounded],
+        "readable": [float(not g.problems) for g in grounded],
     }
 
 
@@ -97,7 +98,9 @@ def main() -> None:
         "model": f"seed{args.seed}/djo",
         "layouts": args.layouts,
         "group": args.group,
-        "within_group": {name: within_group_correlation(reward, grid(name)) for name in ("strict50", "tolerant_l2i")},
+        "within_group": {
+            name: within_group_correlation(reward, grid(name)) for name in ("strict50", "tolerant_l2i", "readable")
+        },
         "reward_std_within_group": float(reward.std(1).mean()),
         "means": means,
     }
