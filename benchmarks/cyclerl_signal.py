@@ -8,8 +8,8 @@ For `--layouts` validation layouts (never the held-out ones), draws `--group` im
 rollouts are drawn, and reads each image twice: by CycleRL's reward (the cycle IoU that the DJO grounder's boxes
 have with the layout) and by the shapes world's oracle (`strict50`: the share of the layout's shapes drawn with their
 color and kind at IoU >= 0.5; `tolerant_l2i`). GRPO learns only from the reward's differences within a group, so the
-check is the within-group correlation: both scores minus their group's mean, pooled over the groups. Also writes the
-reward of greedy images (the oracle's scores rise most there) and the share of images whose grounding has a problem
+check is the within-group correlation: both scores minus their group's mean, pooled over the groups; also with
+`readable` (1 where the grounder's answer has no problem). Also writes the reward of greedy images (the oracle's scores rise most there) and the share of images whose grounding has a problem
 (a phrase named wrongly, a box missing), on the generated and on the real images.
 """
 
