@@ -436,14 +436,14 @@ def kinds_summary() -> str:
     folder = SIX_SHAPES_VALIDATION["shipped (lr 5e-4)"]
     if (RESULTS / folder / "cyclerl_signal.json").is_file():
         signal = _json(f"{folder}/cyclerl_signal.json")
-        within, means = signal["within_group"], signal["means"]
+        within = signal["within_group"]
         learn = _json(f"{folder}/cyclerl_learnability.json")["runs"]
         background = {b: learn[f"background_beta{b}"][-1]["reward"] for b in ("0", "0.4")}
         lines.append(
             "- Where it dies with 6 shapes (validation, seed 0): within a group of images for one layout the reward "
-            f"correlates {within['strict50']['correlation']:.2f} with the oracle's `strict50` and "
-            f"{within['tolerant_l2i']['correlation']:.2f} with `tolerant_l2i`; the grounder misreads "
-            f"{means['sampled']['problem']:.0%} of sampled images against {means['real']['problem']:.0%} of real ones; "
+            f"correlates {within['strict50']['correlation']:.2f} with the oracle's `strict50`, "
+            f"{within['tolerant_l2i']['correlation']:.2f} with `tolerant_l2i` and "
+            f"{within['readable']['correlation']:.2f} with whether the grounder's answer has no problem; "
             f"the shipped KL (`beta: 0.4`) holds the policy on a reward it climbs without it (background share "
             f"{background['0.4']:.2f} against {background['0']:.2f} after 40 steps), and without it the cycle reward "
             "still does not rise.\n"
