@@ -9,8 +9,9 @@ rollouts are drawn, and reads each image twice: by CycleRL's reward (the cycle I
 have with the layout) and by the shapes world's oracle (`strict50`: the share of the layout's shapes drawn with their
 color and kind at IoU >= 0.5; `tolerant_l2i`). GRPO learns only from the reward's differences within a group, so the
 check is the within-group correlation: both scores minus their group's mean, pooled over the groups; also with
-`readable` (1 where the grounder's answer has no problem). Also writes the reward of greedy images (the oracle's scores rise most there) and the share of images whose grounding has a problem
-(a phrase named wrongly, a box missing), on the generated and on the real images.
+`readable` (1 where the grounder's answer has no problem). Also writes the reward of greedy images (the oracle's
+scores rise most there) and the share of images whose grounding has a problem (a phrase named wrongly, a box
+missing), on the generated and on the real images.
 """
 
 from __future__ import annotations
@@ -52,7 +53,6 @@ def read(grounder, codes: torch.Tensor, targets, config: ShapesConfig) -> dict[s
         "strict50": strict_recall50(detections, targets),
         "tolerant_l2i": mask_iou_per_image(codes, targets, config),
         "problem": [bool(g.problems) for g in grounded],
-        "readable": [float(not g.problems) for g in grounded],
     }
 
 
@@ -84,6 +84,8 @@ def main() -> None:
         values = [np.nan if v is None else v for v in reads["sampled"][name]]
         return np.asarray(values, dtype=float).reshape(args.layouts, args.group)
 
+    scores = {"strict50": grid("strict50"), "tolerant_l2i": grid("tolerant_l2i"), "readable": 1.0 - grid("problem")}
+
     reward = grid("reward")
     means = {
         source: {
@@ -98,9 +100,7 @@ def main() -> None:
         "model": f"seed{args.seed}/djo",
         "layouts": args.layouts,
         "group": args.group,
-        "within_group": {
-            name: within_group_correlation(reward, grid(name)) for name in ("strict50", "tolerant_l2i", "readable")
-        },
+        "within_group": {name: within_group_correlation(reward, score) for name, score in scores.items()},
         "reward_std_within_group": float(reward.std(1).mean()),
         "means": means,
     }

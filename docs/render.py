@@ -432,7 +432,7 @@ def kinds_summary() -> str:
     room = _kinds_sets("six_shapes")
     if room:
         pmtp = ", ".join(f"set {n} {r['arms']['pmtp']['strict50']['mean']:.3f}" for n, r in room.items())
-        lines.append(_sets_summary(f"Up to 6 shapes, a world with room (PMTP's `strict50` {pmtp})", room))
+        lines.append(_sets_summary(f"Up to 6 shapes (PMTP's `strict50` {pmtp})", room))
     folder = SIX_SHAPES_VALIDATION["shipped (lr 5e-4)"]
     if (RESULTS / folder / "cyclerl_signal.json").is_file():
         signal = _json(f"{folder}/cyclerl_signal.json")
