@@ -324,6 +324,9 @@ def replication_kinds(study: str = "one_cycle") -> str:
     return format_replication(_kinds_sets(study))
 
 
+REWARD_DRAWINGS = ("correct", "filled", "other_kind", "other_color", "empty")
+
+
 def reward_gate_kinds(study: str = "one_cycle") -> str:
     """Each set's reward check per grounder, and its gate (the DJO grounder's)."""
     if not _kinds_sets(study):
@@ -333,11 +336,12 @@ def reward_gate_kinds(study: str = "one_cycle") -> str:
         for grounder, label in (("pmtp", "PMTP (scores cycle_miou_ref)"), ("djo", "DJO (CycleRL reward)")):
             check = report["reward_check"][grounder]
             gate = ("passed" if report["reward_gate"]["passed"] else "failed") if grounder == "djo" else ""
-            means = [f"{check[d]['mean']:.3f}" for d in ("correct", "filled", "other_kind", "empty")]
+            means = [f"{check[d]['mean']:.3f}" if d in check else "-" for d in REWARD_DRAWINGS]
             diffs = [_ci(check[f"correct_minus_{d}"]) for d in ("filled", "other_kind")]
-            rows.append([label, name, *means, *diffs, gate])
-    columns = ["grounder", "set", "correct", "filled", "other kind", "empty", "correct - filled"]
-    return _table([*columns, "correct - other kind", "gate"], rows)
+            color = _ci(check["correct_minus_other_color"]) if "other_color" in check else "-"
+            rows.append([label, name, *means, *diffs, color, gate])
+    columns = ["grounder", "set", "correct", "filled", "other kind", "other color", "empty", "correct - filled"]
+    return _table([*columns, "correct - other kind", "correct - other color", "gate"], rows)
 
 
 def kinds_validation() -> str:
@@ -396,11 +400,13 @@ def kinds_validation() -> str:
 
 def _sets_summary(label: str, sets: dict[str, dict]) -> str:
     """One bullet: each set's reward gate, then CycleRL - SFT continued per metric, set by set."""
-    gates = ", ".join(
-        f"set {n} {_ci(r['reward_check']['djo']['correct_minus_filled'])} "
-        f"({'passed' if r['reward_gate']['passed'] else 'failed'})"
-        for n, r in sets.items()
-    )
+
+    def gate(r):
+        check = r["reward_check"]["djo"]
+        color = f", - other color {_ci(check['correct_minus_other_color'])}" if "other_color" in check else ""
+        return f"{_ci(check['correct_minus_filled'])}{color} ({'passed' if r['reward_gate']['passed'] else 'failed'})"
+
+    gates = ", ".join(f"set {n} {gate(r)}" for n, r in sets.items())
     metrics = "; ".join(
         f"`{m}` "
         + ", ".join(f"set {n} {_ci(r['comparisons']['cyclerl_vs_sft_continued'][m])}" for n, r in sets.items())

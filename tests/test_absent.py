@@ -110,6 +110,7 @@ def test_collators_train_the_not_present_answer(prompts, shapes):
 
 
 @pytest.mark.parametrize("config", [PMTPConfig, DJOConfig])
-def test_configs_check_absent_phrase_prob(config, tmp_path):
-    with pytest.raises(ValueError, match=r"absent_phrase_prob must be in \[0, 1\]"):
-        config(output_dir=str(tmp_path), absent_phrase_prob=-0.1, use_cpu=True)
+@pytest.mark.parametrize("name", ["absent_phrase_prob", "kind_negative_prob", "color_negative_prob"])
+def test_configs_check_negative_shares(config, name, tmp_path):
+    with pytest.raises(ValueError, match=rf"{config.__name__}.{name} must be in \[0, 1\]"):
+        config(output_dir=str(tmp_path), use_cpu=True, **{name: -0.1})

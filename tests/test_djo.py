@@ -221,3 +221,12 @@ def test_a_missing_local_start_that_no_config_makes_is_named(tmp_path, monkeypat
     with pytest.raises(SystemExit, match=r"no checkpoint at outputs/pmtp-typo .*no shipped pmtp config writes it"):
         require_start_checkpoint("outputs/pmtp-typo", ROOT / "recipes/pmtp.py")
     require_start_checkpoint("deepseek-community/Janus-Pro-1B", ROOT / "recipes/pmtp.py")  # a hub id passes
+
+
+def test_negative_shares_reach_the_loop_collator_as_queries_only(tiny_model, tiny_tokenizer, shapes, tmp_path):
+    config = DJOConfig(
+        output_dir=str(tmp_path / "out"), max_steps=1, report_to=[], use_cpu=True, bf16=False,
+        gradient_checkpointing=False, kind_negative_prob=0.2, color_negative_prob=0.3,
+    )  # fmt: skip
+    kinds = DJOTrainer(tiny_model, config, train_dataset=shapes, processing_class=tiny_tokenizer).data_collator.kinds
+    assert (kinds.prob, kinds.colors, kinds.redraw) == (0.2, 0.3, False)

@@ -6,6 +6,7 @@ from trl import SFTTrainer
 
 from echogen_rl.data.collators import PMTPCollator
 from echogen_rl.data.shapes import build_shapes_dataset
+from echogen_rl.layout import Entity, Layout
 from echogen_rl.models.modeling import mixed_forward
 from echogen_rl.trainer.pmtp_config import PMTPConfig
 from echogen_rl.trainer.pmtp_trainer import PMTPTrainer, pmtp_losses
@@ -163,3 +164,23 @@ def test_single_task_collation_builds_only_that_segment(prompts, shapes):
     assert (l2i_only["text_labels"] == -100).all() and (i2l_only["image_labels"] == -100).all()
     with pytest.raises(ValueError, match="tasks"):
         PMTPCollator(prompts, tasks=("vqa",))
+
+
+def test_negative_shares_reach_the_collator_and_need_shapes_phrases(tiny_model, tiny_tokenizer, shapes, tmp_path):
+    trainer = PMTPTrainer(
+        tiny_model, _config(tmp_path, color_negative_prob=0.4), train_dataset=shapes, processing_class=tiny_tokenizer
+    )
+    kinds = trainer.data_collator.kinds
+    assert (kinds.prob, kinds.colors, kinds.redraw) == (0.0, 0.4, True)
+
+    def rename(example):  # phrases outside the shapes world
+        layout = Layout.from_json(example["layout"])
+        return {"layout": Layout([Entity("thing", e.box) for e in layout.entities]).to_json()}
+
+    with pytest.raises(ValueError, match="PMTPConfig.color_negative_prob needs shapes-world phrases"):
+        PMTPTrainer(
+            tiny_model,
+            _config(tmp_path, color_negative_prob=0.4),
+            train_dataset=shapes.map(rename),
+            processing_class=tiny_tokenizer,
+        )

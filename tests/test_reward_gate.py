@@ -1,4 +1,4 @@
-"""The cycle reward's judge must see shape: kind negatives, the reward check's arithmetic, the gate, the monitor."""
+"""The cycle reward's judge must see shape and color: kind negatives, wrong-color drawings, the reward check's arithmetic, the gate, the monitor."""
 
 import json
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from echogen_rl.data.collators import PMTPCollator
-from echogen_rl.data.kind_negatives import KindNegatives, draw_other_kinds, other_kind_masks
+from echogen_rl.data.kind_negatives import KindNegatives, draw_other_colors, draw_other_kinds, other_kind_masks
 from echogen_rl.data.shapes import (
     ShapesConfig,
     build_shapes_dataset,
@@ -21,6 +21,7 @@ from echogen_rl.eval.reward_check import REWARD_GATE_MARGIN, reward_check, rewar
 from echogen_rl.experiments.study import run_study
 from echogen_rl.layout import Layout, grounding_answer
 from echogen_rl.models.grounding import GroundingResult
+from echogen_rl.models.palette import COLOR_NAMES
 from echogen_rl.models.prompts import PromptBuilder
 
 
@@ -47,6 +48,23 @@ def test_draw_other_kinds_changes_every_entity_that_can_change(shapes):
         for e in layout.entities:
             kind, (w, h) = e.phrase.split()[1], (round(8 * (e.box[2] - e.box[0])), round(8 * (e.box[3] - e.box[1])))
             assert (e.phrase in found) == (not other_kind_masks(kind, w, h)), (layout.to_text(), found)
+
+
+def test_draw_other_colors_keeps_kind_and_box_and_names_no_color_of_the_layout(shapes):
+    layouts, _ = shapes
+    for layout in layouts:
+        found = detect_from_codes(draw_other_colors(layout)).entities
+        used = {e.phrase.split()[0] for e in layout.entities}
+        assert not used & {e.phrase.split()[0] for e in found}, layout.to_text()
+        # Same kinds in the same boxes: only the colors moved (entities that share a new color may merge when
+        # they touch, so compare the kinds drawn where no two of the layout's boxes touch).
+        if len(found) == len(layout.entities):
+            assert sorted((e.box, e.phrase.split()[1]) for e in found) == sorted(
+                (e.box, e.phrase.split()[1]) for e in detect_from_codes(render_codes(layout)).entities
+            )
+    crowded = Layout([type(layouts[0].entities[0])(f"{c} square", (0.0, 0.0, 0.25, 0.25)) for c in COLOR_NAMES])
+    with pytest.raises(ValueError, match="every color"):
+        draw_other_colors(crowded)
 
 
 def test_kind_negatives_redraw_one_entity_or_ask_another_kind(shapes):
@@ -83,6 +101,44 @@ def test_kind_negatives_redraw_one_entity_or_ask_another_kind(shapes):
         KindNegatives(1.5)
 
 
+def test_color_negatives_recolor_one_entity_or_ask_it_in_an_unnamed_color(shapes):
+    layouts, codes = shapes
+    negatives = KindNegatives(0.0, colors=1.0)
+    recolored = asked = 0
+    for i, (layout, grid) in enumerate(zip(layouts, codes)):
+        made = negatives.apply(str(i), layout, grid)
+        assert made is not None and made == negatives.apply(str(i), layout, grid)
+        shown, query, answer = made
+        named = {p.split()[0] for p in layout.phrases}
+        assert len(query) == len(layout) and len({p.split()[0] for p in query}) == len(query)
+        assert grounding_answer(query, answer).count("[]") == 1  # exactly one phrase answered "not present"
+        if shown != grid:
+            recolored += 1
+            assert query == layout.phrases
+            (gone,) = set(layout.phrases) - set(answer.phrases)
+            found = detect_from_codes(shown).entities
+            assert gone not in {e.phrase for e in found}
+            (moved,) = [e for e in found if e.phrase.split()[0] not in named]  # the same kind, in a new color
+            assert moved.phrase.split()[1] == gone.split()[1]
+            assert moved.box == next(e.box for e in layout.entities if e.phrase == gone)
+        else:
+            asked += 1
+            assert answer == layout
+            (k,) = [j for j, (a, b) in enumerate(zip(query, layout.phrases)) if a != b]
+            assert query[k].split()[1] == layout.phrases[k].split()[1]  # same kind, a color the image lacks
+            assert query[k].split()[0] not in named
+    assert recolored > 20 and asked > 20
+    assert all(KindNegatives(0.0, colors=1.0, redraw=False).apply(str(i), t, c)[0] == c for i, (t, c) in
+               enumerate(zip(layouts, codes)))  # fmt: skip
+    # A kind negative is drawn as before: the colors share only takes examples the kind share left alone.
+    for i, (layout, grid) in enumerate(zip(layouts, codes)):
+        kind = KindNegatives(0.3).apply(str(i), layout, grid)
+        both = KindNegatives(0.3, colors=0.5).apply(str(i), layout, grid)
+        assert kind is None or both == kind
+    with pytest.raises(ValueError, match="KindNegatives.colors"):
+        KindNegatives(0.0, colors=-0.1)
+
+
 def test_pmtp_collator_shows_the_negative_to_the_grounder_only(tiny_tokenizer, shapes):
     """The L2I segment keeps the true image as its target; only the I2L segment sees the redrawn one."""
     layouts, codes = shapes
@@ -110,7 +166,7 @@ def oracle_grounder(codes, phrases):
     return results
 
 
-def test_the_oracle_passes_the_reward_gate_and_a_box_reader_fails_it(shapes):
+def test_the_oracle_passes_the_reward_gate_and_a_box_or_place_reader_fails_it(shapes):
     layouts, _ = shapes
     config = ShapesConfig()
 
@@ -122,12 +178,24 @@ def test_the_oracle_passes_the_reward_gate_and_a_box_reader_fails_it(shapes):
             out.append(GroundingResult(Layout(hits)))
         return out
 
-    for grounder, passes in ((oracle_grounder, True), (box_reader, False)):
+    def place_reader(codes, phrases):  # reads kind and place, not color: the asked phrases in reading order
+        out = []
+        for row, asked in zip(codes.tolist(), phrases):
+            found = detect_from_codes(row).entities
+            hits = [type(e)(p, e.box) for p, e in zip(asked, found) if e.phrase.split()[1] == p.split()[1]]
+            out.append(GroundingResult(Layout(hits)))
+        return out
+
+    for grounder, fails in ((oracle_grounder, ""), (box_reader, "correct - filled"), (place_reader, "other_color")):
         check = reward_check(grounder, layouts, config)
         summary = summarize_reward_check({"djo": [{"reward_check": check}] * 2}, 500)["djo"]
-        assert set(summary) >= {"correct", "filled", "other_kind", "empty", "correct_minus_filled"}
+        assert set(summary) >= {"correct", "filled", "other_kind", "other_color", "empty", "correct_minus_filled"}
         gate = reward_gate(summary)
-        assert gate["passed"] is passes, gate
+        assert gate["passed"] is not fails, gate
+        assert not fails or any(fails in r for r in gate["reasons"]), gate
+    assert set(reward_check(oracle_grounder, layouts[:4], config, drawings=["other_color"])) == {"other_color"}
+    with pytest.raises(ValueError, match="unknown drawings.*'blob'"):
+        reward_check(oracle_grounder, layouts[:4], config, drawings=["blob"])
     # The arithmetic: a hand-made check with known means.
     check = {
         "correct": [1.0, 0.5, None],
@@ -142,7 +210,10 @@ def test_the_oracle_passes_the_reward_gate_and_a_box_reader_fails_it(shapes):
     assert not reward_gate({})["passed"] and "not scored" in reward_gate({})["reasons"][0]  # no check is no pass
     near = {"correct_minus_filled": {"ci_low": REWARD_GATE_MARGIN - 0.01}}
     near.update({f"correct_minus_{d}": {"ci_low": 0.1} for d in ("other_kind", "empty")})
-    assert "correct - filled" in reward_gate(near)["reasons"][0]
+    near["correct_minus_other_color"] = {"ci_low": REWARD_GATE_MARGIN}
+    assert [r.split(":")[0] for r in reward_gate(near)["reasons"]] == ["correct - filled"]
+    near["correct_minus_other_color"] = {"ci_low": REWARD_GATE_MARGIN - 0.01}
+    assert [r.split(":")[0] for r in reward_gate(near)["reasons"]] == ["correct - filled", "correct - other_color"]
 
 
 def test_the_monitor_trips_on_painted_boxes_and_not_on_drawings(shapes):
@@ -224,3 +295,29 @@ def test_the_loop_collator_asks_other_kinds_but_never_redraws(tiny_tokenizer, sh
     )
     assert torch.equal(plain["l2i_input_ids"], asked["l2i_input_ids"])
     assert not torch.equal(plain["i2l_text_labels"], asked["i2l_text_labels"])  # other queries, other answers
+
+
+def test_a_resumed_study_scores_only_the_drawings_a_run_lacks(tiny_checkpoint, tmp_path, monkeypatch):
+    from echogen_rl.eval import reward_check as check_module
+    from echogen_rl.experiments import study_scoring
+
+    run = tmp_path / "djo"
+    run.mkdir()
+    for f in tiny_checkpoint.iterdir():
+        (run / f.name).symlink_to(f)
+    kept = {"grounding_miou": [0.5] * 4, "marker": 1, "reward_check": {d: [0.25] * 4 for d in ("correct", "empty")}}
+    study_scoring.scores_path(run, "validation").write_text(json.dumps(kept))
+    assert not study_scoring.has_scores(run, "validation", 4, checks_rewards=True)
+    assert study_scoring.has_scores(run, "validation", 4, checks_rewards=False)
+    scored = []
+    real = check_module.reward_check
+    monkeypatch.setattr(study_scoring, "evaluate_model", lambda *a: pytest.fail("scored again"))
+    monkeypatch.setattr(
+        study_scoring, "reward_check", lambda *a, drawings: scored.append(drawings) or real(*a, drawings=drawings)
+    )
+    study_scoring.score_run(str(run), None, str(run), "validation", 4, True, {}, "a")
+    assert scored == [["filled", "other_kind", "other_color"]]
+    result = json.loads(study_scoring.scores_path(run, "validation").read_text())
+    assert result["marker"] == 1 and result["reward_check"]["correct"] == [0.25] * 4
+    assert all(len(result["reward_check"][d]) == 4 for d in ("filled", "other_kind", "other_color"))
+    assert study_scoring.has_scores(run, "validation", 4, checks_rewards=True)

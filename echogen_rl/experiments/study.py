@@ -65,6 +65,7 @@ DJO_CONTROL_FIELDS = (
     "dataset_seed",
     "optim",
     "kind_negative_prob",  # PMTP's kind negatives (both halves) at DJO's rate: both keep the grounder seeing shape
+    "color_negative_prob",  # and color
 )
 STAGE_ARMS = {"djo": ("djo", "pmtp_continued"), "cyclerl": ("cyclerl", "sft_continued", "cyclerl_shuffled")}
 
@@ -344,7 +345,7 @@ def _notes(budget: StudyBudget) -> dict:
         "ap": "COCO AP of the oracle detector, per seed then averaged; its intervals resample seeds and layouts "
         f"{min(AP_RESAMPLES, budget.n_resamples)} times",
         "reward_check": "cycle IoU a grounder gives each layout drawn correctly, as filled boxes, as another kind "
-        "in each box, and empty",
+        "in each box, in colors the layout does not name, and empty",
         "evidence": "false on a comparison whose CycleRL arm was rewarded by a grounder that failed the reward gate",
         "intervals": "95% percentile bootstrap over seeds and layouts, paired by seed and layout",
     }

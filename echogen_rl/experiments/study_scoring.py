@@ -21,7 +21,7 @@ from echogen_rl.eval.metrics import (
     mask_iou_per_image,
     strict_recall50,
 )
-from echogen_rl.eval.reward_check import reward_check
+from echogen_rl.eval.reward_check import DRAWINGS, reward_check
 from echogen_rl.layout import Layout
 from echogen_rl.models.grounding import Grounder
 from echogen_rl.models.loading import load_trained
@@ -102,11 +102,17 @@ def scores_path(path: Path, split: str) -> Path:
 
 def has_scores(path: Path, split: str, layouts: int, checks_rewards: bool) -> bool:
     """Whether `path` holds scores of this split's `layouts` (a study rerun with more layouts rescores)."""
+    result = _scores(path, split, layouts)
+    return result is not None and (not checks_rewards or set(DRAWINGS) <= set(result.get("reward_check", {})))
+
+
+def _scores(path: Path, split: str, layouts: int) -> dict | None:
+    """The scores of `path` on this split's `layouts`, or `None` when there are none (or of another count)."""
     file = scores_path(path, split)
     if not file.exists():
-        return False
+        return None
     result = json.loads(file.read_text())
-    return len(result.get("grounding_miou", ())) == layouts and (not checks_rewards or "reward_check" in result)
+    return result if len(result.get("grounding_miou", ())) == layouts else None
 
 
 def score_run(
@@ -120,16 +126,21 @@ def score_run(
     seed_set: str = "a",
 ) -> float:
     """Scores one trained run (a study job): [`evaluate_model`] against the `reference` grounder, plus
-    [`reward_check`] for the grounders that give rewards; writes `study_scores_<split>.json`; returns seconds."""
+    [`reward_check`] for the grounders that give rewards; writes `study_scores_<split>.json`; returns seconds.
+    Scores already there are kept: a run scored before a drawing joined the reward check gets only that drawing."""
     clock = time.perf_counter()
     config = ShapesConfig(**world)
     targets, real_codes = study_layouts(split, layouts, config, seed_set)
     model, tokenizer = load_trained(Path(path), Path(base) if base else None)
-    same = Path(path).resolve() == Path(reference).resolve()
-    reference_model = model if same else load_trained(Path(reference))[0]
-    result = evaluate_model(model, tokenizer, reference_model, targets, real_codes, config)
+    result = _scores(Path(path), split, layouts)
+    if result is None:
+        same = Path(path).resolve() == Path(reference).resolve()
+        reference_model = model if same else load_trained(Path(reference))[0]
+        result = evaluate_model(model, tokenizer, reference_model, targets, real_codes, config)
     if checks_rewards:
+        checked = result.setdefault("reward_check", {})
+        missing = [d for d in DRAWINGS if d not in checked]
         grounder = Grounder(model, PromptBuilder(tokenizer, real_codes.shape[1]), SCORING_BATCH)
-        result["reward_check"] = reward_check(grounder, targets, config)
+        checked.update(reward_check(grounder, targets, config, drawings=missing))
     write_report(result, scores_path(Path(path), split))
     return time.perf_counter() - clock

@@ -97,6 +97,10 @@ class DJOConfig(SFTConfig, SampleLoggingArguments):
     kind_negative_prob: float = field(
         default=0.0, metadata={"help": "Shapes world: share of loop queries asking one entity as another kind."}
     )
+    color_negative_prob: float = field(
+        default=0.0,
+        metadata={"help": "Shapes world: share of the other loop queries asking one entity in another color."},
+    )
     loop_image: str = field(
         default="self_forced",
         metadata={
@@ -133,7 +137,7 @@ class DJOConfig(SFTConfig, SampleLoggingArguments):
         self.prediction_loss_only = True
         super().__post_init__()
         self.check_sample_logging()
-        for name in ("absent_phrase_prob", "kind_negative_prob"):
+        for name in ("absent_phrase_prob", "kind_negative_prob", "color_negative_prob"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"DJOConfig.{name} must be in [0, 1], got {getattr(self, name)}")
         if self.packing or self.padding_free:

@@ -275,7 +275,9 @@ class DJOTrainer(LayoutSFTTrainer):
 
     def prepare_stage(self, model, args: DJOConfig, prompts, train_dataset, processing_class) -> LoopLossCollator:
         absent = self.absent_phrases(args, train_dataset)
-        kinds = KindNegatives(args.kind_negative_prob, redraw=False) if args.kind_negative_prob else None
+        kinds = None
+        if args.kind_negative_prob or args.color_negative_prob:
+            kinds = KindNegatives(args.kind_negative_prob, redraw=False, colors=args.color_negative_prob)
         janus = unwrap_janus(model)
         self.special_ids = (prompts.bos_id, prompts.boi_id, prompts.pad_id)
         self.loop_guidance_scale = resolve_guidance_scale(

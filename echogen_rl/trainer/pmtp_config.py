@@ -41,6 +41,11 @@ class PMTPConfig(SFTConfig, SampleLoggingArguments):
             cells redrawn as another kind (a filled box, say) with its phrase asked as before, or another kind of its
             color asked (see [`~echogen_rl.data.kind_negatives.KindNegatives`]). The grounder learns to read shape, so that
             a cycle reward stops paying a painted box as much as a drawing.
+        color_negative_prob (`float`, *optional*, defaults to `0.0`):
+            Shapes world: share of the other I2L examples made a negative of one entity's color, answered "not
+            present": its cells recolored to a color the layout does not name with its phrase asked as before, or its
+            kind asked in such a color. The grounder learns to read color, so that a cycle reward stops paying a
+            shape drawn in the wrong color.
     """
 
     image_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the L2I image-token loss."})
@@ -65,6 +70,13 @@ class PMTPConfig(SFTConfig, SampleLoggingArguments):
         default=0.0,
         metadata={"help": "Shapes world: share of I2L examples whose one entity is redrawn or asked as another kind."},
     )
+    color_negative_prob: float = field(
+        default=0.0,
+        metadata={
+            "help": "Shapes world: share of the other I2L examples whose one entity is recolored or asked in "
+            "another color."
+        },
+    )
 
     def __post_init__(self):
         # The heads run after `model.forward` returns (only where a label is): DDP's search for unused parameters
@@ -78,7 +90,7 @@ class PMTPConfig(SFTConfig, SampleLoggingArguments):
         self.prediction_loss_only = True
         super().__post_init__()
         self.check_sample_logging()
-        for name in ("absent_phrase_prob", "kind_negative_prob"):
+        for name in ("absent_phrase_prob", "kind_negative_prob", "color_negative_prob"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"PMTPConfig.{name} must be in [0, 1], got {getattr(self, name)}")
         if self.packing or self.padding_free:

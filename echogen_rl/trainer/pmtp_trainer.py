@@ -63,13 +63,14 @@ class PMTPTrainer(LayoutSFTTrainer):
         # A task with weight 0 is not built at all: a single-task run does not pay for the other segment.
         tasks = tuple(t for t, w in (("l2i", args.image_loss_weight), ("i2l", args.text_loss_weight)) if w > 0)
         kinds = None
-        if args.kind_negative_prob:
+        if args.kind_negative_prob or args.color_negative_prob:
             if not any(is_shapes_phrase(p) for p in dataset_phrases(train_dataset, limit=1000)):
+                name = "kind_negative_prob" if args.kind_negative_prob else "color_negative_prob"
                 raise ValueError(
-                    "PMTPConfig.kind_negative_prob needs shapes-world phrases ('<color> <kind>'); the training "
+                    f"PMTPConfig.{name} needs shapes-world phrases ('<color> <kind>'); the training "
                     "dataset has none (set it to 0 for other datasets)"
                 )
-            kinds = KindNegatives(args.kind_negative_prob)
+            kinds = KindNegatives(args.kind_negative_prob, colors=args.color_negative_prob)
         absent = self.absent_phrases(args, train_dataset)
         collator = PMTPCollator(prompts, args.max_length, args.pack_segments, args.uncond_prob, tasks, absent, kinds)
         if args.uncond_prob > 0 and "l2i" in tasks:

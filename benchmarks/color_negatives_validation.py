@@ -1,0 +1,156 @@
+"""Chooses `color_negative_prob` on the validation split: does the reward grounder learn to read color?
+
+    python benchmarks/color_negatives_validation.py --from-study outputs/val_ms6 --out-dir outputs/colors djo 0.3
+    python benchmarks/color_negatives_validation.py --from-study outputs/val_ms6 --out-dir outputs/colors \
+        pmtp 0.3 --steps 1000 --learning-rate 5e-4
+
+`--from-study` is a finished validation study (`echogen-rl study --split validation`). Each arm is trained for each
+of its seeds, in its world:
+
+- `djo P`: the shipped DJO from the study's PMTP with `color_negative_prob: P` (its loop asks some entities in a
+  color the layout does not name, answered "not present"). The control is the study's own DJO of that seed (the
+  same config, start and seed, `color_negative_prob` 0), hard-linked and scored as it is.
+- `pmtp P`: the study's PMTP continued for `--steps` at `--learning-rate` (the shipped second-phase config, one
+  cosine cycle, no warm-up) with `color_negative_prob: P` (some grounding examples recolor one entity, or ask it in
+  such a color); the control is the same continuation with 0, trained here too.
+
+Every model is scored on the study's validation layouts (never held-out ones) as the study scores them: the reward
+check (the cycle IoU its grounder gives a correct drawing, filled boxes, another kind, another color, an empty image)
+with its gate, its L2I and grounding scores, and paired differences against the control with 95% bootstrap
+intervals over seeds and layouts. Writes `color_negatives_validation.json` to `--out-dir`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+from common import provenance
+from djo_validation import _matrix, _score
+
+from echogen_rl.data.shapes import ShapesConfig
+from echogen_rl.eval.evaluation import write_report
+from echogen_rl.eval.reward_check import reward_gate, summarize_reward_check
+from echogen_rl.eval.stats import bootstrap_ci, paired_difference
+from echogen_rl.experiments.jobs import PMTP_KINDS_CONFIG, Job, run_jobs
+from echogen_rl.experiments.study import _run_settings, train_run
+from echogen_rl.experiments.study_scoring import study_layouts
+from echogen_rl.models.loading import load_trained
+
+METRICS = ("cycle_miou_ref", "tolerant_l2i", "strict50", "color", "grounding_miou")
+
+
+def _check_matrix(results: list[dict], drawing: str) -> np.ndarray:
+    return np.array([[math.nan if v is None else v for v in r["reward_check"][drawing]] for r in results])
+
+
+def _study_world(study: Path) -> tuple[dict, list[int], int]:
+    """The study's world (as run settings and as `ShapesConfig` fields), its seeds and its validation layouts."""
+    report = json.loads((study / "study_validation.json").read_text())
+    settings = report["settings"]["pmtp"]
+    world = {k: v for k, v in settings.items() if k.startswith("shapes_")}
+    first = report["seed_set"]["first_seed"]
+    return world, [first + i for i in range(report["budget"]["seeds"])], report["layouts"]
+
+
+def _plan(args, world: dict, seeds: list[int]) -> tuple[list[Job], dict[str, list[Path]]]:
+    """The training jobs, and each arm's run folders (one per seed) under `--out-dir`."""
+    jobs, arms = [], {}
+    stage, config = ("djo", "djo") if args.stage == "djo" else ("pmtp", PMTP_KINDS_CONFIG)
+    values = [0.0, args.prob] if args.stage == "pmtp" else [args.prob]
+    for i, seed in enumerate(seeds):
+        if args.stage == "djo":  # the control is the study's own DJO of this seed
+            control = args.out_dir / f"seed{i}" / "djo_color0"
+            if not control.exists():
+                control.parent.mkdir(parents=True, exist_ok=True)
+                control.mkdir()
+                for f in (args.from_study / f"seed{i}" / "djo").iterdir():
+                    if f.is_file():
+                        os.link(f, control / f.name)
+            arms.setdefault("djo_color0", []).append(control)
+        for p in values:
+            name = f"{args.stage}_color{p:g}"
+            run = args.out_dir / f"seed{i}" / name
+            arms.setdefault(name, []).append(run)
+            if (run / "study_run.json").exists():
+                continue
+            fields = {**world, "model_name_or_path": str(args.from_study / "pmtp"), "color_negative_prob": p}
+            if args.stage == "pmtp":
+                fields.update(
+                    max_steps=args.steps,
+                    learning_rate=args.learning_rate,
+                    lr_scheduler_type="cosine",
+                    lr_scheduler_kwargs={},
+                    warmup_steps=0,
+                    dataset_seed=3,  # samples neither phase saw
+                )
+            settings = {**fields, "cache_dir": str(args.out_dir / "cache"), **_run_settings(run, seed)}
+            kwargs = {"stage": stage, "config_stage": config, "out": str(run), "settings": settings}
+            jobs.append(Job(f"train seed{i}/{name}", train_run, kwargs, log=run / "train.log"))
+    return jobs, arms
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--from-study", type=Path, required=True, help="a finished validation study")
+    parser.add_argument("--out-dir", type=Path, required=True)
+    parser.add_argument("--steps", type=int, default=1000, help="pmtp: steps of the continuation")
+    parser.add_argument("--learning-rate", type=float, default=5e-4, help="pmtp: peak learning rate")
+    parser.add_argument("--seeds", type=int, default=None, help="the study's first N seeds (default: all)")
+    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("stage", choices=("djo", "pmtp"))
+    parser.add_argument("prob", type=float, help="color_negative_prob of the arm")
+    args = parser.parse_args()
+    if not (args.from_study / "study_validation.json").is_file():
+        parser.error(f"--from-study {args.from_study}: no study_validation.json (not a finished validation study)")
+    world, seeds, layouts = _study_world(args.from_study)
+    seeds = seeds[: args.seeds] if args.seeds else seeds
+    jobs, arms = _plan(args, world, seeds)
+    run_jobs(jobs, args.jobs, prefix="[colors]")
+
+    config = ShapesConfig(**{k.removeprefix("shapes_"): v for k, v in world.items()})
+    targets, real_codes = study_layouts("validation", layouts, config)
+    reference, _ = load_trained(args.from_study / "pmtp")
+    scores = {
+        arm: [_score(run, run / "validation_scores.json", reference, targets, real_codes, config) for run in runs]
+        for arm, runs in arms.items()
+    }
+    summary = {}
+    for arm, results in scores.items():
+        check = summarize_reward_check({"djo": results}, 2000)["djo"]
+        summary[arm] = {m: bootstrap_ci(_matrix(results, m), 2000) for m in METRICS}
+        summary[arm].update(reward_check=check, reward_gate=reward_gate(check))
+    (control, arm) = sorted(scores, key=lambda a: a != f"{args.stage}_color0")
+    differences = {m: paired_difference(_matrix(scores[arm], m), _matrix(scores[control], m), 2000) for m in METRICS}
+    for d in ("correct", "other_color", "filled"):
+        differences[f"reward_check_{d}"] = paired_difference(
+            _check_matrix(scores[arm], d), _check_matrix(scores[control], d), 2000
+        )
+    report = {
+        "split": "validation",
+        "from_study": str(args.from_study),
+        "stage": args.stage,
+        "color_negative_prob": args.prob,
+        **({"steps": args.steps, "learning_rate": args.learning_rate} if args.stage == "pmtp" else {}),
+        "seeds": seeds,
+        "layouts": len(targets),
+        "arms": summary,
+        f"{arm}_vs_{control}": differences,
+        **provenance(),
+    }
+    path = args.out_dir / f"color_negatives_validation_{args.stage}{args.prob:g}.json"
+    print(f"wrote {write_report(report, path)}")
+    for name in (control, arm):
+        check = summary[name]["reward_check"]
+        cells = ", ".join(f"{d} {check[d]['mean']:.3f}" for d in ("correct", "filled", "other_kind", "other_color"))
+        print(
+            f"{name}: {cells}; strict50 {summary[name]['strict50']['mean']:.3f}, color {summary[name]['color']['mean']:.3f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
