@@ -4,6 +4,9 @@
     python benchmarks/color_negatives_validation.py --from-study outputs/val_ms6 --out-dir outputs/colors \
         pmtp 0.3 --steps 1000 --learning-rate 5e-4
 
+With `--shuffle-queries` the arm also asks its grounding queries in a shuffled order
+(`shuffle_grounding_queries`), and `P` may be 0 (the shuffle alone).
+
 `--from-study` is a finished validation study (`echogen-rl study --split validation`). Each arm is trained for each
 of its seeds, in its world:
 
@@ -16,7 +19,8 @@ of its seeds, in its world:
 
 Every model is scored on the study's validation layouts (never held-out ones) as the study scores them: the reward
 check (the cycle IoU its grounder gives a correct drawing, filled boxes, another kind, another color, an empty image)
-with its gate, its L2I and grounding scores, and paired differences against the control with 95% bootstrap
+with its gate, the correct drawing asked its phrases in reverse order (`correct_reversed_query`: does the grounder
+read the phrases, or answer by reading order?), its L2I and grounding scores, and paired differences against the control with 95% bootstrap
 intervals over seeds and layouts. Writes `color_negatives_validation.json` to `--out-dir`.
 """
 
@@ -34,14 +38,31 @@ from djo_validation import _matrix, _score
 
 from echogen_rl.data.shapes import ShapesConfig
 from echogen_rl.eval.evaluation import write_report
+from echogen_rl.eval.metrics import cycle_iou_per_image
 from echogen_rl.eval.reward_check import reward_gate, summarize_reward_check
 from echogen_rl.eval.stats import bootstrap_ci, paired_difference
 from echogen_rl.experiments.jobs import PMTP_KINDS_CONFIG, Job, run_jobs
 from echogen_rl.experiments.study import _run_settings, train_run
-from echogen_rl.experiments.study_scoring import study_layouts
+from echogen_rl.experiments.study_scoring import SCORING_BATCH, study_layouts
+from echogen_rl.models.grounding import Grounder
 from echogen_rl.models.loading import load_trained
+from echogen_rl.models.prompts import PromptBuilder
 
 METRICS = ("cycle_miou_ref", "tolerant_l2i", "strict50", "color", "grounding_miou")
+
+
+def _reversed_queries(run: Path, targets, real_codes, config) -> list[float | None]:
+    """Per layout, the cycle IoU the run's grounder gives the real image asked its phrases in reverse order: a
+    grounder that reads the phrases scores as asked in order; one that answers by reading order does not."""
+    cache = run / "reversed_query_scores.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    model, tokenizer = load_trained(run)
+    grounder = Grounder(model, PromptBuilder(tokenizer, real_codes.shape[1]), SCORING_BATCH)
+    results = grounder(real_codes, [t.phrases[::-1] for t in targets])
+    scores = cycle_iou_per_image([r.layout for r in results], targets)
+    cache.write_text(json.dumps(scores) + "\n")
+    return scores
 
 
 def _check_matrix(results: list[dict], drawing: str) -> np.ndarray:
@@ -61,7 +82,8 @@ def _plan(args, world: dict, seeds: list[int]) -> tuple[list[Job], dict[str, lis
     """The training jobs, and each arm's run folders (one per seed) under `--out-dir`."""
     jobs, arms = [], {}
     stage, config = ("djo", "djo") if args.stage == "djo" else ("pmtp", PMTP_KINDS_CONFIG)
-    values = [0.0, args.prob] if args.stage == "pmtp" else [args.prob]
+    shuffled = "_shuffled" if args.shuffle_queries else ""
+    values = [(0.0, ""), (args.prob, shuffled)] if args.stage == "pmtp" else [(args.prob, shuffled)]
     for i, seed in enumerate(seeds):
         if args.stage == "djo":  # the control is the study's own DJO of this seed
             control = args.out_dir / f"seed{i}" / "djo_color0"
@@ -72,13 +94,15 @@ def _plan(args, world: dict, seeds: list[int]) -> tuple[list[Job], dict[str, lis
                     if f.is_file():
                         os.link(f, control / f.name)
             arms.setdefault("djo_color0", []).append(control)
-        for p in values:
-            name = f"{args.stage}_color{p:g}"
+        for p, suffix in values:
+            name = f"{args.stage}_color{p:g}{suffix}"
             run = args.out_dir / f"seed{i}" / name
             arms.setdefault(name, []).append(run)
             if (run / "study_run.json").exists():
                 continue
             fields = {**world, "model_name_or_path": str(args.from_study / "pmtp"), "color_negative_prob": p}
+            if suffix:
+                fields["shuffle_grounding_queries"] = True
             if args.stage == "pmtp":
                 fields.update(
                     max_steps=args.steps,
@@ -102,6 +126,9 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=5e-4, help="pmtp: peak learning rate")
     parser.add_argument("--seeds", type=int, default=None, help="the study's first N seeds (default: all)")
     parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument(
+        "--shuffle-queries", action="store_true", help="the arm (not the control) asks its queries shuffled"
+    )
     parser.add_argument("stage", choices=("djo", "pmtp"))
     parser.add_argument("prob", type=float, help="color_negative_prob of the arm")
     args = parser.parse_args()
@@ -119,22 +146,30 @@ def main() -> None:
         arm: [_score(run, run / "validation_scores.json", reference, targets, real_codes, config) for run in runs]
         for arm, runs in arms.items()
     }
+    for arm, runs in arms.items():
+        for run, result in zip(runs, scores[arm]):
+            result["reward_check"]["correct_reversed_query"] = _reversed_queries(run, targets, real_codes, config)
     summary = {}
     for arm, results in scores.items():
         check = summarize_reward_check({"djo": results}, 2000)["djo"]
         summary[arm] = {m: bootstrap_ci(_matrix(results, m), 2000) for m in METRICS}
+        check["correct_reversed_query"] = bootstrap_ci(_check_matrix(results, "correct_reversed_query"), 2000)
         summary[arm].update(reward_check=check, reward_gate=reward_gate(check))
-    (control, arm) = sorted(scores, key=lambda a: a != f"{args.stage}_color0")
-    differences = {m: paired_difference(_matrix(scores[arm], m), _matrix(scores[control], m), 2000) for m in METRICS}
-    for d in ("correct", "other_color", "filled"):
+    control = "djo_color0" if args.stage == "djo" else "pmtp_color0"
+    (arm,) = [a for a in scores if a != control]
+    differences = {
+        m: paired_difference(_matrix(scores[arm], m), _matrix(scores[control], m), n_resamples=2000) for m in METRICS
+    }
+    for d in ("correct", "other_color", "filled", "correct_reversed_query"):
         differences[f"reward_check_{d}"] = paired_difference(
-            _check_matrix(scores[arm], d), _check_matrix(scores[control], d), 2000
+            _check_matrix(scores[arm], d), _check_matrix(scores[control], d), n_resamples=2000
         )
     report = {
         "split": "validation",
         "from_study": str(args.from_study),
         "stage": args.stage,
         "color_negative_prob": args.prob,
+        "shuffle_grounding_queries": args.shuffle_queries,
         **({"steps": args.steps, "learning_rate": args.learning_rate} if args.stage == "pmtp" else {}),
         "seeds": seeds,
         "layouts": len(targets),
@@ -142,11 +177,12 @@ def main() -> None:
         f"{arm}_vs_{control}": differences,
         **provenance(),
     }
-    path = args.out_dir / f"color_negatives_validation_{args.stage}{args.prob:g}.json"
+    path = args.out_dir / f"color_negatives_validation_{arm}.json"
     print(f"wrote {write_report(report, path)}")
     for name in (control, arm):
         check = summary[name]["reward_check"]
-        cells = ", ".join(f"{d} {check[d]['mean']:.3f}" for d in ("correct", "filled", "other_kind", "other_color"))
+        drawn = ("correct", "filled", "other_kind", "other_color", "correct_reversed_query")
+        cells = ", ".join(f"{d} {check[d]['mean']:.3f}" for d in drawn)
         print(
             f"{name}: {cells}; strict50 {summary[name]['strict50']['mean']:.3f}, color {summary[name]['color']['mean']:.3f}"
         )

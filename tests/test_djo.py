@@ -226,7 +226,8 @@ def test_a_missing_local_start_that_no_config_makes_is_named(tmp_path, monkeypat
 def test_negative_shares_reach_the_loop_collator_as_queries_only(tiny_model, tiny_tokenizer, shapes, tmp_path):
     config = DJOConfig(
         output_dir=str(tmp_path / "out"), max_steps=1, report_to=[], use_cpu=True, bf16=False,
-        gradient_checkpointing=False, kind_negative_prob=0.2, color_negative_prob=0.3,
+        gradient_checkpointing=False, kind_negative_prob=0.2, color_negative_prob=0.3, shuffle_grounding_queries=True,
     )  # fmt: skip
-    kinds = DJOTrainer(tiny_model, config, train_dataset=shapes, processing_class=tiny_tokenizer).data_collator.kinds
-    assert (kinds.prob, kinds.colors, kinds.redraw) == (0.2, 0.3, False)
+    collator = DJOTrainer(tiny_model, config, train_dataset=shapes, processing_class=tiny_tokenizer).data_collator
+    assert (collator.kinds.prob, collator.kinds.colors, collator.kinds.redraw) == (0.2, 0.3, False)
+    assert collator.shuffle_queries

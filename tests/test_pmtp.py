@@ -168,10 +168,14 @@ def test_single_task_collation_builds_only_that_segment(prompts, shapes):
 
 def test_negative_shares_reach_the_collator_and_need_shapes_phrases(tiny_model, tiny_tokenizer, shapes, tmp_path):
     trainer = PMTPTrainer(
-        tiny_model, _config(tmp_path, color_negative_prob=0.4), train_dataset=shapes, processing_class=tiny_tokenizer
+        tiny_model,
+        _config(tmp_path, color_negative_prob=0.4, shuffle_grounding_queries=True),
+        train_dataset=shapes,
+        processing_class=tiny_tokenizer,
     )
     kinds = trainer.data_collator.kinds
     assert (kinds.prob, kinds.colors, kinds.redraw) == (0.0, 0.4, True)
+    assert trainer.data_collator.shuffle_queries
 
     def rename(example):  # phrases outside the shapes world
         layout = Layout.from_json(example["layout"])

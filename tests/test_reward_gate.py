@@ -321,3 +321,31 @@ def test_a_resumed_study_scores_only_the_drawings_a_run_lacks(tiny_checkpoint, t
     assert result["marker"] == 1 and result["reward_check"]["correct"] == [0.25] * 4
     assert all(len(result["reward_check"][d]) == 4 for d in ("filled", "other_kind", "other_color"))
     assert study_scoring.has_scores(run, "validation", 4, checks_rewards=True)
+
+
+def test_shuffled_queries_ask_in_another_order_and_answer_in_it(tiny_tokenizer, shapes):
+    from echogen_rl.data.collators import LoopLossCollator, shuffled_query
+
+    layouts, codes = shapes
+    prompts = PromptBuilder(tiny_tokenizer, 64)
+    examples = [{"caption": t.caption, "layout": t.to_json(), "image_codes": c} for t, c in zip(layouts, codes)]
+    plain = PMTPCollator(prompts, None, pack=False)
+    shuffled = PMTPCollator(prompts, None, pack=False, shuffle_queries=True)
+    moved = 0
+    for i, (example, layout) in enumerate(zip(examples, layouts)):
+        order = shuffled_query(example, layout.phrases)
+        assert order == shuffled_query(example, layout.phrases) and sorted(order) == sorted(layout.phrases)
+        moved += order != layout.phrases
+        (l2i, i2l), (l2i_plain, _) = shuffled.segments(example, i), plain.segments(example, i)
+        assert l2i.input_ids == l2i_plain.input_ids  # generation is untouched
+        expected = prompts.i2l(example["image_codes"], layout, query=order)
+        assert i2l.input_ids == expected.input_ids and i2l.text_labels == expected.text_labels
+        answer = tiny_tokenizer.decode([t for t in i2l.text_labels if t != -100])
+        assert all(p in answer for p in order)
+        positions = [answer.index(p) for p in order]
+        assert positions == sorted(positions)  # answered in the asked order
+    assert moved > 30  # most multi-entity queries change order
+    loop = LoopLossCollator(prompts, shuffle_queries=True)(examples[:8])
+    expected = LoopLossCollator(prompts)(examples[:8])
+    assert torch.equal(loop["l2i_input_ids"], expected["l2i_input_ids"])
+    assert not torch.equal(loop["i2l_text_labels"], expected["i2l_text_labels"])

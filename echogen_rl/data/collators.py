@@ -51,6 +51,17 @@ def dataset_phrases(dataset, limit: int = 100_000) -> tuple[str, ...]:
     return tuple(seen)
 
 
+def shuffled_query(example: dict, query: Sequence[str]) -> list[str]:
+    """The query's phrases in an order fixed by the example's content, not drawn (a resumed run sees the same).
+
+    Asked in the layout's own order, a grounder can answer phrase i with the i-th shape in reading order without
+    reading any word of it; a cycle reward read by such a grounder pays a shape of any color (and often any kind).
+    Shuffled, each phrase must be matched to its shape by what it says."""
+    phrases = list(query)
+    random.Random(zlib.crc32(f"order|{_unit_hash(example)}".encode())).shuffle(phrases)
+    return phrases
+
+
 @dataclass
 class AbsentPhrases:
     """Adds a phrase the image does not hold to some I2L queries, answered "not present" (`<box>[]</box>`).
@@ -136,6 +147,9 @@ class PMTPCollator:
         kinds (`KindNegatives`, *optional*): makes some I2L examples negatives of one entity's kind (shapes world):
             another drawing in its box, or another kind asked, answered "not present". An example made one gets no
             absent phrase.
+        shuffle_queries (`bool`, *optional*, defaults to `False`): ask each I2L query's phrases in an order fixed by
+            the example's content ([`shuffled_query`]) instead of the layout's, so that the grounder matches phrases
+            to shapes by their words, not by reading order.
 
     Returns a dict of [R, L] tensors: `input_ids`, `image_mask`, `text_labels`, `image_labels`,
     `segment_ids` (-1 on padding), `position_ids`.
@@ -148,6 +162,7 @@ class PMTPCollator:
     tasks: tuple[str, ...] = ("l2i", "i2l")
     absent: AbsentPhrases | None = None
     kinds: KindNegatives | None = None
+    shuffle_queries: bool = False
 
     def __post_init__(self):
         if not self.tasks or set(self.tasks) - {"l2i", "i2l"}:
@@ -165,12 +180,14 @@ class PMTPCollator:
                 out.append(l2i)
             if "i2l" in self.tasks:
                 negative = self.kinds.apply(str(_unit_hash(example)), layout, codes) if self.kinds else None
+                shown, answer = codes, layout
                 if negative is not None:
                     shown, query, answer = negative
-                    out.append(self.prompts.i2l(shown, answer, query=query))
                 else:
                     query = self.absent.query(example, layout) if self.absent else None
-                    out.append(self.prompts.i2l(codes, layout, query=query))
+                if self.shuffle_queries:
+                    query = shuffled_query(example, layout.phrases if query is None else query)
+                out.append(self.prompts.i2l(shown, answer, query=query))
             return out
         except ValueError as err:
             raise ValueError(f"example {index} ({layout.caption[:60]!r}): {err}") from err
@@ -241,6 +258,8 @@ class LoopLossCollator:
         kinds (`KindNegatives`, *optional*): asks some I2L queries for one entity's color with another kind,
             answered "not present" (the generated image must not show a red circle where the layout has a red
             square); only the query changes (`redraw=False`): the loop's image is the generator's.
+        shuffle_queries (`bool`, *optional*, defaults to `False`): ask each I2L query's phrases in an order fixed by
+            the example's content ([`shuffled_query`]), as [`PMTPCollator`] does.
 
     Returns a dict of right-padded tensors: `input_ids`, `image_mask`, `attention_mask`, `text_labels` and
     `image_labels` of each batch, prefixed `l2i_` and `i2l_`.
@@ -250,6 +269,7 @@ class LoopLossCollator:
     max_length: int | None = None
     absent: AbsentPhrases | None = None
     kinds: KindNegatives | None = None
+    shuffle_queries: bool = False
 
     def __post_init__(self):
         if self.kinds is not None and self.kinds.redraw:
@@ -270,6 +290,8 @@ class LoopLossCollator:
                     query = negative[1]
                 else:
                     query = self.absent.query(example, layout) if self.absent else None
+                if self.shuffle_queries:
+                    query = shuffled_query(example, layout.phrases if query is None else query)
                 pair = self.prompts.l2i(layout, codes), self.prompts.i2l(codes, layout, query=query)
             except ValueError as err:
                 raise ValueError(f"example {index} ({layout.caption[:60]!r}): {err}") from err

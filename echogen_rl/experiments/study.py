@@ -66,6 +66,7 @@ DJO_CONTROL_FIELDS = (
     "optim",
     "kind_negative_prob",  # PMTP's kind negatives (both halves) at DJO's rate: both keep the grounder seeing shape
     "color_negative_prob",  # and color
+    "shuffle_grounding_queries",
 )
 STAGE_ARMS = {"djo": ("djo", "pmtp_continued"), "cyclerl": ("cyclerl", "sft_continued", "cyclerl_shuffled")}
 

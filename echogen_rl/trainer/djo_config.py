@@ -48,6 +48,12 @@ class DJOConfig(SFTConfig, SampleLoggingArguments):
         kind_negative_prob (`float`, *optional*, defaults to `0.0`):
             Shapes world: share of the loop's queries asking for one entity's color with another kind, answered
             "not present" (see [`~echogen_rl.data.kind_negatives.KindNegatives`]).
+        color_negative_prob (`float`, *optional*, defaults to `0.0`):
+            Shapes world: share of the other loop queries asking for one entity's kind in a color the layout does not
+            name, answered "not present".
+        shuffle_grounding_queries (`bool`, *optional*, defaults to `False`):
+            Ask each loop query's phrases in an order fixed by the example's content, not the layout's (see
+            [`~echogen_rl.data.collators.shuffled_query`]).
         loop_image (`str`, *optional*, defaults to `"self_forced"`):
             Where the loop's image comes from (see [`~echogen_rl.trainer.djo_loop`]): `"self_forced"` (the model's own
             free-running sample, then one pass over it with straight-through Gumbel samples fixed to its codes),
@@ -100,6 +106,13 @@ class DJOConfig(SFTConfig, SampleLoggingArguments):
     color_negative_prob: float = field(
         default=0.0,
         metadata={"help": "Shapes world: share of the other loop queries asking one entity in another color."},
+    )
+    shuffle_grounding_queries: bool = field(
+        default=False,
+        metadata={
+            "help": "Ask each grounding query's phrases in a shuffled order (fixed per example), not the "
+            "layout's: the grounder must match phrases by their words, not by reading order."
+        },
     )
     loop_image: str = field(
         default="self_forced",

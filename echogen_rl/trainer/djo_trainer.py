@@ -299,7 +299,7 @@ class DJOTrainer(LayoutSFTTrainer):
             else:
                 reader = copy.deepcopy(janus)
             self.loop_reader = reader.eval().requires_grad_(False)
-        return LoopLossCollator(prompts, args.max_length, absent, kinds)
+        return LoopLossCollator(prompts, args.max_length, absent, kinds, args.shuffle_grounding_queries)
 
     def schedule(self) -> dict[str, float]:
         """`tau` and `loop_weight` (lambda) at the current optimizer step."""

@@ -46,6 +46,10 @@ class PMTPConfig(SFTConfig, SampleLoggingArguments):
             present": its cells recolored to a color the layout does not name with its phrase asked as before, or its
             kind asked in such a color. The grounder learns to read color, so that a cycle reward stops paying a
             shape drawn in the wrong color.
+        shuffle_grounding_queries (`bool`, *optional*, defaults to `False`):
+            Ask each I2L query's phrases in an order fixed by the example's content, not the layout's (see
+            [`~echogen_rl.data.collators.shuffled_query`]). Asked in reading order, a grounder can answer the i-th
+            phrase with the i-th shape without reading its words, and a cycle reward read by it pays any color.
     """
 
     image_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the L2I image-token loss."})
@@ -75,6 +79,13 @@ class PMTPConfig(SFTConfig, SampleLoggingArguments):
         metadata={
             "help": "Shapes world: share of the other I2L examples whose one entity is recolored or asked in "
             "another color."
+        },
+    )
+    shuffle_grounding_queries: bool = field(
+        default=False,
+        metadata={
+            "help": "Ask each grounding query's phrases in a shuffled order (fixed per example), not the "
+            "layout's: the grounder must match phrases by their words, not by reading order."
         },
     )
 

@@ -72,7 +72,16 @@ class PMTPTrainer(LayoutSFTTrainer):
                 )
             kinds = KindNegatives(args.kind_negative_prob, colors=args.color_negative_prob)
         absent = self.absent_phrases(args, train_dataset)
-        collator = PMTPCollator(prompts, args.max_length, args.pack_segments, args.uncond_prob, tasks, absent, kinds)
+        collator = PMTPCollator(
+            prompts,
+            args.max_length,
+            args.pack_segments,
+            args.uncond_prob,
+            tasks,
+            absent,
+            kinds,
+            shuffle_queries=args.shuffle_grounding_queries,
+        )
         if args.uncond_prob > 0 and "l2i" in tasks:
             record_sampling(model, unconditional_branch=True)  # saved with every checkpoint: CFG works from here
         return collator
