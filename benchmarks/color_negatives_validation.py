@@ -78,6 +78,11 @@ def _study_world(study: Path) -> tuple[dict, list[int], int]:
     return world, [first + i for i in range(report["budget"]["seeds"])], report["layouts"]
 
 
+def _stem(args) -> str:
+    """The arms' folder stem: the stage, and for a PMTP continuation its steps (each length has its own control)."""
+    return "djo" if args.stage == "djo" else f"pmtp{args.steps}"
+
+
 def _plan(args, world: dict, seeds: list[int]) -> tuple[list[Job], dict[str, list[Path]]]:
     """The training jobs, and each arm's run folders (one per seed) under `--out-dir`."""
     jobs, arms = [], {}
@@ -95,7 +100,7 @@ def _plan(args, world: dict, seeds: list[int]) -> tuple[list[Job], dict[str, lis
                         os.link(f, control / f.name)
             arms.setdefault("djo_color0", []).append(control)
         for p, suffix in values:
-            name = f"{args.stage}_color{p:g}{suffix}"
+            name = f"{_stem(args)}_color{p:g}{suffix}"
             run = args.out_dir / f"seed{i}" / name
             arms.setdefault(name, []).append(run)
             if (run / "study_run.json").exists():
@@ -155,7 +160,7 @@ def main() -> None:
         summary[arm] = {m: bootstrap_ci(_matrix(results, m), 2000) for m in METRICS}
         check["correct_reversed_query"] = bootstrap_ci(_check_matrix(results, "correct_reversed_query"), 2000)
         summary[arm].update(reward_check=check, reward_gate=reward_gate(check))
-    control = "djo_color0" if args.stage == "djo" else "pmtp_color0"
+    control = f"{_stem(args)}_color0"
     (arm,) = [a for a in scores if a != control]
     differences = {
         m: paired_difference(_matrix(scores[arm], m), _matrix(scores[control], m), n_resamples=2000) for m in METRICS

@@ -403,7 +403,7 @@ def _sets_summary(label: str, sets: dict[str, dict]) -> str:
 
     def gate(r):
         check = r["reward_check"]["djo"]
-        color = f", - other color {_ci(check['correct_minus_other_color'])}" if "other_color" in check else ""
+        color = f" and {_ci(check['correct_minus_other_color'])}" if "other_color" in check else " and -"
         return f"{_ci(check['correct_minus_filled'])}{color} ({'passed' if r['reward_gate']['passed'] else 'failed'})"
 
     gates = ", ".join(f"set {n} {gate(r)}" for n, r in sets.items())
@@ -414,7 +414,8 @@ def _sets_summary(label: str, sets: dict[str, dict]) -> str:
     )
     margin = next(iter(sets.values()))["reward_gate"]["margin"]
     return (
-        f"- {label}: the reward grounder's correct - filled cycle IoU {gates} (gate at {margin}); CycleRL - SFT "
+        f"- {label}: the reward grounder's cycle IoU, correct - filled and correct - other color, {gates} (gate at "
+        f"{margin}); CycleRL - SFT "
         f"continued (T=1) {metrics}; a set whose gate fails is no evidence.\n"
     )
 
@@ -488,6 +489,38 @@ def six_shapes_validation() -> str:
     return _table(["comparison (T=1)", "metric", *found], rows)
 
 
+COLOR_VALIDATION = "study_6shapes_validation/color_negatives"
+
+
+def color_validation() -> str:
+    """Each grounder tried for color on the 6-shape validation split: its reward check, the correct drawing asked in
+    reverse order, and its L2I scores (`benchmarks/color_negatives_validation.py`)."""
+    files = sorted((RESULTS / COLOR_VALIDATION).glob("color_negatives_validation_*.json"))
+    rows, seen = [], set()
+    for path in files:
+        report = json.loads(path.read_text())
+        steps = f"{report['steps']} at {report['learning_rate']:g}" if report["stage"] == "pmtp" else "DJO's 200"
+        for arm, row in report["arms"].items():
+            if arm in seen:
+                continue  # a control shared by several files
+            seen.add(arm)
+            check = row["reward_check"]
+            rows.append(
+                [
+                    f"`{arm}`",
+                    steps,
+                    str(len(report["seeds"])),
+                    *(f"{check[d]['mean']:.3f}" for d in ("correct", "filled", "other_color")),
+                    _ci(check["correct_minus_other_color"]),
+                    f"{check['correct_reversed_query']['mean']:.3f}",
+                    *(f"{row[m]['mean']:.3f}" for m in ("strict50", "color")),
+                    "passed" if row["reward_gate"]["passed"] else "failed",
+                ]
+            )
+    columns = ["grounder", "steps, lr", "seeds", "correct", "filled", "other color", "correct - other color"]
+    return _table([*columns, "correct, reversed query", "strict50 (T=1)", "color (T=1)", "gate"], rows)
+
+
 RENDERERS = {
     "demo-table": demo_table,
     "demo-run": demo_run,
@@ -508,6 +541,7 @@ RENDERERS = {
     "six-shapes-validation": six_shapes_validation,
     "replication-six-shapes": lambda: replication_kinds("six_shapes"),
     "reward-gate-six-shapes": lambda: reward_gate_kinds("six_shapes"),
+    "color-validation": color_validation,
 }
 
 
