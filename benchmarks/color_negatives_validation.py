@@ -19,8 +19,8 @@ of its seeds, in its world:
 
 Every model is scored on the study's validation layouts (never held-out ones) as the study scores them: the reward
 check (the cycle IoU its grounder gives a correct drawing, filled boxes, another kind, another color, an empty image)
-with its gate, the correct drawing asked its phrases in reverse order (`correct_reversed_query`: does the grounder
-read the phrases, or answer by reading order?), its L2I and grounding scores, and paired differences against the control with 95% bootstrap
+with its gate, the correct drawing asked its phrases in reverse order and the correct and other-color drawings asked
+one phrase per query (`QUERY_VARIANTS`: does the grounder read the phrases, or answer by reading order?), its L2I and grounding scores, and paired differences against the control with 95% bootstrap
 intervals over seeds and layouts. Writes `color_negatives_validation.json` to `--out-dir`.
 """
 
@@ -33,10 +33,12 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
 from common import provenance
 from djo_validation import _matrix, _score
 
-from echogen_rl.data.shapes import ShapesConfig
+from echogen_rl.data.kind_negatives import draw_other_colors
+from echogen_rl.data.shapes import ShapesConfig, render_codes
 from echogen_rl.eval.evaluation import write_report
 from echogen_rl.eval.metrics import cycle_iou_per_image
 from echogen_rl.eval.reward_check import reward_gate, summarize_reward_check
@@ -44,6 +46,7 @@ from echogen_rl.eval.stats import bootstrap_ci, paired_difference
 from echogen_rl.experiments.jobs import PMTP_KINDS_CONFIG, Job, run_jobs
 from echogen_rl.experiments.study import _run_settings, train_run
 from echogen_rl.experiments.study_scoring import SCORING_BATCH, study_layouts
+from echogen_rl.layout import Layout
 from echogen_rl.models.grounding import Grounder
 from echogen_rl.models.loading import load_trained
 from echogen_rl.models.prompts import PromptBuilder
@@ -51,16 +54,29 @@ from echogen_rl.models.prompts import PromptBuilder
 METRICS = ("cycle_miou_ref", "tolerant_l2i", "strict50", "color", "grounding_miou")
 
 
-def _reversed_queries(run: Path, targets, real_codes, config) -> list[float | None]:
-    """Per layout, the cycle IoU the run's grounder gives the real image asked its phrases in reverse order: a
-    grounder that reads the phrases scores as asked in order; one that answers by reading order does not."""
-    cache = run / "reversed_query_scores.json"
+QUERY_VARIANTS = ("correct_reversed_query", "correct_one_phrase", "other_color_one_phrase")
+
+
+def _query_variants(run: Path, targets, config) -> dict[str, list[float | None]]:
+    """Per layout, the cycle IoU the run's grounder gives drawings asked otherwise than at reward time:
+    `correct_reversed_query` (the correct drawing, its phrases in reverse order) and `correct_one_phrase` /
+    `other_color_one_phrase` (one query per phrase, the answers pooled). A grounder that reads the phrases scores
+    the correct drawing the same however it is asked; one that answers by reading order does not."""
+    cache = run / "query_variant_scores.json"
     if cache.exists():
         return json.loads(cache.read_text())
     model, tokenizer = load_trained(run)
-    grounder = Grounder(model, PromptBuilder(tokenizer, real_codes.shape[1]), SCORING_BATCH)
-    results = grounder(real_codes, [t.phrases[::-1] for t in targets])
-    scores = cycle_iou_per_image([r.layout for r in results], targets)
+    grounder = Grounder(model, PromptBuilder(tokenizer, config.grid_size**2), SCORING_BATCH)
+    correct = [render_codes(t, config) for t in targets]
+    results = grounder(torch.tensor(correct), [t.phrases[::-1] for t in targets])
+    scores = {"correct_reversed_query": cycle_iou_per_image([r.layout for r in results], targets)}
+    for name, drawn in (("correct", correct), ("other_color", [draw_other_colors(t, config) for t in targets])):
+        owners = [i for i, t in enumerate(targets) for _ in t.phrases]
+        answers = grounder(torch.tensor([drawn[i] for i in owners]), [[p] for t in targets for p in t.phrases])
+        found: list[list] = [[] for _ in targets]
+        for i, answer in zip(owners, answers):
+            found[i].extend(answer.layout.entities)
+        scores[f"{name}_one_phrase"] = cycle_iou_per_image([Layout(f) for f in found], targets)
     cache.write_text(json.dumps(scores) + "\n")
     return scores
 
@@ -153,19 +169,19 @@ def main() -> None:
     }
     for arm, runs in arms.items():
         for run, result in zip(runs, scores[arm]):
-            result["reward_check"]["correct_reversed_query"] = _reversed_queries(run, targets, real_codes, config)
+            result["reward_check"].update(_query_variants(run, targets, config))
     summary = {}
     for arm, results in scores.items():
         check = summarize_reward_check({"djo": results}, 2000)["djo"]
         summary[arm] = {m: bootstrap_ci(_matrix(results, m), 2000) for m in METRICS}
-        check["correct_reversed_query"] = bootstrap_ci(_check_matrix(results, "correct_reversed_query"), 2000)
+        check.update({v: bootstrap_ci(_check_matrix(results, v), 2000) for v in QUERY_VARIANTS})
         summary[arm].update(reward_check=check, reward_gate=reward_gate(check))
     control = f"{_stem(args)}_color0"
     (arm,) = [a for a in scores if a != control]
     differences = {
         m: paired_difference(_matrix(scores[arm], m), _matrix(scores[control], m), n_resamples=2000) for m in METRICS
     }
-    for d in ("correct", "other_color", "filled", "correct_reversed_query"):
+    for d in ("correct", "other_color", "filled", *QUERY_VARIANTS):
         differences[f"reward_check_{d}"] = paired_difference(
             _check_matrix(scores[arm], d), _check_matrix(scores[control], d), n_resamples=2000
         )
@@ -186,7 +202,7 @@ def main() -> None:
     print(f"wrote {write_report(report, path)}")
     for name in (control, arm):
         check = summary[name]["reward_check"]
-        drawn = ("correct", "filled", "other_kind", "other_color", "correct_reversed_query")
+        drawn = ("correct", "filled", "other_kind", "other_color", *QUERY_VARIANTS)
         cells = ", ".join(f"{d} {check[d]['mean']:.3f}" for d in drawn)
         print(
             f"{name}: {cells}; strict50 {summary[name]['strict50']['mean']:.3f}, color {summary[name]['color']['mean']:.3f}"

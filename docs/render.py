@@ -513,12 +513,14 @@ def color_validation() -> str:
                     *(f"{check[d]['mean']:.3f}" for d in ("correct", "filled", "other_color")),
                     _ci(check["correct_minus_other_color"]),
                     f"{check['correct_reversed_query']['mean']:.3f}",
+                    f"{check['correct_one_phrase']['mean']:.3f} / {check['other_color_one_phrase']['mean']:.3f}",
                     *(f"{row[m]['mean']:.3f}" for m in ("strict50", "color")),
                     "passed" if row["reward_gate"]["passed"] else "failed",
                 ]
             )
     columns = ["grounder", "steps, lr", "seeds", "correct", "filled", "other color", "correct - other color"]
-    return _table([*columns, "correct, reversed query", "strict50 (T=1)", "color (T=1)", "gate"], rows)
+    asked = ["correct, reversed query", "one phrase per query: correct / other color"]
+    return _table([*columns, *asked, "strict50 (T=1)", "color (T=1)", "gate"], rows)
 
 
 RENDERERS = {
