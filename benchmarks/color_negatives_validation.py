@@ -13,6 +13,8 @@ of its seeds, in its world:
 - `djo P`: the shipped DJO from the study's PMTP with `color_negative_prob: P` (its loop asks some entities in a
   color the layout does not name, answered "not present"). The control is the study's own DJO of that seed (the
   same config, start and seed, `color_negative_prob` 0), hard-linked and scored as it is.
+- `pmtp_base P`: the shipped first phase of PMTP from the study's tiny checkpoint, on its first seed, with
+  `color_negative_prob: P`; the control is the study's own first phase (`pmtp_base`), hard-linked.
 - `pmtp P`: the study's PMTP continued for `--steps` at `--learning-rate` (the shipped second-phase config, one
   cosine cycle, no warm-up) with `color_negative_prob: P` (some grounding examples recolor one entity, or ask it in
   such a color); the control is the same continuation with 0, trained here too.
@@ -96,32 +98,36 @@ def _study_world(study: Path) -> tuple[dict, list[int], int]:
 
 def _stem(args) -> str:
     """The arms' folder stem: the stage, and for a PMTP continuation its steps (each length has its own control)."""
-    return "djo" if args.stage == "djo" else f"pmtp{args.steps}"
+    return f"pmtp{args.steps}" if args.stage == "pmtp" else args.stage
 
 
 def _plan(args, world: dict, seeds: list[int]) -> tuple[list[Job], dict[str, list[Path]]]:
     """The training jobs, and each arm's run folders (one per seed) under `--out-dir`."""
     jobs, arms = [], {}
-    stage, config = ("djo", "djo") if args.stage == "djo" else ("pmtp", PMTP_KINDS_CONFIG)
+    stage, config, start = {
+        "djo": ("djo", "djo", "pmtp"),
+        "pmtp": ("pmtp", PMTP_KINDS_CONFIG, "pmtp"),
+        "pmtp_base": ("pmtp", "pmtp", "tiny-janus"),
+    }[args.stage]
     shuffled = "_shuffled" if args.shuffle_queries else ""
     values = [(0.0, ""), (args.prob, shuffled)] if args.stage == "pmtp" else [(args.prob, shuffled)]
     for i, seed in enumerate(seeds):
-        if args.stage == "djo":  # the control is the study's own DJO of this seed
-            control = args.out_dir / f"seed{i}" / "djo_color0"
+        if args.stage != "pmtp":  # the control is the study's own run of this seed (its one first phase)
+            control = args.out_dir / f"seed{i}" / f"{args.stage}_color0"
             if not control.exists():
-                control.parent.mkdir(parents=True, exist_ok=True)
-                control.mkdir()
-                for f in (args.from_study / f"seed{i}" / "djo").iterdir():
+                control.mkdir(parents=True)
+                source = args.from_study / (f"seed{i}/djo" if args.stage == "djo" else "pmtp_base")
+                for f in source.iterdir():
                     if f.is_file():
                         os.link(f, control / f.name)
-            arms.setdefault("djo_color0", []).append(control)
+            arms.setdefault(f"{args.stage}_color0", []).append(control)
         for p, suffix in values:
             name = f"{_stem(args)}_color{p:g}{suffix}"
             run = args.out_dir / f"seed{i}" / name
             arms.setdefault(name, []).append(run)
             if (run / "study_run.json").exists():
                 continue
-            fields = {**world, "model_name_or_path": str(args.from_study / "pmtp"), "color_negative_prob": p}
+            fields = {**world, "model_name_or_path": str(args.from_study / start), "color_negative_prob": p}
             if suffix:
                 fields["shuffle_grounding_queries"] = True
             if args.stage == "pmtp":
@@ -150,13 +156,15 @@ def main() -> None:
     parser.add_argument(
         "--shuffle-queries", action="store_true", help="the arm (not the control) asks its queries shuffled"
     )
-    parser.add_argument("stage", choices=("djo", "pmtp"))
+    parser.add_argument("stage", choices=("djo", "pmtp", "pmtp_base"))
     parser.add_argument("prob", type=float, help="color_negative_prob of the arm")
     args = parser.parse_args()
     if not (args.from_study / "study_validation.json").is_file():
         parser.error(f"--from-study {args.from_study}: no study_validation.json (not a finished validation study)")
     world, seeds, layouts = _study_world(args.from_study)
     seeds = seeds[: args.seeds] if args.seeds else seeds
+    if args.stage == "pmtp_base":
+        seeds = seeds[:1]  # a study trains one first phase, on its first seed
     jobs, arms = _plan(args, world, seeds)
     run_jobs(jobs, args.jobs, prefix="[colors]")
 
@@ -192,6 +200,7 @@ def main() -> None:
         "color_negative_prob": args.prob,
         "shuffle_grounding_queries": args.shuffle_queries,
         **({"steps": args.steps, "learning_rate": args.learning_rate} if args.stage == "pmtp" else {}),
+        **({"config": "recipes/configs/pmtp/shapes_tiny.yaml"} if args.stage == "pmtp_base" else {}),
         "seeds": seeds,
         "layouts": len(targets),
         "arms": summary,

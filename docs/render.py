@@ -499,7 +499,8 @@ def color_validation() -> str:
     rows, seen = [], set()
     for path in files:
         report = json.loads(path.read_text())
-        steps = f"{report['steps']} at {report['learning_rate']:g}" if report["stage"] == "pmtp" else "DJO's 200"
+        steps = {"djo": "DJO's 200", "pmtp_base": "the first phase's"}.get(report["stage"])
+        steps = steps or f"{report['steps']} at {report['learning_rate']:g}"
         for arm, row in report["arms"].items():
             if arm in seen:
                 continue  # a control shared by several files
