@@ -418,7 +418,7 @@ def test_garbage_grounding_scores_zero_and_is_counted(tiny_model, tiny_tokenizer
     )
     torch.testing.assert_close(cycle[is_clean], areas[is_clean].float())
     logged = next(h for h in trainer.state.log_history if "grounding/parse_failure_rate" in h)
-    assert logged["grounding/parse_failure_rate"] == 0.5
+    assert logged["grounding/parse_failure_rate"] == 0.5 and logged["grounding/problem_rate"] == 0.5
     assert logged["cycle_miou"] == pytest.approx(float(cycle.mean()), abs=1e-6)
     assert math.isfinite(logged["loss"])
 

@@ -134,6 +134,7 @@ def test_grpo_steps_change_lora_parameters_and_log_finite_rewards(tiny_model, ti
         "rewards/box_fill/mean",
         "cycle_miou",
         "grounding/parse_failure_rate",
+        "grounding/problem_rate",
         "rollout/images_per_second",
         "kl",
     ):

@@ -272,7 +272,8 @@ def test_eval_cli(tiny_checkpoint, tmp_path, capsys):
     assert report["num_layouts"] == 4 and report["detector"] == "oracle"
     l2i_keys = {"ap", "ap50", "ap75", "dropped_detections", "spatial", "color", "cycle_miou"}
     assert set(report["l2i"]) == l2i_keys
-    assert set(report["i2l"]) == {"acc50", "acc75", "miou", "parse_failure_rate"}
+    assert set(report["i2l"]) == {"acc50", "acc75", "miou", "parse_failure_rate", "problem_rate"}
+    assert report["i2l"]["parse_failure_rate"] <= report["i2l"]["problem_rate"]
     for value in [*report["l2i"].values(), *report["i2l"].values()]:
         assert value is None or (math.isfinite(value) and 0 <= value)
     assert "l2i.cycle_miou" in capsys.readouterr().out

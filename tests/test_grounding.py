@@ -3,7 +3,7 @@ import torch
 
 from echogen_rl.layout import Entity, Layout
 from echogen_rl.layout_text import parse_layout
-from echogen_rl.models.grounding import Grounder, restrict_to_phrases
+from echogen_rl.models.grounding import Grounder, read_answer, restrict_to_phrases
 from echogen_rl.models.modeling import embed_mixed
 from echogen_rl.models.prompts import pad_segments
 
@@ -81,3 +81,20 @@ def test_restrict_to_phrases_keeps_query_order_and_reports_missing():
 def test_mismatched_phrase_lists_are_rejected(tiny_model, prompts):
     with pytest.raises(ValueError, match="2 images but 1 phrase lists"):
         Grounder(tiny_model, prompts)(_codes(2), [["red circle"]])
+
+
+def test_read_answer_tells_unreadable_text_from_a_misnamed_phrase():
+    query = ["red circle", "blue square"]
+    misnamed = Layout([Entity("red circle", (0, 0, 0.5, 0.5)), Entity("blue circle", (0.5, 0, 1, 0.5))]).to_text()
+    result = read_answer(misnamed, query, finished=True, budget=40)
+    assert not result.malformed and result.problems == ["phrase 1 ('blue square'): the answer named it 'blue circle'"]
+    assert result.layout.phrases == query
+
+    clean = read_answer(Layout([Entity("red circle", (0, 0, 0.5, 0.5))]).to_text(), query[:1], True, 40)
+    assert not clean.malformed and not clean.problems
+
+    cut = read_answer("<grounding> <ref> red circle </ref> <box> [ 1 , 2", query, finished=True, budget=40)
+    assert cut.malformed and cut.problems and len(cut.layout) == 0
+
+    unfinished = read_answer(misnamed, query, finished=False, budget=40)
+    assert unfinished.malformed and "no end of answer within 40 tokens" in unfinished.problems

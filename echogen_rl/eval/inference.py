@@ -138,11 +138,13 @@ def evaluate_i2l(
     """Grounds each target's phrases on its image with the in-model grounder.
 
     Returns:
-        `dict`: `acc50`, `acc75`, `miou` (see [`grounding_accuracy`]) and `parse_failure_rate`, the fraction of
-        images whose answer was malformed, misnamed an entity or left one out.
+        `dict`: `acc50`, `acc75`, `miou` (see [`grounding_accuracy`]), `parse_failure_rate` (the fraction of
+        images whose answer text did not parse or did not end) and `problem_rate` (the fraction whose answer had
+        any problem: also a well-formed answer that misnamed an entity or left one out).
     """
     _check_pairs(codes, targets, "images")
     results = Grounder(model, _prompts(model, tokenizer))(codes, [t.phrases for t in targets])
     metrics = grounding_accuracy([r.layout for r in results], targets)
-    metrics["parse_failure_rate"] = sum(bool(r.problems) for r in results) / len(results) if results else None
+    metrics["parse_failure_rate"] = sum(r.malformed for r in results) / len(results) if results else None
+    metrics["problem_rate"] = sum(bool(r.problems) for r in results) / len(results) if results else None
     return metrics

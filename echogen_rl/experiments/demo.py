@@ -129,6 +129,7 @@ def evaluate_stage(out: str, stage: str, l2i: str, i2l: str, base: str | None, e
     metrics["grounding_acc50"] = i2l_result["acc50"]
     metrics["grounding_miou"] = i2l_result["miou"]
     metrics["grounding_parse_failure_rate"] = i2l_result["parse_failure_rate"]
+    metrics["grounding_problem_rate"] = i2l_result["problem_rate"]
     # A stage cannot raise `cycle_miou_ref` by changing its own grounder.
     reference = Grounder(load_trained(out / "pmtp")[0], prompts)
     metrics["cycle_miou_ref"] = cycle_miou([g.layout for g in reference(codes, phrases)], layouts)

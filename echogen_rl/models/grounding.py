@@ -6,7 +6,8 @@ model was never trained on, and it would lose the context of the other objects; 
 (BOS .. `<end_of_image>`) is prefilled once per image either way.
 
 Malformed output never raises: an entity the model did not give (or gave unreadably) is missing from
-the Layout and named in `problems`.
+the Layout and named in `problems`; `malformed` says whether the text itself failed to parse (a cut box, a missing
+tag, no end), as against a well-formed answer that misnames or leaves out a phrase.
 """
 
 from __future__ import annotations
@@ -35,11 +36,33 @@ class GroundingResult:
         layout (`Layout`): the recovered entities, in query order (only those found).
         problems (`list[str]`): what was missing or malformed; empty for a clean answer.
         text (`str`): the decoded answer.
+        malformed (`bool`): the text did not parse cleanly or did not end within its budget (some of `problems`
+            come from the text itself, not from matching its phrases to the query).
     """
 
     layout: Layout
     problems: list[str] = field(default_factory=list)
     text: str = ""
+    malformed: bool = False
+
+
+def read_answer(text: str, query: Sequence[str] | None, finished: bool, budget: int) -> GroundingResult:
+    """The grounder's decoded answer as a result: parsed, matched to `query` (see [`restrict_to_phrases`]).
+
+    Args:
+        text (`str`): the decoded answer.
+        query (`Sequence[str]`, *optional*): the phrases asked; `None` for the free "detect all objects" query.
+        finished (`bool`): whether the answer ended (end of sequence) within `budget` tokens.
+        budget (`int`): the token budget the answer had, named in the problem when it did not end.
+    """
+    layout, problems = parse_layout(text)
+    if not finished:
+        problems.append(f"no end of answer within {budget} tokens")
+    malformed = bool(problems)
+    if query is not None:
+        layout, missing = restrict_to_phrases(layout, query)
+        problems += missing
+    return GroundingResult(layout, problems, text, malformed)
 
 
 def restrict_to_phrases(layout: Layout, phrases: Sequence[str]) -> tuple[Layout, list[str]]:
@@ -175,11 +198,5 @@ class Grounder:
             row = row[:row_budget]
             finished = eos in row
             text = self.prompts.tokenizer.decode(row[: row.index(eos)] if finished else row, skip_special_tokens=True)
-            layout, problems = parse_layout(text)
-            if query is not None:
-                layout, missing = restrict_to_phrases(layout, query)
-                problems += missing
-            if not finished:
-                problems.append(f"no end of answer within {row_budget} tokens")
-            results.append(GroundingResult(layout, problems, text))
+            results.append(read_answer(text, query, finished, row_budget))
         return results

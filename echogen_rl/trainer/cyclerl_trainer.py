@@ -211,16 +211,23 @@ class CycleRLTrainer(GRPOTrainer):
         gathered = (
             self.accelerator.gather(
                 torch.tensor(
-                    [sum(cycle), len(cycle), sum(bool(g.problems) for g in grounded)],
+                    [
+                        sum(cycle),
+                        len(cycle),
+                        sum(g.malformed for g in grounded),
+                        sum(bool(g.problems) for g in grounded),
+                    ],
                     device=device,
                     dtype=torch.float32,
                 )
             )
-            .view(-1, 3)
+            .view(-1, 4)
             .sum(0)
         )
         metrics["cycle_miou"].append((gathered[0] / gathered[1]).item())
+        # Unreadable answers, and answers with any problem (also a well-formed one that misnames or skips a phrase).
         metrics["grounding/parse_failure_rate"].append((gathered[2] / gathered[1]).item())
+        metrics["grounding/problem_rate"].append((gathered[3] / gathered[1]).item())
         metrics["rollout/images_per_second"].append(len(prompts) / max(rollout_s, 1e-9))
         metrics["grounding/seconds"].append(grounding_s)
         metrics["rollout/weight_sync_seconds"].append(sync_s)
