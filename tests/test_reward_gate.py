@@ -1,6 +1,8 @@
 """The cycle reward's judge must see shape and color: kind negatives, wrong-color drawings, the reward check's arithmetic, the gate, the monitor."""
 
+import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -349,3 +351,26 @@ def test_shuffled_queries_ask_in_another_order_and_answer_in_it(tiny_tokenizer, 
     expected = LoopLossCollator(prompts)(examples[:8])
     assert torch.equal(loop["l2i_input_ids"], expected["l2i_input_ids"])
     assert not torch.equal(loop["i2l_text_labels"], expected["i2l_text_labels"])
+
+
+def test_box_hits_tell_a_grounder_that_reads_the_phrase_from_one_that_lists_shapes_in_order(shapes, monkeypatch):
+    benchmarks = Path(__file__).parent.parent / "benchmarks"
+    monkeypatch.syspath_prepend(str(benchmarks))  # the probe's `common.py` and `color_negatives_validation.py`
+    spec = importlib.util.spec_from_file_location("bench_color_binding_probe", benchmarks / "color_binding_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    layouts, _ = shapes
+    config = ShapesConfig()
+
+    def lister(codes, phrases):  # the shapes in reading order, under the asked names in the asked order
+        return [
+            GroundingResult(Layout([type(e)(p, e.box) for p, e in zip(asked, detect_from_codes(row).entities)]))
+            for row, asked in zip(codes.tolist(), phrases)
+        ]
+
+    read = probe.box_hits(oracle_grounder, layouts, config)
+    listed = probe.box_hits(lister, layouts, config)
+    assert len(read["boxes_on_some_shape"]) == sum(len(t.entities) > 1 for t in layouts) > 20
+    assert np.mean(read["boxes_on_some_shape"]) == np.mean(read["boxes_on_asked_shape"]) == 1.0
+    assert np.mean(listed["boxes_on_some_shape"]) == 1.0
+    assert np.mean(listed["boxes_on_asked_shape"]) < 0.5  # asked in reverse, the middle shape alone is right
