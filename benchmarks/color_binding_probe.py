@@ -11,6 +11,11 @@ for `--steps`, with the phrases asked in reading order (`ordered`, as the study 
 (`shuffled`, `shuffle_grounding_queries`: phrase i can only be matched to its shape by its words). Both runs are
 scored as `color_negatives_validation.py` scores a grounder: the reward check's five drawings, the reversed query and
 one phrase per query, on the study's validation layouts. Writes `color_binding_probe.json` to `--out-dir`.
+
+`--image-positions` tests why: it adds a fixed 2D sinusoidal embedding of each code's cell (row and column, at the
+code embeddings' own scale) to the image embeddings, in training and scoring alike. Janus has no such thing on its
+generation path, where the image reaches the language model as code embeddings placed only by rotary attention; the
+flag exists in this probe alone, to ask whether the grounder lacks a phrase's shape or its place.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from echogen_rl.experiments.jobs import Job, run_jobs
 from echogen_rl.experiments.study import _run_settings, train_run
 from echogen_rl.experiments.study_scoring import SCORING_BATCH, study_layouts
 from echogen_rl.layout import pairwise_iou
+from echogen_rl.models import modeling
 from echogen_rl.models.grounding import Grounder
 from echogen_rl.models.loading import load_trained
 from echogen_rl.models.prompts import PromptBuilder
@@ -39,6 +45,37 @@ from echogen_rl.models.tiny import TinyJanusConfig, ensure_tiny_checkpoint
 
 ARMS = {"ordered": False, "shuffled": True}
 HITS = ("boxes_on_some_shape", "boxes_on_asked_shape")
+
+
+def cell_positions(grid_size: int, hidden_size: int) -> torch.Tensor:
+    """`[grid_size**2, hidden_size]`: each cell's row in the first half of the channels, its column in the second,
+    as sines and cosines of several frequencies (unit scale)."""
+    quarter = hidden_size // 4
+    freqs = 1.0 / (10.0 ** (torch.arange(quarter, dtype=torch.float32) / quarter))
+    cells = torch.arange(grid_size**2)
+    halves = []
+    for axis in (cells // grid_size, cells % grid_size):
+        angles = axis[:, None].float() * freqs[None, :]
+        halves.append(torch.cat([angles.sin(), angles.cos()], dim=-1))
+    out = torch.zeros(grid_size**2, hidden_size)
+    out[:, : 4 * quarter] = torch.cat(halves, dim=-1)
+    return out
+
+
+def add_image_positions(grid_size: int) -> None:
+    """Patches `embed_codes` (every image embedding of a forward and of the grounder goes through it) to add
+    [`cell_positions`] at the embeddings' scale. Images are whole grids in row-major order, so a code's cell is its
+    index among the image positions, modulo the grid."""
+    original = modeling.embed_codes
+
+    def embed_codes(model, codes):
+        embeds = original(model, codes)
+        table = cell_positions(grid_size, embeds.shape[-1]).to(embeds.device, embeds.dtype)
+        cells = torch.arange(codes.numel(), device=embeds.device) % grid_size**2
+        scale = embeds.detach().pow(2).mean().sqrt() / table.pow(2).mean().sqrt()
+        return embeds + scale * table[cells].view(*codes.shape, -1)
+
+    modeling.embed_codes = embed_codes
 
 
 def _scores(run: Path, targets, config: ShapesConfig) -> dict[str, list[float | None]]:
@@ -91,11 +128,16 @@ def main() -> None:
     parser.add_argument("--layouts", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-layers", type=int, default=4, help="decoder layers of the tiny checkpoint")
+    parser.add_argument("--image-positions", action="store_true", help="add each code's cell to its embedding")
     parser.add_argument("--arms", nargs="+", choices=tuple(ARMS), default=list(ARMS))
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each with 2)")
     args = parser.parse_args()
 
     config = ShapesConfig(max_shapes=args.max_shapes)
+    if args.image_positions:
+        if args.jobs != 1:
+            parser.error("--image-positions patches this process: it needs --jobs 1 (runs in this process)")
+        add_image_positions(config.grid_size)
     tiny_config = TinyJanusConfig(grid_size=config.grid_size, num_layers=args.num_layers)
     tiny = ensure_tiny_checkpoint(args.out_dir / "tiny-janus", tiny_config)
     if json.loads((tiny / "tiny_janus.json").read_text())["num_layers"] != args.num_layers:
@@ -140,6 +182,7 @@ def main() -> None:
         "split": "validation",
         "world": {"max_shapes": args.max_shapes, "grid_size": config.grid_size},
         "model": {"hidden_size": tiny_config.hidden_size, "num_layers": tiny_config.num_layers},
+        "image_positions": args.image_positions,
         "stage": "pmtp first phase (recipes/configs/pmtp/shapes_tiny.yaml), grounding only",
         "steps": args.steps,
         "learning_rate": args.learning_rate,
