@@ -83,6 +83,8 @@ def _scores(run: Path, targets, config: ShapesConfig) -> dict[str, list[float | 
     the run; a cache without some of them gets them added)."""
     cache = run / "probe_scores.json"
     scores = json.loads(cache.read_text()) if cache.exists() else {}
+    if set(DRAWINGS) | set(QUERY_VARIANTS) | set(HITS) <= set(scores):
+        return scores
     model, tokenizer = load_trained(run)
     grounder = Grounder(model, PromptBuilder(tokenizer, config.grid_size**2), SCORING_BATCH)
     if not set(DRAWINGS) <= set(scores):
