@@ -1,4 +1,6 @@
+import importlib.util
 import os
+from pathlib import Path
 
 # Tests never reach a hub: everything loads from checkpoints built here.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -10,6 +12,23 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)  # two xdist workers on two cores
+
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+
+
+@pytest.fixture
+def benchmark_script(monkeypatch):
+    """Loads a benchmark script as a module: `benchmark_script("cyclerl_signal")`. The scripts run from `benchmarks/`,
+    beside the modules they import (`common.py`, each other), so that folder is on the path for the test."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,6 @@
 """The cycle reward's judge must see shape and color: kind negatives, wrong-color drawings, the reward check's arithmetic, the gate, the monitor."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -353,12 +351,8 @@ def test_shuffled_queries_ask_in_another_order_and_answer_in_it(tiny_tokenizer, 
     assert not torch.equal(loop["i2l_text_labels"], expected["i2l_text_labels"])
 
 
-def test_box_hits_tell_a_grounder_that_reads_the_phrase_from_one_that_lists_shapes_in_order(shapes, monkeypatch):
-    benchmarks = Path(__file__).parent.parent / "benchmarks"
-    monkeypatch.syspath_prepend(str(benchmarks))  # the probe's `common.py` and `color_negatives_validation.py`
-    spec = importlib.util.spec_from_file_location("bench_color_binding_probe", benchmarks / "color_binding_probe.py")
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+def test_box_hits_tell_a_grounder_that_reads_the_phrase_from_one_that_lists_shapes_in_order(shapes, benchmark_script):
+    probe = benchmark_script("color_binding_probe")
     layouts, _ = shapes
     config = ShapesConfig()
 

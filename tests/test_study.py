@@ -1,9 +1,7 @@
 """The study end to end on a quick budget: every arm trains from the shipped configs and is scored."""
 
-import importlib.util
 import json
 import logging
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -245,22 +243,13 @@ def test_a_claim_stands_only_when_every_seed_set_holds_it_and_its_reward_gate_pa
     assert format_replication({}) == "No seed set has run yet.\n"
 
 
-def _script(name: str):
-    """A benchmark script as a module (they run from `benchmarks/`, beside their `common.py`)."""
-    path = Path(__file__).parent.parent / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_cyclerl_validation_links_the_shared_runs_and_retrains_only_what_the_change_touches(
-    quick_study, tmp_path, monkeypatch
+    quick_study, tmp_path, monkeypatch, benchmark_script
 ):
     out, _ = quick_study
     if not (out / "study_validation.json").exists():
         run_study(out, StudyBudget.quick(), split="validation", workers=1)
-    script = _script("cyclerl_validation")
+    script = benchmark_script("cyclerl_validation")
     new = tmp_path / "beta"
     monkeypatch.setattr(
         "sys.argv", ["cyclerl_validation", "--from-study", str(out), "--out-dir", str(new), "beta=0.1"]
@@ -290,9 +279,8 @@ def test_cyclerl_validation_links_the_shared_runs_and_retrains_only_what_the_cha
         script.main()
 
 
-def test_learnability_compares_each_cycle_run_with_the_shipped_one_window_by_window(monkeypatch):
-    monkeypatch.syspath_prepend(str(Path(__file__).parent.parent / "benchmarks"))  # its `common.py`
-    script = _script("cyclerl_learnability")
+def test_learnability_compares_each_cycle_run_with_the_shipped_one_window_by_window(benchmark_script):
+    script = benchmark_script("cyclerl_learnability")
     assert script.variants(0.4, [0.0, 0.04]) == {
         "background_beta0.4": ("background", 0.4),
         "background_beta0": ("background", 0.0),
@@ -327,9 +315,8 @@ def test_learnability_compares_each_cycle_run_with_the_shipped_one_window_by_win
         script.windows({"log_history": [{"train_runtime": 1.0}]})
 
 
-def test_signal_correlation_is_within_groups_and_skips_groups_without_spread(monkeypatch):
-    monkeypatch.syspath_prepend(str(Path(__file__).parent.parent / "benchmarks"))  # its `common.py`
-    script = _script("cyclerl_signal")
+def test_signal_correlation_is_within_groups_and_skips_groups_without_spread(benchmark_script):
+    script = benchmark_script("cyclerl_signal")
     # Within each group the reward rises with the score, while across groups it falls: only the first counts.
     reward = np.array([[0.1, 0.2, 0.3], [0.6, 0.7, 0.8], [0.5, 0.5, 0.5]])
     score = np.array([[0.7, 0.8, 0.9], [0.1, 0.2, 0.3], [0.0, 1.0, 0.5]])
