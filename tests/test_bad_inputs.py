@@ -379,21 +379,8 @@ class RecordingCycleRLTrainer(CycleRLTrainer):
         return self.recorded
 
 
-def test_garbage_grounding_scores_zero_and_is_counted(tiny_model, tiny_tokenizer, tmp_path, monkeypatch):
-    # One phrase per prompt, so that a clean full-image answer parses without problems.
-    prompts = build_random_layout_dataset(8, 0, ["red square"], min_entities=1, max_entities=1, grid_size=8)
-    trainer = _cyclerl(
-        tiny_model, tiny_tokenizer, tmp_path, ["cycle_iou", "grounding_format"], prompts, RecordingCycleRLTrainer
-    )
-    builder, eos = trainer.layout_prompts, trainer.layout_prompts.eos_id
-    clean = builder.encode(Layout([Entity("red square", (0.0, 0.0, 1.0, 1.0))]).to_text()) + [eos]
-    garbage = [
-        builder.encode("<grounding> <ref> red square </ref> <box> [ 1 , 2") + [eos],  # cut box
-        [eos],  # empty answer
-        builder.encode("red red square square"),  # no tags, and never ends
-        builder.encode("<box> [ 0 , 0 , 1000 , 1000 ] </box>") + [eos],  # a box without its phrase
-    ]
-    answers = [clean, garbage[0], clean, garbage[1], clean, garbage[2], clean, garbage[3]]
+def _script_answers(trainer, answers: list[list[int]], monkeypatch):
+    """The trainer's grounder answers image i with `answers[i % len(answers)]`, token by token."""
     janus = unwrap_janus(trainer.model)
     ground = trainer._ground
 
@@ -406,6 +393,28 @@ def test_garbage_grounding_scores_zero_and_is_counted(tiny_model, tiny_tokenizer
             janus.lm_head = head
 
     monkeypatch.setattr(trainer, "_ground", scripted_ground)
+
+
+def _one_phrase_cyclerl(tiny_model, tiny_tokenizer, tmp_path):
+    # One phrase per prompt, so that a clean full-image answer parses without problems.
+    prompts = build_random_layout_dataset(8, 0, ["red square"], min_entities=1, max_entities=1, grid_size=8)
+    return _cyclerl(
+        tiny_model, tiny_tokenizer, tmp_path, ["cycle_iou", "grounding_format"], prompts, RecordingCycleRLTrainer
+    )
+
+
+def test_garbage_grounding_scores_zero_and_is_counted(tiny_model, tiny_tokenizer, tmp_path, monkeypatch):
+    trainer = _one_phrase_cyclerl(tiny_model, tiny_tokenizer, tmp_path)
+    builder, eos = trainer.layout_prompts, trainer.layout_prompts.eos_id
+    clean = builder.encode(Layout([Entity("red square", (0.0, 0.0, 1.0, 1.0))]).to_text()) + [eos]
+    garbage = [
+        builder.encode("<grounding> <ref> red square </ref> <box> [ 1 , 2") + [eos],  # cut box
+        [eos],  # empty answer
+        builder.encode("red red square square"),  # no tags, and never ends
+        builder.encode("<box> [ 0 , 0 , 1000 , 1000 ] </box>") + [eos],  # a box without its phrase
+    ]
+    answers = [clean, garbage[0], clean, garbage[1], clean, garbage[2], clean, garbage[3]]
+    _script_answers(trainer, answers, monkeypatch)
     trainer.train()
 
     cycle, form = trainer.recorded[:, 0], trainer.recorded[:, 1]
@@ -421,6 +430,22 @@ def test_garbage_grounding_scores_zero_and_is_counted(tiny_model, tiny_tokenizer
     assert logged["grounding/parse_failure_rate"] == 0.5 and logged["grounding/problem_rate"] == 0.5
     assert logged["cycle_miou"] == pytest.approx(float(cycle.mean()), abs=1e-6)
     assert math.isfinite(logged["loss"])
+
+
+def test_a_misnamed_answer_is_a_problem_but_not_a_parse_failure(tiny_model, tiny_tokenizer, tmp_path, monkeypatch):
+    trainer = _one_phrase_cyclerl(tiny_model, tiny_tokenizer, tmp_path)
+    builder, eos = trainer.layout_prompts, trainer.layout_prompts.eos_id
+    clean = builder.encode(Layout([Entity("red square", (0.0, 0.0, 1.0, 1.0))]).to_text()) + [eos]
+    misnamed = builder.encode(Layout([Entity("blue circle", (0.0, 0.0, 1.0, 1.0))]).to_text()) + [eos]
+    _script_answers(trainer, [clean, misnamed], monkeypatch)
+    trainer.train()
+
+    cycle, form = trainer.recorded[:, 0], trainer.recorded[:, 1]
+    # The one box answers the one phrase whatever it was called: the cycle reward keeps it, the format reward does not.
+    torch.testing.assert_close(cycle[1::2], cycle[0::2])
+    assert torch.equal(form, torch.tensor([1.0, 0.0] * 4))
+    logged = next(h for h in trainer.state.log_history if "grounding/problem_rate" in h)
+    assert logged["grounding/parse_failure_rate"] == 0.0 and logged["grounding/problem_rate"] == 0.5
 
 
 # ---------------------------------------------------------------------------------------------------------------
